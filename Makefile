@@ -1,0 +1,59 @@
+# The user's entry point.   make help   lists targets and variables.
+#
+#   make demo                                    the embedded tiny default, on a CPU
+#   make test                                    the test suite
+#   make data RECIPE=recipes/gemma2b_ko.yaml     format a recipe's datasets into runs/<run>/data/
+
+RECIPE ?= recipes/tiny_ko.yaml
+OVERRIDES ?=
+PYTHON_BIN ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data demo test bench lint embedded
+
+help:  ## this list
+	@echo "targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo "variables:"
+	@echo "  RECIPE=$(RECIPE)   recipe YAML"
+	@echo "  OVERRIDES='key.sub=value ...'   recipe overrides"
+	@echo "  VENV=$(VENV)   virtual environment created by 'make setup'"
+	@echo "  TORCH_SPEC=$(TORCH_SPEC)   torch requirement installed first (CPU build here, CUDA build on a GPU box)"
+
+# The venv is (re)built when pyproject.toml changes; the stamp file marks a finished install.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	@echo "installing into $(VENV) (log: $(VENV)/setup.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install "$(TORCH_SPEC)" && \
+		$(PY) -m pip install -e ".[dev]"; } > $(VENV)/setup.log 2>&1 \
+		|| { grep -v "is ignored" $(VENV)/setup.log | tail -40; echo "setup failed (full log: $(VENV)/setup.log)"; exit 1; }
+	@$(PY) -c "import torch, transformers, trl, peft, accelerate, datasets, wandb, deepspeed" 2>/dev/null \
+		|| { echo "setup failed: the packages did not import (log: $(VENV)/setup.log)"; exit 1; }
+	@touch $@
+	@echo "environment ready in $(VENV)"
+
+setup: $(VENV)/.installed  ## create .venv and install everything (idempotent)
+
+embedded: setup  ## build the embedded tiny model and tokenizer into build/embedded/
+	$(PY) -m pipeline.embedded tiny-gemma-ko
+
+data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unchanged)
+	$(PY) -m data_prep.build --recipe $(RECIPE) $(OVERRIDES)
+
+demo: setup  ## the embedded default end to end (so far: the data stage and one formatted example)
+	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
+
+test: setup  ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup  ## benchmarks (data stage vs raw tokenizer throughput)
+	$(PY) -m pipeline.bench data
+
+lint: setup  ## ruff check and format check
+	$(PY) -m ruff check pipeline data_prep tests
+	$(PY) -m ruff format --check pipeline data_prep tests

@@ -1,0 +1,242 @@
+"""Row formats: detect them from the columns and convert each row into Gemma turns.
+
+SFT rows become a dialogue (turns ending on a model turn); preference rows a shared prompt (turns ending on a user
+turn) with a chosen and a rejected response; prompt rows a prompt (turns ending on a user turn). Every problem is a
+FormatError whose message is the reason; the caller adds the file and row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from data_prep.gemma_format import MODEL, USER, FormatError, Turn, to_turns
+
+SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+PREFERENCE_FORMATS = ("pairs", "pairs_messages", "hh_rlhf")
+PROMPT_FORMATS = ("prompt", "prompt_messages", "messages", "alpaca")
+FORMATS = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": PROMPT_FORMATS}
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Pair:
+    prompt: list[Turn]
+    chosen: str
+    rejected: str
+    margin: float | None = None
+
+
+def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Rename ``{canonical: actual}`` columns; a mapped column missing from the row is an error."""
+    if not columns:
+        return row
+    out = dict(row)
+    for canonical, actual in columns.items():
+        if actual not in row:
+            raise FormatError(f"missing field {actual!r} (mapped to {canonical!r})")
+        out[canonical] = row[actual]
+    return out
+
+
+def detect(stage: str, row: dict[str, Any]) -> str:
+    """The format of a dataset, judged from its first row."""
+    keys = set(row)
+    if stage == "sft":
+        if "messages" in keys:
+            return "messages"
+        if "conversations" in keys:
+            return "sharegpt"
+        if {"instruction", "output"} <= keys:
+            return "alpaca"
+        if {"prompt", "completion"} <= keys:
+            return "prompt_completion"
+    elif stage == "preference":
+        if {"chosen", "rejected"} <= keys:
+            if isinstance(row["chosen"], list):
+                return "pairs_messages"
+            if "prompt" in keys:
+                return "pairs"
+            if isinstance(row["chosen"], str) and "Human:" in row["chosen"]:
+                return "hh_rlhf"
+    elif stage == "prompts":
+        if "prompt" in keys:
+            return "prompt_messages" if isinstance(row["prompt"], list) else "prompt"
+        if "messages" in keys:
+            return "messages"
+        if "instruction" in keys:
+            return "alpaca"
+    expected = {
+        "sft": "messages | conversations | instruction+output | prompt+completion",
+        "preference": "prompt+chosen+rejected (strings) | chosen+rejected (message lists) | HH-RLHF transcripts",
+        "prompts": "prompt (string or message list) | messages | instruction",
+    }[stage]
+    raise FormatError(f"cannot detect the {stage} format from columns {sorted(keys)} (expected {expected}); "
+                      "set format: and columns: in the recipe")
+
+
+def _text(row: dict[str, Any], key: str, optional: bool = False) -> str | None:
+    if key not in row:
+        if optional:
+            return None
+        raise FormatError(f"missing field {key!r}")
+    value = row[key]
+    if value is None:
+        if optional:
+            return None
+        raise FormatError(f"field {key!r} is null")
+    if not isinstance(value, str):
+        raise FormatError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        if optional:
+            return None
+        raise FormatError(f"field {key!r} is empty")
+    return value
+
+
+def _list(row: dict[str, Any], key: str) -> list:
+    if key not in row:
+        raise FormatError(f"missing field {key!r}")
+    value = row[key]
+    if value is None:
+        raise FormatError(f"field {key!r} is null")
+    if not isinstance(value, list):
+        raise FormatError(f"field {key!r} must be a list of messages, got {type(value).__name__}")
+    return value
+
+
+def _with_system(row: dict[str, Any], messages: list[dict]) -> list[dict]:
+    system = _text(row, "system", optional=True)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _sharegpt(conv: list) -> list[dict]:
+    out = []
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise FormatError(f"conversations[{i}] must be an object with from/value, got {type(m).__name__}")
+        for k in ("from", "value"):
+            if k not in m:
+                raise FormatError(f"conversations[{i}]: missing field {k!r}")
+        role = m["from"]
+        if role not in _SHAREGPT_ROLES:
+            raise FormatError(f"conversations[{i}]: unknown role {role!r} (expected system, human, gpt)")
+        out.append({"role": _SHAREGPT_ROLES[role], "content": m["value"]})
+    return out
+
+
+def _alpaca_user(row: dict[str, Any]) -> str:
+    instruction = _text(row, "instruction")
+    extra = _text(row, "input", optional=True)
+    return f"{instruction.strip()}\n\n{extra.strip()}" if extra else instruction
+
+
+def sft_dialogue(fmt: str, row: dict[str, Any]) -> list[Turn]:
+    """An SFT row -> Gemma turns ending on a model turn."""
+    if fmt == "messages":
+        messages = _list(row, "messages")
+    elif fmt == "sharegpt":
+        messages = _sharegpt(_list(row, "conversations"))
+    elif fmt == "alpaca":
+        messages = _with_system(row, [{"role": "user", "content": _alpaca_user(row)},
+                                      {"role": "assistant", "content": _text(row, "output")}])
+    elif fmt == "prompt_completion":
+        messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")},
+                                      {"role": "assistant", "content": _text(row, "completion")}])
+    else:
+        raise FormatError(f"{fmt!r} is not an SFT format")
+    turns = to_turns(messages)
+    if turns[-1][0] != MODEL:
+        raise FormatError("the dialogue ends on a user turn (an SFT dialogue must end with an assistant turn)")
+    return turns
+
+
+_HH_MARK = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def _hh_parse(text: str, which: str) -> list[dict]:
+    if not text.startswith("\n\n"):
+        text = "\n\n" + text
+    parts = _HH_MARK.split(text)
+    if parts[0].strip():
+        raise FormatError(f"{which}: text before the first 'Human:' turn")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content})
+    if not messages:
+        raise FormatError(f"{which}: no 'Human:' / 'Assistant:' turns found")
+    return messages
+
+
+def _split_last_model(messages: list[dict], which: str) -> tuple[list[Turn], str]:
+    turns = to_turns(messages)
+    if turns[-1][0] != MODEL:
+        raise FormatError(f"{which} does not end with an assistant turn")
+    if len(turns) < 2:
+        raise FormatError(f"{which} has no prompt before the response")
+    return turns[:-1], turns[-1][1]
+
+
+def preference_pair(fmt: str, row: dict[str, Any]) -> Pair:
+    """A preference row -> shared prompt turns + chosen and rejected responses."""
+    if fmt == "pairs":
+        prompt = to_turns(_with_system(row, [{"role": "user", "content": _text(row, "prompt")}]))
+        chosen, rejected = _text(row, "chosen").strip(), _text(row, "rejected").strip()
+    elif fmt == "pairs_messages":
+        full = {}
+        for which in ("chosen", "rejected"):
+            msgs = _list(row, which)
+            if "prompt" in row and row["prompt"] is not None:
+                p = row["prompt"]
+                if isinstance(p, list):
+                    msgs = p + msgs
+                elif isinstance(p, str):
+                    if not (msgs and isinstance(msgs[0], dict) and msgs[0].get("role") in ("user", "system")):
+                        msgs = [{"role": "user", "content": p}] + msgs
+                else:
+                    raise FormatError(f"field 'prompt' must be a string or a message list, got {type(p).__name__}")
+            full[which] = _split_last_model(msgs, which)
+        (prompt, chosen), (prompt_r, rejected) = full["chosen"], full["rejected"]
+        if prompt != prompt_r:
+            raise FormatError("chosen and rejected do not share the same prompt messages")
+    elif fmt == "hh_rlhf":
+        prompt, chosen = _split_last_model(_hh_parse(_text(row, "chosen"), "chosen"), "chosen")
+        prompt_r, rejected = _split_last_model(_hh_parse(_text(row, "rejected"), "rejected"), "rejected")
+        if prompt != prompt_r:
+            raise FormatError("chosen and rejected transcripts have different prompts")
+    else:
+        raise FormatError(f"{fmt!r} is not a preference format")
+    if prompt[-1][0] != USER:
+        raise FormatError("the prompt does not end on a user turn")
+    if chosen == rejected:
+        raise FormatError("chosen and rejected are identical")
+    margin = None
+    if row.get("margin") is not None:
+        m = row["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float, str)):
+            raise FormatError(f"field 'margin' must be a number, got {type(m).__name__}")
+        try:
+            margin = float(m)
+        except ValueError:
+            raise FormatError(f"field 'margin' must be a number, got {m!r}") from None
+    return Pair(prompt, chosen, rejected, margin)
+
+
+def prompt_turns(fmt: str, row: dict[str, Any]) -> list[Turn]:
+    """A prompt row -> turns ending on a user turn (the generation prompt is added when encoding)."""
+    if fmt == "prompt":
+        messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
+    elif fmt == "prompt_messages":
+        messages = _list(row, "prompt")
+    elif fmt == "messages":
+        messages = _list(row, "messages")
+    elif fmt == "alpaca":
+        messages = _with_system(row, [{"role": "user", "content": _alpaca_user(row)}])
+    else:
+        raise FormatError(f"{fmt!r} is not a prompt format")
+    turns = to_turns(messages)
+    if turns[-1][0] != USER:
+        raise FormatError("a prompt must end on a user turn")
+    return turns

@@ -1,0 +1,189 @@
+"""Raw rows from local files (JSONL, JSON, Parquet, CSV) and hub datasets, each with its location.
+
+Local files are read here, line by line, rather than through ``datasets``' loaders, so that a broken line, invalid
+UTF-8 or a non-object row becomes an error naming the file and the line instead of a traceback from inside a
+library, and so that ``on_invalid: skip`` can step over it. Hub datasets go through ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DatasetSpec, looks_local, resolve_path
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class DataError(ValueError):
+    """The data stage cannot go on; the message names the file (and row) and the reason."""
+
+
+@dataclass
+class BadRow:
+    """A row that could not even be read as an object (broken JSON, invalid UTF-8, not an object)."""
+
+    reason: str
+
+
+Row = tuple[str, "dict[str, Any] | BadRow"]  # (location, row)
+
+
+def source_files(spec: DatasetSpec) -> list[Path]:
+    """The local files a spec names (a file, or every data file in a folder), or [] for a hub id."""
+    if not looks_local(spec.path):
+        return []
+    p = resolve_path(spec.path)
+    if not p.exists():
+        raise DataError(f"{spec.path}: no such file or folder")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{spec.path}: folder has no {'/'.join(SUFFIXES)} files")
+        return files
+    if p.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{spec.path}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIXES)})")
+    return [p]
+
+
+def iter_rows(spec: DatasetSpec) -> Iterator[Row]:
+    """Every row of a dataset spec, in order, with a location string like ``file.jsonl:12``."""
+    files = source_files(spec)
+    count = 0
+    rows: Iterator[Row]
+    rows = (row for f in files for row in _iter_file(f)) if files else _iter_hub(spec)
+    for row in rows:
+        if spec.max_rows is not None and count >= spec.max_rows:
+            return
+        count += 1
+        yield row
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _iter_file(path: Path) -> Iterator[Row]:
+    name = _display(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            yield from _iter_jsonl(path, name)
+        elif suffix == ".json":
+            yield from _iter_json(path, name)
+        elif suffix == ".parquet":
+            yield from _iter_parquet(path, name)
+        else:
+            yield from _iter_csv(path, name)
+    except OSError as e:
+        raise DataError(f"{name}: cannot read: {e.strerror or e}") from None
+
+
+def _object_or_bad(value: Any) -> dict | BadRow:
+    if isinstance(value, dict):
+        return value
+    return BadRow(f"row is not a JSON object (got {type(value).__name__})")
+
+
+def _iter_jsonl(path: Path, name: str) -> Iterator[Row]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue  # blank lines are not rows (documented in docs/data.md)
+            where = f"{name}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, BadRow(f"invalid UTF-8 at byte {e.start} of the line")
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, BadRow(f"broken JSON: {e.msg} at column {e.colno}")
+                continue
+            yield where, _object_or_bad(value)
+
+
+def _decode(path: Path, name: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{name}:{line}: invalid UTF-8 (byte offset {e.start})") from None
+
+
+def _iter_json(path: Path, name: str) -> Iterator[Row]:
+    text = _decode(path, name)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a .json file holding JSON Lines, as many hub exports do
+            yield from _iter_jsonl(path, name)
+            return
+        raise DataError(f"{name}:{e.lineno}: broken JSON: {e.msg} at column {e.colno}") from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(value) == 1 and lists:
+            value = lists[0]
+        else:
+            raise DataError(f"{name}: expected a JSON array of rows (or an object holding one array)")
+    if not isinstance(value, list):
+        raise DataError(f"{name}: expected a JSON array of rows, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        yield f"{name}[{i}]", _object_or_bad(item)
+
+
+def _iter_parquet(path: Path, name: str) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, ValueError) as e:
+        raise DataError(f"{name}: not a readable Parquet file: {e}") from None
+    index = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield f"{name} row {index}", row
+            index += 1
+
+
+def _iter_csv(path: Path, name: str) -> Iterator[Row]:
+    text = _decode(path, name)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{name}: empty CSV (no header row)")
+    try:
+        for row in reader:
+            where = f"{name}:{reader.line_num}"
+            if None in row:
+                yield where, BadRow(f"{len(row[None])} more fields than the header has")
+                continue
+            if any(v is None for v in row.values()):
+                yield where, BadRow("fewer fields than the header has")
+                continue
+            yield where, row
+    except csv.Error as e:
+        raise DataError(f"{name}:{reader.line_num}: broken CSV: {e}") from None
+
+
+def _iter_hub(spec: DatasetSpec) -> Iterator[Row]:
+    import datasets
+
+    label = f"hub:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
+    try:
+        ds = datasets.load_dataset(spec.path, name=spec.name, split=spec.split, revision=spec.revision)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{label}: could not load the hub dataset: {first}") from None
+    for i, row in enumerate(ds):
+        yield f"{label} row {i}", row

@@ -1,0 +1,101 @@
+"""Atomic output directories with a completion marker.
+
+Everything a stage hands to the next is written into a temporary sibling directory, the completion marker is
+written last, and the directory is renamed into place. A directory without the marker is never taken as
+finished: ``require_complete`` refuses it with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MARKER = "COMPLETE"
+
+
+class IncompleteError(RuntimeError):
+    """A stage output is missing or was never finished."""
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def require_complete(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise IncompleteError(f"{what} not found at {path}: run that stage first")
+    if not is_complete(path):
+        raise IncompleteError(
+            f"{what} at {path} is incomplete (no {MARKER} marker): its stage was interrupted; re-run that stage"
+        )
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: str | Path, marker_info: dict | None = None) -> Iterator[Path]:
+    """Yield a temporary directory; on success write the marker and rename it to ``final``.
+
+    An existing ``final`` is replaced only after the new one is complete. On error the temporary directory is
+    removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        info = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(marker_info or {})}
+        with open(tmp / MARKER, "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_stale(parent: str | Path) -> None:
+    """Remove temporary directories left by killed writers; restore a replaced output caught mid-swap."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.iterdir()):
+        if not (p.is_dir() and p.name.startswith(".")):
+            continue
+        if ".old-" in p.name:
+            # Killed between the two renames: the previous output is the only complete one, put it back.
+            final = parent / p.name[1:].split(".old-")[0]
+            if not final.exists() and is_complete(p):
+                os.replace(p, final)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+        elif ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,642 @@
+"""Typed recipe: one YAML per experiment drives every stage.
+
+Precedence: dataclass defaults < recipe YAML < command-line ``key.sub=value`` overrides. Loading is strict: an
+unknown key or a value of the wrong type is an error naming the key and the file. PyYAML reads ``1e-5`` as a
+string, so numbers are coerced from the field's declared type.
+
+    python -m pipeline.config --recipe recipes/tiny_ko.yaml [key.sub=value ...]   # print the resolved recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used: the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str
+    """Run name: everything the run writes lives under ``<output_dir>/<name>/``."""
+    output_dir: str = "runs"
+    """Parent folder of all runs (relative paths are taken from the repository root)."""
+    seed: int = 42
+    """Seed for data splits, shuffling and training."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    """Base model: a hub id (``google/gemma-2b``), a local directory in hub layout, or ``embedded:tiny-gemma-ko``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model; recorded in every checkpoint's lineage."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from ``name_or_path``."""
+    trust_remote_code: bool = False
+    """Allow code shipped with a hub model to run. Off unless the recipe opts in."""
+    allow_pickle: bool = False
+    """Allow pickle (``.bin``) weights. Off: only safetensors are loaded."""
+    terms_of_use: str | None = None
+    """Path to a local copy of the Gemma Terms of Use, copied into every checkpoint."""
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    """A local .jsonl/.json/.parquet/.csv file (or a folder of them) or a hub dataset id (``owner/name``)."""
+    format: Literal[
+        "auto",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "pairs",
+        "pairs_messages",
+        "hh_rlhf",
+        "prompt",
+        "prompt_messages",
+    ] = "auto"
+    """Row format; ``auto`` detects it from the columns (see docs/data.md)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping ``{canonical name: column in this dataset}``, e.g. ``{instruction: question}``."""
+    split: str = "train"
+    """Hub dataset split."""
+    name: str | None = None
+    """Hub dataset configuration (subset) name."""
+    revision: str | None = None
+    """Hub dataset revision."""
+    max_rows: int | None = None
+    """Read at most this many rows (after the file order)."""
+
+
+@dataclass
+class StageData:
+    train: list[DatasetSpec] = field(default_factory=list)
+    """Training datasets, concatenated in order."""
+    eval: list[DatasetSpec] = field(default_factory=list)
+    """Held-out datasets. When empty, ``eval_fraction`` of ``train`` is held out instead."""
+    eval_fraction: float = 0.0
+    """Fraction of the training rows held out for evaluation when ``eval`` is empty (seeded split)."""
+
+
+@dataclass
+class DataConfig:
+    sft: StageData = field(default_factory=StageData)
+    """Supervised dialogues for SFT."""
+    preference: StageData = field(default_factory=StageData)
+    """Preference pairs for the reward model."""
+    prompts: StageData = field(default_factory=StageData)
+    """Prompts for PPO rollouts; ``eval`` holds the held-out prompts used for evaluation."""
+    max_length: int = 1024
+    """Longest tokenized SFT dialogue or preference prompt+response."""
+    max_prompt_length: int = 512
+    """Longest tokenized PPO prompt (including the generation prompt)."""
+    overlong: Literal["drop", "error"] = "drop"
+    """Rows longer than the limits above: ``drop`` (counted in the manifest) or ``error``."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """Malformed rows: stop with file, row and reason, or ``skip`` them into ``data/rejects.jsonl`` (counted)."""
+    control_tokens: Literal["reject", "as_text"] = "reject"
+    """Control-token text (``<end_of_turn>``...) inside content: reject the row, or tokenize it as plain text."""
+    num_proc: int = 1
+    """Worker processes for ``datasets.map`` tokenization."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """LoRA dropout (PPO turns every dropout off regardless)."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Gemma modules that get adapters (attention and MLP projections)."""
+
+
+@dataclass
+class SFTConfig:
+    method: Literal["full", "lora"] = "full"
+    """Full fine-tuning or LoRA (merged into a full checkpoint on export)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings when ``method: lora``."""
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+    num_train_epochs: float = 1.0
+    """Passes over the SFT data."""
+    per_device_train_batch_size: int = 4
+    """Sequences per device per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Sequences per device per eval batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    packing: bool = False
+    """Pack several dialogues per sequence (masks preserved)."""
+    logging_steps: int = 10
+    """Optimizer steps between log lines."""
+    eval_steps: int = 200
+    """Optimizer steps between evaluations."""
+    save_steps: int = 200
+    """Optimizer steps between resumable checkpoints."""
+    prompt_panel: list[str] = field(default_factory=list)
+    """Fixed prompts answered at every evaluation (logged as a table)."""
+
+
+@dataclass
+class RMConfig:
+    init_from: str | None = None
+    """Checkpoint the reward model starts from; default: the run's SFT checkpoint."""
+    method: Literal["full", "lora"] = "full"
+    """Full fine-tuning or LoRA (sequence-classification task type)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings when ``method: lora``."""
+    learning_rate: float = 5e-6
+    """Peak learning rate."""
+    num_train_epochs: float = 1.0
+    """Passes over the preference pairs."""
+    per_device_train_batch_size: int = 4
+    """Pairs per device per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Pairs per device per eval batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming up the learning rate."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    use_margin: bool = False
+    """Use the per-pair ``margin`` column in the Bradley-Terry loss."""
+    center_rewards_coefficient: float | None = None
+    """Coefficient of the reward-centering term (None: off)."""
+    min_accuracy: float = 0.6
+    """Quality gate: PPO refuses a reward model whose held-out accuracy is below this."""
+    eval_steps: int = 200
+    """Optimizer steps between evaluations."""
+    save_steps: int = 200
+    """Optimizer steps between resumable checkpoints."""
+
+
+@dataclass
+class PPOConfig:
+    """Names follow TRL's PPOConfig where the concept is the same."""
+
+    method: Literal["full", "lora"] = "full"
+    """Policy training: full or LoRA (the reference is then the adapter-disabled base)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings when ``method: lora``."""
+    value_init: Literal["rm", "sft"] = "rm"
+    """Initialise the value model from the reward model (default) or from the SFT checkpoint."""
+    learning_rate: float = 3e-6
+    """Adam learning rate for policy and value."""
+    adam_eps: float = 1e-5
+    """Adam epsilon (1e-5 as in the N+ implementation details)."""
+    total_episodes: int = 10000
+    """Prompts consumed in total (rollouts = total_episodes / batch size)."""
+    per_device_train_batch_size: int = 8
+    """Rollout sequences per device per micro-batch."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per device per rollout batch."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer steps per PPO epoch."""
+    response_length: int = 53
+    """Maximum generated tokens per response."""
+    temperature: float = 0.7
+    """Sampling temperature (top_k 0, top_p 1)."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient beta (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    kl_target: float | None = None
+    """Adaptive KL controller target (None: fixed coefficient)."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon."""
+    cliprange: float = 0.2
+    """Policy ratio clip range."""
+    cliprange_value: float = 0.2
+    """Value clip range."""
+    vf_coef: float = 0.1
+    """Value loss coefficient."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards before GAE."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that never produce the stop token."""
+    normalize_reward: bool = False
+    """Normalise scores with the reward model's stored mean and std."""
+    reward_clip: float | None = None
+    """Clip scores to [-reward_clip, reward_clip] (None: no clipping)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_kl: float | None = None
+    """Stop the run when the mean KL per response exceeds this (None: no limit)."""
+    save_steps: int = 20
+    """Rollout batches between resumable checkpoints."""
+    panel_every: int = 10
+    """Rollout batches between prompt-panel tables."""
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "gemma-rlhf"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    run_name: str | None = None
+    """W&B run name; default: the recipe's run name and the stage."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """``auto``: online when an API key is configured, otherwise offline."""
+
+
+@dataclass
+class LaunchConfig:
+    accelerate_config: str = "configs/accelerate/single.yaml"
+    """accelerate config file used by ``make sft/rm/ppo`` (overridable with ACCELERATE_CONFIG=...)."""
+    num_processes: int | None = None
+    """Processes to launch (None: the accelerate config's own count)."""
+
+
+@dataclass
+class Recipe:
+    run: RunConfig
+    """Run name, output folder and seed."""
+    model: ModelConfig
+    """Base model and loading policy."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets for every stage and the formatting policy."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Reward model."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Weights & Biases."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Accelerate launch settings."""
+
+    @property
+    def run_dir(self) -> Path:
+        out = Path(self.run.output_dir)
+        return (out if out.is_absolute() else REPO_ROOT / out) / self.run.name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and ``source``."""
+
+    def fail(why: str = "") -> typing.NoReturn:
+        raise ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}{why}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"unsupported union {tp} for {key}")
+        return _coerce(value, inner[0], key, source)
+    if value is None:
+        fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        fail()
+    if origin is list:
+        if not isinstance(value, list):
+            fail()
+        return [_coerce(v, args[0], f"{key}.{i}", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return {
+            _coerce(k, args[0], f"{key}.{k}", source): _coerce(v, args[1], f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(" (a mapping)")
+        return _build(tp, value, key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                fail()
+            if number.is_integer():
+                return int(number)
+        fail()
+    if tp is float:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    raise TypeError(f"unsupported field type {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key '{where}' (known keys here: {known})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{key}'")
+    return cls(**kwargs)
+
+
+def _field_type(path: list[str], source: str) -> None:
+    """Check that a dotted override path names a real field (list indices allowed)."""
+    tp: Any = Recipe
+    walked: list[str] = []
+    for part in path:
+        walked.append(part)
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                raise ConfigError(f"{source}: unknown key '{'.'.join(walked)}'")
+            tp = hints[part]
+        elif origin is list:
+            if not part.isdigit():
+                raise ConfigError(f"{source}: '{'.'.join(walked)}' must be a list index")
+            tp = typing.get_args(tp)[0]
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"{source}: '{'.'.join(walked[:-1])}' has no sub-key '{part}'")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one ``key.sub=value`` override to the raw recipe mapping (value parsed as YAML)."""
+    source = f"command-line override '{override}'"
+    if "=" not in override:
+        raise ConfigError(f"{source}: expected key.sub=value")
+    dotted, text = override.split("=", 1)
+    path = [p for p in dotted.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"{source}: empty key")
+    _field_type(path, source)
+    value = yaml.safe_load(text) if text.strip() else ""
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            idx = int(part)
+            if idx >= len(node):
+                raise ConfigError(f"{source}: index {idx} out of range for '{'.'.join(path[: i + 1])}'")
+            node = node[idx]
+        else:
+            if not isinstance(node.get(part, {}), (dict, list)):
+                node[part] = {}
+            node = node.setdefault(part, {})
+    last = path[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        if idx >= len(node):
+            raise ConfigError(f"{source}: index {idx} out of range")
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe strictly, apply overrides, return the typed Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (run, model, data, ...)")
+    for ov in overrides:
+        apply_override(raw, ov)
+    source = str(path) if not overrides else f"{path} (with overrides {' '.join(overrides)})"
+    return _build(Recipe, raw, "", source)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe (canonical JSON), recorded in every manifest and model card."""
+    blob = json.dumps(to_dict(recipe), sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation beyond types: paths exist, hub ids are well formed, numbers are in range. Nothing is downloaded.
+# --------------------------------------------------------------------------------------------------------------
+
+EMBEDDED_PREFIX = "embedded:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?$")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def resolve_path(p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else REPO_ROOT / q
+
+
+def looks_local(p: str) -> bool:
+    """A recipe path is local when it exists, is explicitly relative/absolute, or names a data file."""
+    return (
+        p.startswith(("/", "./", "../", "~"))
+        or p.lower().endswith(_LOCAL_SUFFIXES)
+        or resolve_path(p).exists()
+        or p.count("/") > 1
+    )
+
+
+def is_hub_id(p: str) -> bool:
+    return bool(_HUB_ID.match(p)) and ".." not in p and not p.endswith(".")
+
+
+def validate(recipe: Recipe, source: str = "recipe") -> None:
+    """Check what can be checked before anything runs. Raises ConfigError naming the key."""
+
+    def err(key: str, why: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: key '{key}': {why}")
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", recipe.run.name):
+        err("run.name", f"{recipe.run.name!r} must be a plain folder name (letters, digits, _ . -)")
+
+    def check_location(key: str, p: str, kind: str) -> None:
+        if p.startswith(EMBEDDED_PREFIX):
+            from pipeline.embedded import EMBEDDED_MODELS
+
+            if p[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
+                err(key, f"unknown embedded model {p!r} (known: {', '.join(EMBEDDED_MODELS)})")
+            return
+        if looks_local(p):
+            if not resolve_path(p).exists():
+                err(key, f"local {kind} {p!r} does not exist (resolved to {resolve_path(p)})")
+        elif not is_hub_id(p):
+            err(key, f"{p!r} is neither an existing local path nor a valid hub id (owner/name)")
+
+    check_location("model.name_or_path", recipe.model.name_or_path, "model directory")
+    if recipe.model.tokenizer:
+        check_location("model.tokenizer", recipe.model.tokenizer, "tokenizer directory")
+    if recipe.model.terms_of_use and not resolve_path(recipe.model.terms_of_use).is_file():
+        err("model.terms_of_use", f"file {recipe.model.terms_of_use!r} does not exist")
+    if recipe.rm.init_from:
+        check_location("rm.init_from", recipe.rm.init_from, "checkpoint")
+
+    d = recipe.data
+    for stage in ("sft", "preference", "prompts"):
+        sd: StageData = getattr(d, stage)
+        if not 0.0 <= sd.eval_fraction < 1.0:
+            err(f"data.{stage}.eval_fraction", f"{sd.eval_fraction} is not in [0, 1)")
+        for split in ("train", "eval"):
+            for i, spec in enumerate(getattr(sd, split)):
+                key = f"data.{stage}.{split}.{i}"
+                check_location(f"{key}.path", spec.path, "dataset")
+                if spec.max_rows is not None and spec.max_rows <= 0:
+                    err(f"{key}.max_rows", "must be positive")
+                allowed = _FORMATS_BY_STAGE[stage]
+                if spec.format != "auto" and spec.format not in allowed:
+                    err(f"{key}.format", f"{spec.format!r} is not a {stage} format (use one of {', '.join(allowed)})")
+    if d.max_length < 8:
+        err("data.max_length", "must be at least 8 tokens")
+    if d.max_prompt_length < 4:
+        err("data.max_prompt_length", "must be at least 4 tokens")
+    if d.num_proc < 1:
+        err("data.num_proc", "must be at least 1")
+
+    for key in ("sft.learning_rate", "rm.learning_rate", "ppo.learning_rate"):
+        section, name = key.split(".")
+        if getattr(getattr(recipe, section), name) < 0:
+            err(key, "must not be negative")
+    p = recipe.ppo
+    if p.temperature <= 0:
+        err("ppo.temperature", "must be positive (sampling is required for PPO)")
+    if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
+        err("ppo.gamma/ppo.lam", "must be in [0, 1]")
+    if not 0 <= recipe.rm.min_accuracy <= 1:
+        err("rm.min_accuracy", "must be in [0, 1]")
+
+    acc = resolve_path(recipe.launch.accelerate_config)
+    if not acc.is_file():
+        err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
+
+
+_FORMATS_BY_STAGE = {
+    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
+    "preference": ("pairs", "pairs_messages", "hh_rlhf"),
+    "prompts": ("prompt", "prompt_messages", "messages", "alpaca"),
+}
+
+
+def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Path]:
+    """Shared command line of every stage: ``--recipe FILE [key.sub=value ...]``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--recipe", required=True, help="recipe YAML")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = ap.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    validate(recipe, source=args.recipe)
+    return recipe, Path(args.recipe)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        recipe, _ = parse_cli(argv, "Print the resolved recipe.")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(to_yaml(recipe), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Loading tokenizers (and, in later stages, models) from a recipe's model section, the same way for a hub id,
+a local directory in hub layout, or the embedded tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from data_prep.gemma_format import install_chat_template, template_hash
+from pipeline.config import ModelConfig, resolve_path
+from pipeline.embedded import resolve_model_path
+
+
+class LoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which and why."""
+
+
+def model_location(model: ModelConfig) -> str:
+    loc = resolve_model_path(model.name_or_path)
+    local = resolve_path(loc)
+    return str(local) if local.exists() else loc
+
+
+def load_tokenizer(model: ModelConfig, location: str | None = None) -> Any:
+    """The recipe's tokenizer with the Gemma chat template installed (control tokens checked, pad != eos)."""
+    from transformers import AutoTokenizer
+
+    loc = location or (model_location(ModelConfig(name_or_path=model.tokenizer)) if model.tokenizer
+                       else model_location(model))
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            loc, revision=model.revision if location is None else None, trust_remote_code=model.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a hub/transformers traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot load the tokenizer from {loc!r}: {first}") from None
+    return install_chat_template(tok)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict:
+    """What must be identical between stages: vocabulary and merges, special-token ids, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"), ("start_of_turn", "<start_of_turn>"),
+                          ("end_of_turn", "<end_of_turn>"))
+    }
+    return {
+        "hash": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        "vocab_size": len(tokenizer),
+        "special_ids": ids,
+        "chat_template_hash": template_hash(tokenizer.chat_template),
+    }
