@@ -10,7 +10,7 @@ off eval rows, and write everything atomically with a manifest. A re-run with th
 tokenizer reuses the finished output.
 
 Output (``runs/<run>/data/``):
-    sft/{train,eval}.parquet         input_ids, assistant_masks, messages, source
+    sft/{train,eval}.parquet         input_ids, assistant_masks, source
     preference/{train,eval}.parquet  prompt_ids, chosen_ids, rejected_ids, margin, messages, chosen, rejected, source
     prompts/{train,eval}.parquet     prompt_ids, messages, source
     tokenizer/                       the tokenizer every later stage uses (Gemma chat template installed)
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.formats import FORMATS, Pair, detect, map_columns, preference_pair, prompt_turns, sft_dialogue
-from data_prep.gemma_format import FORMATTER_VERSION, MODEL, FormatError, GemmaEncoder, Turn
+from data_prep.gemma_format import FORMATTER_VERSION, MODEL, USER, FormatError, GemmaEncoder, Turn
 from data_prep.readers import BadRow, DataError, iter_rows, source_files
 from pipeline.atomic import atomic_dir, clean_stale, is_complete
 from pipeline.config import ConfigError, DatasetSpec, Recipe, StageData, parse_cli, recipe_hash, to_yaml
@@ -163,15 +163,15 @@ class BatchEncoder:
         if self.stage == "preference":
             flat += batch["chosen"] + batch["rejected"]
         ids = enc.tokenize_contents(flat)
-        out: dict[str, list] = {"messages": []}
+        out: dict[str, list] = {}
         pos = 0
         built = []
         for rs, cs in zip(roles, contents):
-            turns = list(zip(rs, cs))
-            built.append(enc.assemble(turns, ids[pos : pos + len(cs)], add_generation_prompt=self.stage != "sft"))
+            built.append(enc.assemble(list(zip(rs, cs)), ids[pos : pos + len(cs)], add_generation_prompt=self.stage != "sft"))
             pos += len(cs)
-            out["messages"].append(json.dumps([{"role": "assistant" if r == MODEL else r, "content": c}
-                                               for r, c in turns], ensure_ascii=False))
+        if self.stage != "sft":  # prompt texts are kept for evaluation and reports (SFT rows are decoded if needed)
+            out["messages"] = [json.dumps([{"role": "assistant" if r == MODEL else r, "content": c}
+                                           for r, c in zip(rs, cs)], ensure_ascii=False) for rs, cs in zip(roles, contents)]
         if self.stage == "sft":
             out["input_ids"] = [b.input_ids for b in built]
             out["assistant_masks"] = [b.labels_mask for b in built]
@@ -190,26 +190,30 @@ class BatchEncoder:
 
 
 def encode_records(stage: str, records: list[tuple[str, Any]], encoder: GemmaEncoder, num_proc: int):
+    """Records -> a Dataset of ids and masks. With workers, ``datasets.map`` spreads the batches over processes;
+    with one process the same function runs on the Python lists directly (no Arrow round trip of the input)."""
     import datasets
 
-    ds = datasets.Dataset.from_dict(_columns(stage, records))
-    return ds.map(
-        BatchEncoder(stage, encoder),
-        batched=True,
-        batch_size=_BATCH,
-        num_proc=num_proc if num_proc > 1 and len(ds) >= 2 * _BATCH else None,
-        remove_columns=["roles", "contents"],
-        desc=f"tokenizing {stage}",
-        load_from_cache_file=False,
-    )
+    cols = _columns(stage, records)
+    fn = BatchEncoder(stage, encoder)
+    if num_proc > 1 and len(records) >= 2 * _BATCH:
+        ds = datasets.Dataset.from_dict(cols)
+        return ds.map(fn, batched=True, batch_size=_BATCH, num_proc=num_proc, remove_columns=["roles", "contents"],
+                      desc=f"tokenizing {stage}", load_from_cache_file=False)
+    out: dict[str, list] = {k: v for k, v in cols.items() if k not in ("roles", "contents")}
+    for i in range(0, len(records), _BATCH):
+        part = fn({k: v[i : i + _BATCH] for k, v in cols.items()})
+        for k, v in part.items():
+            out.setdefault(k, []).extend(v)
+    return datasets.Dataset.from_dict(out)
 
 
 def drop_overlong(stage: str, ds, limit: int, limit_key: str, policy: str, rejects: Rejects):
-    lengths = ds["length"]
+    lengths = ds.data.column("length").to_pylist()
     keep = [i for i, n in enumerate(lengths) if n <= limit]
     if len(keep) == len(lengths):
         return ds.remove_columns("length")
-    sources = ds["source"]
+    sources = ds.data.column("source").to_pylist()
     for i, n in enumerate(lengths):
         if n > limit:
             rejects.overlong(stage, sources[i], f"too long: {n} tokens > {limit_key} {limit}", policy)
@@ -251,11 +255,8 @@ def fingerprint(recipe: Recipe, tok_fp: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _first_user_texts(stage: str, ds) -> set[str]:
-    texts = set()
-    for m in ds["messages"]:
-        texts.update(t["content"] for t in json.loads(m) if t["role"] == "user")
-    return texts
+def _user_texts(stage: str, records: list[tuple[str, Any]]) -> set[str]:
+    return {c for _, rec in records for r, c in _record_turns(stage, rec) if r == USER}
 
 
 def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict]):
@@ -263,7 +264,7 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
     d = recipe.data
     limit, key = (d.max_prompt_length, "data.max_prompt_length") if stage == "prompts" else (d.max_length,
                                                                                                "data.max_length")
-    out = {}
+    out, users = {}, {}
     for split in ("train", "eval"):
         specs = getattr(sd, split)
         if not specs:
@@ -272,6 +273,7 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
         records = read_records(stage, specs, encoder, rejects, inputs)
         if not records:
             raise DataError(f"data.{stage}.{split}: every row was rejected (see rejects.jsonl)")
+        users[split] = _user_texts(stage, records)
         ds = encode_records(stage, records, encoder, d.num_proc)
         ds = drop_overlong(stage, ds, limit, key, d.overlong, rejects)
         if len(ds) == 0:
@@ -281,7 +283,7 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
     if "train" in out and "eval" not in out and sd.eval_fraction > 0:
         out["train"], out["eval"] = split_eval(out["train"], sd.eval_fraction, recipe.run.seed)
         print(f"[data] {stage}: held out {len(out['eval'])} of the training rows for eval", flush=True)
-    return out
+    return out, users
 
 
 def run(recipe: Recipe) -> Path:
@@ -307,17 +309,15 @@ def run(recipe: Recipe) -> Path:
     encoder = GemmaEncoder(tokenizer, control_tokens=recipe.data.control_tokens)
     rejects = Rejects(recipe.data.on_invalid)
     inputs: list[dict] = []
-    built = {stage: build_stage(stage, recipe, encoder, rejects, inputs) for stage in STAGES}
+    built, users = {}, {}
+    for stage in STAGES:
+        built[stage], users[stage] = build_stage(stage, recipe, encoder, rejects, inputs)
 
-    # Held-out prompts must not be trained on: count overlaps with every training split.
+    # Held-out prompts must not be trained on: count those that also appear in any training split.
     overlap = 0
-    if "eval" in built["prompts"] and recipe.data.prompts.eval:
-        held = _first_user_texts("prompts", built["prompts"]["eval"])
-        train_texts: set[str] = set()
-        for stage in STAGES:
-            if "train" in built[stage]:
-                train_texts |= _first_user_texts(stage, built[stage]["train"])
-        overlap = len(held & train_texts)
+    if "eval" in users["prompts"] and recipe.data.prompts.eval:
+        train_texts = set().union(*(users[s].get("train", set()) for s in STAGES))
+        overlap = len(users["prompts"]["eval"] & train_texts)
         if overlap:
             print(f"[data] warning: {overlap} held-out prompts also appear in training data", flush=True)
 

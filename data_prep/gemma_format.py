@@ -218,7 +218,7 @@ class GemmaEncoder:
         return None
 
     def check_turns(self, turns: Sequence[Turn]) -> None:
-        if self.control_tokens == "reject":
+        if self.control_tokens == "reject" and self.find_control("\x00".join(c for _, c in turns)):
             for i, (role, content) in enumerate(turns):
                 found = self.find_control(content)
                 if found:
@@ -238,6 +238,12 @@ class GemmaEncoder:
     def _batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        # The Rust tokenizer directly: the transformers wrapper's per-encoding conversion costs as much as the
+        # tokenization itself. Same ids (no special tokens added, added tokens matched the same way).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _tokenize_as_text(self, text: str) -> list[int]:

@@ -49,7 +49,8 @@ def corpus_texts() -> list[str]:
                 for m in row.get("messages", []):
                     texts.append(m["content"])
                 texts.extend(row[k] for k in ("prompt", "chosen", "rejected") if isinstance(row.get(k), str))
-    texts += ["user\n", "model\n", "\n\n"]
+    # Role headers appear in every formatted dialogue; weight them as they occur so they become single tokens.
+    texts += ["user\n", "model\n"] * len(texts)
     return texts
 
 
