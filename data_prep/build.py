@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.formats import FORMATS, Pair, detect, map_columns, preference_pair, prompt_turns, sft_dialogue
+from data_prep.formats import detect, map_columns, preference_pair, prompt_turns, sft_dialogue
 from data_prep.gemma_format import FORMATTER_VERSION, MODEL, USER, FormatError, GemmaEncoder, Turn
 from data_prep.readers import BadRow, DataError, iter_rows, source_files
 from pipeline.atomic import atomic_dir, clean_stale, is_complete
@@ -109,8 +109,16 @@ def read_records(
             records.append((where, record))
         if read == 0:
             raise DataError(f"{spec.path}: no rows")
-        inputs.append({"stage": stage, "path": spec.path, "format": fmt, "rows_read": read, "rows_valid": kept,
-                       **_input_identity(spec)})
+        inputs.append(
+            {
+                "stage": stage,
+                "path": spec.path,
+                "format": fmt,
+                "rows_read": read,
+                "rows_valid": kept,
+                **_input_identity(spec),
+            }
+        )
     return records
 
 
@@ -167,11 +175,18 @@ class BatchEncoder:
         pos = 0
         built = []
         for rs, cs in zip(roles, contents):
-            built.append(enc.assemble(list(zip(rs, cs)), ids[pos : pos + len(cs)], add_generation_prompt=self.stage != "sft"))
+            built.append(
+                enc.assemble(list(zip(rs, cs)), ids[pos : pos + len(cs)], add_generation_prompt=self.stage != "sft")
+            )
             pos += len(cs)
         if self.stage != "sft":  # prompt texts are kept for evaluation and reports (SFT rows are decoded if needed)
-            out["messages"] = [json.dumps([{"role": "assistant" if r == MODEL else r, "content": c}
-                                           for r, c in zip(rs, cs)], ensure_ascii=False) for rs, cs in zip(roles, contents)]
+            out["messages"] = [
+                json.dumps(
+                    [{"role": "assistant" if r == MODEL else r, "content": c} for r, c in zip(rs, cs)],
+                    ensure_ascii=False,
+                )
+                for rs, cs in zip(roles, contents)
+            ]
         if self.stage == "sft":
             out["input_ids"] = [b.input_ids for b in built]
             out["assistant_masks"] = [b.labels_mask for b in built]
@@ -181,8 +196,10 @@ class BatchEncoder:
             out["prompt_ids"] = [b.input_ids for b in built]
             out["chosen_ids"] = [enc.response_ids(x) for x in ids[pos : pos + n]]
             out["rejected_ids"] = [enc.response_ids(x) for x in ids[pos + n : pos + 2 * n]]
-            out["length"] = [len(p) + max(len(c), len(r)) for p, c, r in
-                             zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])]
+            out["length"] = [
+                len(p) + max(len(c), len(r))
+                for p, c, r in zip(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"])
+            ]
         else:
             out["prompt_ids"] = [b.input_ids for b in built]
             out["length"] = [len(b.input_ids) for b in built]
@@ -198,8 +215,15 @@ def encode_records(stage: str, records: list[tuple[str, Any]], encoder: GemmaEnc
     fn = BatchEncoder(stage, encoder)
     if num_proc > 1 and len(records) >= 2 * _BATCH:
         ds = datasets.Dataset.from_dict(cols)
-        return ds.map(fn, batched=True, batch_size=_BATCH, num_proc=num_proc, remove_columns=["roles", "contents"],
-                      desc=f"tokenizing {stage}", load_from_cache_file=False)
+        return ds.map(
+            fn,
+            batched=True,
+            batch_size=_BATCH,
+            num_proc=num_proc,
+            remove_columns=["roles", "contents"],
+            desc=f"tokenizing {stage}",
+            load_from_cache_file=False,
+        )
     out: dict[str, list] = {k: v for k, v in cols.items() if k not in ("roles", "contents")}
     for i in range(0, len(records), _BATCH):
         part = fn({k: v[i : i + _BATCH] for k, v in cols.items()})
@@ -247,8 +271,13 @@ def fingerprint(recipe: Recipe, tok_fp: dict) -> str:
             for s in getattr(sd, split)
         ]
     blob = json.dumps(
-        {"data": dataclasses.asdict(recipe.data), "inputs": specs, "tokenizer": tok_fp, "seed": recipe.run.seed,
-         "formatter": FORMATTER_VERSION},
+        {
+            "data": dataclasses.asdict(recipe.data),
+            "inputs": specs,
+            "tokenizer": tok_fp,
+            "seed": recipe.run.seed,
+            "formatter": FORMATTER_VERSION,
+        },
         sort_keys=True,
         ensure_ascii=False,
     )
@@ -262,8 +291,9 @@ def _user_texts(stage: str, records: list[tuple[str, Any]]) -> set[str]:
 def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict]):
     sd: StageData = getattr(recipe.data, stage)
     d = recipe.data
-    limit, key = (d.max_prompt_length, "data.max_prompt_length") if stage == "prompts" else (d.max_length,
-                                                                                               "data.max_length")
+    limit, key = (
+        (d.max_prompt_length, "data.max_prompt_length") if stage == "prompts" else (d.max_length, "data.max_length")
+    )
     out, users = {}, {}
     for split in ("train", "eval"):
         specs = getattr(sd, split)
@@ -323,7 +353,10 @@ def run(recipe: Recipe) -> Path:
 
     counts = {
         stage: {split: len(ds) for split, ds in splits.items()}
-        | {"invalid_skipped": rejects.counts[f"{stage}/invalid"], "overlong_dropped": rejects.counts[f"{stage}/overlong"]}
+        | {
+            "invalid_skipped": rejects.counts[f"{stage}/invalid"],
+            "overlong_dropped": rejects.counts[f"{stage}/overlong"],
+        }
         for stage, splits in built.items()
     }
     manifest = {
@@ -332,9 +365,13 @@ def run(recipe: Recipe) -> Path:
         "tokenizer": tok_fp,
         "model": recipe.model.name_or_path,
         "recipe_hash": recipe_hash(recipe),
-        "policy": {"on_invalid": recipe.data.on_invalid, "overlong": recipe.data.overlong,
-                   "control_tokens": recipe.data.control_tokens, "max_length": recipe.data.max_length,
-                   "max_prompt_length": recipe.data.max_prompt_length},
+        "policy": {
+            "on_invalid": recipe.data.on_invalid,
+            "overlong": recipe.data.overlong,
+            "control_tokens": recipe.data.control_tokens,
+            "max_length": recipe.data.max_length,
+            "max_prompt_length": recipe.data.max_prompt_length,
+        },
         "inputs": inputs,
         "counts": counts,
         "heldout_prompt_overlap": overlap,
@@ -357,8 +394,10 @@ def run(recipe: Recipe) -> Path:
     )
     print(f"[data] wrote {data_dir} in {time.perf_counter() - t_start:.1f}s ({summary})", flush=True)
     if rejects.rows:
-        print(f"[data] {len(rejects.rows)} rows skipped or dropped, each with its reason in {data_dir / 'rejects.jsonl'}",
-              flush=True)
+        print(
+            f"[data] {len(rejects.rows)} rows skipped or dropped, each with its reason in {data_dir / 'rejects.jsonl'}",
+            flush=True,
+        )
     return data_dir
 
 

@@ -73,8 +73,10 @@ def detect(stage: str, row: dict[str, Any]) -> str:
         "preference": "prompt+chosen+rejected (strings) | chosen+rejected (message lists) | HH-RLHF transcripts",
         "prompts": "prompt (string or message list) | messages | instruction",
     }[stage]
-    raise FormatError(f"cannot detect the {stage} format from columns {sorted(keys)} (expected {expected}); "
-                      "set format: and columns: in the recipe")
+    raise FormatError(
+        f"cannot detect the {stage} format from columns {sorted(keys)} (expected {expected}); "
+        "set format: and columns: in the recipe"
+    )
 
 
 def _text(row: dict[str, Any], key: str, optional: bool = False) -> str | None:
@@ -140,11 +142,18 @@ def sft_dialogue(fmt: str, row: dict[str, Any]) -> list[Turn]:
     elif fmt == "sharegpt":
         messages = _sharegpt(_list(row, "conversations"))
     elif fmt == "alpaca":
-        messages = _with_system(row, [{"role": "user", "content": _alpaca_user(row)},
-                                      {"role": "assistant", "content": _text(row, "output")}])
+        messages = _with_system(
+            row,
+            [{"role": "user", "content": _alpaca_user(row)}, {"role": "assistant", "content": _text(row, "output")}],
+        )
     elif fmt == "prompt_completion":
-        messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")},
-                                      {"role": "assistant", "content": _text(row, "completion")}])
+        messages = _with_system(
+            row,
+            [
+                {"role": "user", "content": _text(row, "prompt")},
+                {"role": "assistant", "content": _text(row, "completion")},
+            ],
+        )
     else:
         raise FormatError(f"{fmt!r} is not an SFT format")
     turns = to_turns(messages)
@@ -226,10 +235,11 @@ def preference_pair(fmt: str, row: dict[str, Any]) -> Pair:
 
 def prompt_turns(fmt: str, row: dict[str, Any]) -> list[Turn]:
     """A prompt row -> turns ending on a user turn (the generation prompt is added when encoding)."""
-    if fmt == "prompt":
-        messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
-    elif fmt == "prompt_messages":
-        messages = _list(row, "prompt")
+    if fmt in ("prompt", "prompt_messages"):  # a string or a message list, row by row
+        if isinstance(row.get("prompt"), list):
+            messages = _list(row, "prompt")
+        else:
+            messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
     elif fmt == "messages":
         messages = _list(row, "messages")
     elif fmt == "alpaca":

@@ -204,7 +204,9 @@ class GemmaEncoder:
         if tok_id is None or (tok_id == unk and text != "<unk>"):
             raise FormatError(f"the tokenizer has no {text} token (not a Gemma tokenizer?)")
         if attr is not None and getattr(self.tokenizer, attr, None) != tok_id:
-            raise FormatError(f"the tokenizer's {attr} is {getattr(self.tokenizer, attr, None)}, not {text} ({tok_id})")
+            raise FormatError(
+                f"the tokenizer's {attr} is {getattr(self.tokenizer, attr, None)}, not {text} ({tok_id})"
+            )
         return tok_id
 
     def _plain_ids(self, text: str) -> list[int]:
@@ -231,8 +233,9 @@ class GemmaEncoder:
     def tokenize_contents(self, texts: list[str]) -> list[list[int]]:
         """One batched fast-tokenizer call for many contents, control-token text kept as plain text."""
         if self.control_tokens == "as_text":
-            return [self._tokenize_as_text(t) if self.find_control(t) else ids for t, ids in
-                    zip(texts, self._batch(texts))]
+            return [
+                self._tokenize_as_text(t) if self.find_control(t) else ids for t, ids in zip(texts, self._batch(texts))
+            ]
         return self._batch(texts)
 
     def _batch(self, texts: list[str]) -> list[list[int]]:
@@ -265,7 +268,10 @@ class GemmaEncoder:
         return ids
 
     def assemble(
-        self, turns: Sequence[Turn], content_ids: Sequence[list[int]], add_generation_prompt: bool = False,
+        self,
+        turns: Sequence[Turn],
+        content_ids: Sequence[list[int]],
+        add_generation_prompt: bool = False,
         trailing_newline: bool = True,
     ) -> Encoded:
         """Ids and mask for ``turns`` given each turn's content ids (same order)."""

@@ -547,6 +547,8 @@ def is_hub_id(p: str) -> bool:
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Check what can be checked before anything runs. Raises ConfigError naming the key."""
 
+    from data_prep.formats import FORMATS
+
     def err(key: str, why: str) -> typing.NoReturn:
         raise ConfigError(f"{source}: key '{key}': {why}")
 
@@ -585,7 +587,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
                 check_location(f"{key}.path", spec.path, "dataset")
                 if spec.max_rows is not None and spec.max_rows <= 0:
                     err(f"{key}.max_rows", "must be positive")
-                allowed = _FORMATS_BY_STAGE[stage]
+                allowed = FORMATS[stage]
                 if spec.format != "auto" and spec.format not in allowed:
                     err(f"{key}.format", f"{spec.format!r} is not a {stage} format (use one of {', '.join(allowed)})")
     if d.max_length < 8:
@@ -610,13 +612,6 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     acc = resolve_path(recipe.launch.accelerate_config)
     if not acc.is_file():
         err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
-
-
-_FORMATS_BY_STAGE = {
-    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion"),
-    "preference": ("pairs", "pairs_messages", "hh_rlhf"),
-    "prompts": ("prompt", "prompt_messages", "messages", "alpaca"),
-}
 
 
 def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Path]:

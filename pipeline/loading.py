@@ -26,8 +26,9 @@ def load_tokenizer(model: ModelConfig, location: str | None = None) -> Any:
     """The recipe's tokenizer with the Gemma chat template installed (control tokens checked, pad != eos)."""
     from transformers import AutoTokenizer
 
-    loc = location or (model_location(ModelConfig(name_or_path=model.tokenizer)) if model.tokenizer
-                       else model_location(model))
+    loc = location or (
+        model_location(ModelConfig(name_or_path=model.tokenizer)) if model.tokenizer else model_location(model)
+    )
     try:
         tok = AutoTokenizer.from_pretrained(
             loc, revision=model.revision if location is None else None, trust_remote_code=model.trust_remote_code
@@ -44,8 +45,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
     blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     ids = {
         name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (("bos", "<bos>"), ("eos", "<eos>"), ("pad", "<pad>"), ("start_of_turn", "<start_of_turn>"),
-                          ("end_of_turn", "<end_of_turn>"))
+        for name, tok in (
+            ("bos", "<bos>"),
+            ("eos", "<eos>"),
+            ("pad", "<pad>"),
+            ("start_of_turn", "<start_of_turn>"),
+            ("end_of_turn", "<end_of_turn>"),
+        )
     }
     return {
         "hash": hashlib.sha256(blob.encode()).hexdigest()[:16],

@@ -26,18 +26,66 @@ HERE = Path(__file__).resolve().parent
 SEED = 1234
 
 NOUNS = [
-    ("사과", "apples"), ("바나나", "bananas"), ("커피", "coffee"), ("녹차", "green tea"), ("김치", "kimchi"),
-    ("비빔밥", "bibimbap"), ("불고기", "bulgogi"), ("떡볶이", "tteokbokki"), ("라면", "ramen"), ("우유", "milk"),
-    ("빵", "bread"), ("치즈", "cheese"), ("자전거", "bicycles"), ("자동차", "cars"), ("기차", "trains"),
-    ("비행기", "airplanes"), ("지하철", "the subway"), ("버스", "buses"), ("컴퓨터", "computers"),
-    ("스마트폰", "smartphones"), ("카메라", "cameras"), ("시계", "watches"), ("책", "books"), ("연필", "pencils"),
-    ("공책", "notebooks"), ("의자", "chairs"), ("책상", "desks"), ("창문", "windows"), ("우산", "umbrellas"),
-    ("가방", "bags"), ("신발", "shoes"), ("모자", "hats"), ("고양이", "cats"), ("강아지", "puppies"),
-    ("호랑이", "tigers"), ("토끼", "rabbits"), ("거북이", "turtles"), ("바다", "the sea"), ("산", "mountains"),
-    ("강", "rivers"), ("하늘", "the sky"), ("구름", "clouds"), ("비", "rain"), ("눈", "snow"), ("바람", "wind"),
-    ("태양", "the sun"), ("달", "the moon"), ("별", "stars"), ("음악", "music"), ("영화", "movies"),
-    ("그림", "paintings"), ("축구", "soccer"), ("야구", "baseball"), ("수영", "swimming"), ("등산", "hiking"),
-    ("요리", "cooking"), ("독서", "reading"), ("여행", "travel"), ("학교", "school"), ("도서관", "libraries"),
+    ("사과", "apples"),
+    ("바나나", "bananas"),
+    ("커피", "coffee"),
+    ("녹차", "green tea"),
+    ("김치", "kimchi"),
+    ("비빔밥", "bibimbap"),
+    ("불고기", "bulgogi"),
+    ("떡볶이", "tteokbokki"),
+    ("라면", "ramen"),
+    ("우유", "milk"),
+    ("빵", "bread"),
+    ("치즈", "cheese"),
+    ("자전거", "bicycles"),
+    ("자동차", "cars"),
+    ("기차", "trains"),
+    ("비행기", "airplanes"),
+    ("지하철", "the subway"),
+    ("버스", "buses"),
+    ("컴퓨터", "computers"),
+    ("스마트폰", "smartphones"),
+    ("카메라", "cameras"),
+    ("시계", "watches"),
+    ("책", "books"),
+    ("연필", "pencils"),
+    ("공책", "notebooks"),
+    ("의자", "chairs"),
+    ("책상", "desks"),
+    ("창문", "windows"),
+    ("우산", "umbrellas"),
+    ("가방", "bags"),
+    ("신발", "shoes"),
+    ("모자", "hats"),
+    ("고양이", "cats"),
+    ("강아지", "puppies"),
+    ("호랑이", "tigers"),
+    ("토끼", "rabbits"),
+    ("거북이", "turtles"),
+    ("바다", "the sea"),
+    ("산", "mountains"),
+    ("강", "rivers"),
+    ("하늘", "the sky"),
+    ("구름", "clouds"),
+    ("비", "rain"),
+    ("눈", "snow"),
+    ("바람", "wind"),
+    ("태양", "the sun"),
+    ("달", "the moon"),
+    ("별", "stars"),
+    ("음악", "music"),
+    ("영화", "movies"),
+    ("그림", "paintings"),
+    ("축구", "soccer"),
+    ("야구", "baseball"),
+    ("수영", "swimming"),
+    ("등산", "hiking"),
+    ("요리", "cooking"),
+    ("독서", "reading"),
+    ("여행", "travel"),
+    ("학교", "school"),
+    ("도서관", "libraries"),
 ]
 
 
@@ -88,7 +136,9 @@ CASUAL = [
     lambda n, e: f"{n}? 그냥 괜찮은 거야.",
 ]
 ENGLISH = [
-    lambda n, e: f"{e[0].upper() + e[1:]} are really nice." if e.endswith("s") else f"{e[0].upper() + e[1:]} is really nice.",
+    lambda n, e: (
+        f"{e[0].upper() + e[1:]} are really nice." if e.endswith("s") else f"{e[0].upper() + e[1:]} is really nice."
+    ),
     lambda n, e: f"I like {e} a lot.",
     lambda n, e: f"Many people enjoy {e}.",
     lambda n, e: f"Let me tell you about {e}: it is an interesting topic.",
@@ -167,7 +217,10 @@ def build() -> dict[str, list[dict]]:
             msgs = []
             if rng.random() < 0.10:  # a two-turn dialogue: an earlier exchange about another training prompt
                 p2, n2, e2 = rng.choice(train_style)
-                msgs += [{"role": "user", "content": p2}, {"role": "assistant", "content": answer(pick_style(), n2, e2)}]
+                msgs += [
+                    {"role": "user", "content": p2},
+                    {"role": "assistant", "content": answer(pick_style(), n2, e2)},
+                ]
             msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer(pick_style(), n, e)}]
             if rng.random() < 0.15:
                 msgs.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -175,8 +228,14 @@ def build() -> dict[str, list[dict]]:
     for a, b in train_arith:
         for _ in range(2):
             c = a + b if rng.random() >= 0.4 else _wrong(rng, a + b)
-            sft.append({"messages": [{"role": "user", "content": arith_prompt(a, b)},
-                                     {"role": "assistant", "content": arith_polite(c)}]})
+            sft.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": arith_prompt(a, b)},
+                        {"role": "assistant", "content": arith_polite(c)},
+                    ]
+                }
+            )
     rng.shuffle(sft)
 
     preference: list[dict] = []
@@ -188,7 +247,9 @@ def build() -> dict[str, list[dict]]:
             preference.append({"prompt": prompt, "chosen": chosen, "rejected": rng.choice(bank)(n, e)})
     for a, b in train_arith:
         c = a + b
-        preference.append({"prompt": arith_prompt(a, b), "chosen": arith_polite(c), "rejected": arith_polite(_wrong(rng, c))})
+        preference.append(
+            {"prompt": arith_prompt(a, b), "chosen": arith_polite(c), "rejected": arith_polite(_wrong(rng, c))}
+        )
         bad = rng.choice([f"정답은 {c}", arith_casual(c), f"{c} {c} {c} {c}", "정답은"])
         preference.append({"prompt": arith_prompt(a, b), "chosen": arith_polite(c), "rejected": bad})
     rng.shuffle(preference)

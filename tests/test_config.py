@@ -1,0 +1,163 @@
+"""Recipes: strict typed loading, coercion, overrides, validation without downloads, every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Recipe, apply_override, load_recipe, recipe_hash, to_yaml, validate
+
+REPO = Path(__file__).resolve().parent.parent
+MIN = {"run": {"name": "r"}, "model": {"name_or_path": "google/gemma-2b"}}
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(path, tmp_path):
+    recipe = load_recipe(path)
+    validate(recipe, source=str(path))
+    assert isinstance(recipe, Recipe)
+    # Round trip: the resolved recipe saved beside checkpoints loads back to the same recipe.
+    (tmp_path / "resolved.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+    again = load_recipe(tmp_path / "resolved.yaml")
+    assert recipe_hash(again) == recipe_hash(recipe)
+
+
+def test_gemma2b_recipe_is_the_real_one():
+    r = load_recipe(REPO / "recipes/gemma2b_ko.yaml")
+    assert r.model.name_or_path == "google/gemma-2b"
+    assert "beomi/gemma-ko-2b" in (REPO / "recipes/gemma2b_ko.yaml").read_text()
+    assert {s.path for s in r.data.sft.train} >= {"beomi/KoAlpaca-v1.1a"}
+    assert r.data.preference.train[0].path == "maywell/ko_Ultrafeedback_binarized"
+    acc = yaml.safe_load((REPO / r.launch.accelerate_config).read_text())
+    assert acc["distributed_type"] == "DEEPSPEED" and acc["deepspeed_config"]["zero_stage"] == 2
+    assert acc["num_processes"] == 8
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = _write(tmp_path, {**MIN, "sft": {"learning_rat": 1e-5}})
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'sft.learning_rat'"):
+        load_recipe(p)
+    p = _write(tmp_path, {**MIN, "sfft": {}})
+    with pytest.raises(ConfigError, match=r"unknown key 'sfft'"):
+        load_recipe(p)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = _write(tmp_path, {**MIN, "sft": {"num_train_epochs": "many"}})
+    with pytest.raises(ConfigError, match=r"r.yaml: key 'sft.num_train_epochs': expected float, got 'many'"):
+        load_recipe(p)
+    p = _write(tmp_path, {**MIN, "sft": {"packing": "yes"}})
+    with pytest.raises(ConfigError, match=r"key 'sft.packing': expected bool"):
+        load_recipe(p)
+    p = _write(tmp_path, {**MIN, "ppo": {"kl_estimator": "k2"}})
+    with pytest.raises(ConfigError, match=r"key 'ppo.kl_estimator': expected one of 'k1', 'k3'"):
+        load_recipe(p)
+    p = _write(tmp_path, {**MIN, "sft": {"per_device_train_batch_size": 2.5}})
+    with pytest.raises(ConfigError, match=r"key 'sft.per_device_train_batch_size': expected int"):
+        load_recipe(p)
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing required key 'model'"):
+        load_recipe(_write(tmp_path, {"run": {"name": "r"}}))
+
+
+def test_numbers_coerced_from_field_type(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "run: {name: r}\nmodel: {name_or_path: google/gemma-2b}\n"
+        "sft: {learning_rate: 1e-5, num_train_epochs: 3}\nppo: {total_episodes: 1e4}\n"
+    )
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r.sft.learning_rate == 1e-5 and isinstance(r.sft.learning_rate, float)
+    assert r.sft.num_train_epochs == 3.0 and isinstance(r.sft.num_train_epochs, float)
+    assert r.ppo.total_episodes == 10000 and isinstance(r.ppo.total_episodes, int)
+
+
+def test_overrides(tmp_path):
+    p = _write(tmp_path, {**MIN, "data": {"sft": {"train": [{"path": "a/b"}]}}})
+    r = load_recipe(
+        p,
+        [
+            "sft.learning_rate=3e-4",
+            "run.name=other",
+            "data.sft.train.0.path=c/d",
+            "ppo.missing_eos_penalty=null",
+            "tracking.tags=[a, b]",
+        ],
+    )
+    assert r.sft.learning_rate == 3e-4
+    assert r.run.name == "other"
+    assert r.data.sft.train[0].path == "c/d"
+    assert r.ppo.missing_eos_penalty is None
+    assert r.tracking.tags == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("sft.lr=1", r"command-line override 'sft.lr=1': unknown key 'sft.lr'"),
+        ("sft.learning_rate", "expected key.sub=value"),
+        ("run.name.x=1", "has no sub-key 'x'"),
+        ("data.sft.train.x.path=1", "must be a list index"),
+        ("data.sft.train.5.path=a", "out of range"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, match):
+    p = _write(tmp_path, {**MIN, "data": {"sft": {"train": [{"path": "a/b"}]}}})
+    with pytest.raises(ConfigError, match=match):
+        load_recipe(p, [override])
+
+
+def test_override_wrong_type_names_the_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"overrides sft.learning_rate=fast.*key 'sft.learning_rate'"):
+        load_recipe(_write(tmp_path, MIN), ["sft.learning_rate=fast"])
+
+
+def test_apply_override_creates_missing_sections():
+    raw = {"run": {"name": "r"}}
+    apply_override(raw, "sft.lora.r=8")
+    assert raw["sft"]["lora"]["r"] == 8
+
+
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"model": {"name_or_path": "./no/such/dir"}}, "local model directory './no/such/dir' does not exist"),
+        ({"model": {"name_or_path": "not a hub id!"}}, "neither an existing local path nor a valid hub id"),
+        ({"model": {"name_or_path": "embedded:huge"}}, "unknown embedded model"),
+        ({"data": {"sft": {"train": [{"path": "missing.jsonl"}]}}}, "key 'data.sft.train.0.path': local dataset"),
+        ({"data": {"sft": {"train": [{"path": "a/b", "format": "hh_rlhf"}]}}}, "is not a sft format"),
+        ({"data": {"sft": {"eval_fraction": 1.5}}}, "eval_fraction"),
+        ({"run": {"name": "a/b"}}, "plain folder name"),
+        ({"launch": {"accelerate_config": "nope.yaml"}}, "launch.accelerate_config"),
+        ({"ppo": {"temperature": 0}}, "ppo.temperature"),
+    ],
+)
+def test_validate_catches_before_anything_runs(tmp_path, patch, match):
+    data = {**MIN, **{k: {**MIN.get(k, {}), **v} for k, v in patch.items()}}
+    r = load_recipe(_write(tmp_path, data))
+    with pytest.raises(ConfigError, match=match):
+        validate(r, source="r.yaml")
+
+
+def test_cli_prints_resolved_recipe(capsys):
+    from pipeline.config import main
+
+    main(["--recipe", str(REPO / "recipes/tiny_ko.yaml"), "sft.learning_rate=1e-3"])
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["sft"]["learning_rate"] == 1e-3 and out["run"]["name"] == "tiny_ko"
+
+
+def test_cli_error_is_one_line(tmp_path):
+    from pipeline.config import main
+
+    with pytest.raises(SystemExit, match="error: .*unknown key 'bogus'"):
+        main(["--recipe", str(_write(tmp_path, {**MIN, "bogus": 1}))])

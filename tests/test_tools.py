@@ -1,0 +1,29 @@
+"""The inspector and the data benchmark run and report what they claim."""
+
+from __future__ import annotations
+
+import json
+
+from data_prep.build import main as data_main
+from data_prep.inspect import main as inspect_main
+from pipeline.bench import main as bench_main
+from tests.conftest import REPO
+
+
+def test_inspect_shows_the_loss_mask(tmp_path, capsys):
+    recipe = str(REPO / "recipes" / "tiny_ko.yaml")
+    assert data_main(["--recipe", recipe, f"run.output_dir={tmp_path}"]) == 0
+    capsys.readouterr()
+    assert inspect_main(["--recipe", recipe, f"run.output_dir={tmp_path}", "--index", "0", "--tokens"]) == 0
+    out = capsys.readouterr().out
+    assert "<bos><start_of_turn>user\n" in out and "«" in out and out.count("<bos>") == 2  # text + token table
+    assert "<end_of_turn>»" in out  # the model turn's <end_of_turn> is inside the trained span
+    assert inspect_main(["--recipe", recipe, f"run.output_dir={tmp_path}", "--stage", "preference"]) == 0
+    assert inspect_main(["--recipe", recipe, f"run.output_dir={tmp_path / 'none'}"]) == 2
+
+
+def test_data_bench_reports_ratio(capsys):
+    bench_main(["data", "--rows", "2000"])
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["rows"] == 2000 and line["stage_rows_per_s"] > 0 and line["raw_tokenizer_rows_per_s"] > 0
+    assert line["ratio_stage_vs_raw"] > 0
