@@ -318,6 +318,9 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
 
 def run(recipe: Recipe) -> Path:
     """Build (or reuse) ``runs/<run>/data``; returns its path."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the stage prints its own progress, one line per split
     t_start = time.perf_counter()
     data_dir = recipe.run_dir / "data"
     clean_stale(recipe.run_dir)

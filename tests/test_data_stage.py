@@ -312,3 +312,17 @@ def test_embedded_recipe_builds_with_heldout_prompts_kept_out(tmp_path):
     assert c["sft"]["train"] + c["sft"]["eval"] == 1160 and c["sft"]["overlong_dropped"] == 0
     assert c["preference"]["train"] + c["preference"]["eval"] == 1160
     assert c["prompts"] == {"train": 280, "eval": 60, "invalid_skipped": 0, "overlong_dropped": 0}
+
+
+def test_worker_processes_give_identical_output(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"질문 {i}번"}, {"role": "assistant", "content": f"답 {i}입니다."}]}
+        for i in range(2500)
+    ]
+    sft = write_jsonl(tmp_path / "sft.jsonl", rows)
+    outs = []
+    for n in (1, 2):
+        recipe = write_recipe(tmp_path, {"sft": {"train": [{"path": str(sft)}]}, "num_proc": n}, name=f"p{n}")
+        assert _run(recipe) == 0
+        outs.append(_read(_data_dir(tmp_path, f"p{n}") / "sft" / "train.parquet"))
+    assert outs[0] == outs[1] and len(outs[0]) == 2500
