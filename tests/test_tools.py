@@ -23,7 +23,7 @@ def test_inspect_shows_the_loss_mask(tmp_path, capsys):
 
 
 def test_data_bench_reports_ratio(capsys):
-    bench_main(["data", "--rows", "2000"])
+    bench_main(["data", "--rows", "2000", "--repeats", "1"])
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["rows"] == 2000 and line["stage_rows_per_s"] > 0 and line["raw_tokenizer_rows_per_s"] > 0
     assert line["ratio_stage_vs_raw"] > 0
