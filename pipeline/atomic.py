@@ -50,6 +50,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_marker(folder: Path, info: dict | None = None) -> None:
+    """Write the completion marker (last), durably."""
+    data = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
+    with open(Path(folder) / MARKER, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(Path(folder))
+
+
+def commit_dir(tmp: Path, final: Path, marker_info: dict | None = None) -> None:
+    """Mark ``tmp`` complete and rename it to ``final``; an existing ``final`` is replaced only now."""
+    write_marker(tmp, marker_info)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final: Path, tag: str | None = None) -> Path:
+    """The temporary sibling a writer fills before ``commit_dir`` (a fixed ``tag`` lets several ranks agree)."""
+    return final.parent / f".{final.name}.tmp-{tag or f'{os.getpid()}-{time.monotonic_ns()}'}"
+
+
 @contextmanager
 def atomic_dir(final: str | Path, marker_info: dict | None = None) -> Iterator[Path]:
     """Yield a temporary directory; on success write the marker and rename it to ``final``.
@@ -59,24 +87,11 @@ def atomic_dir(final: str | Path, marker_info: dict | None = None) -> Iterator[P
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = staging_dir(final)
     tmp.mkdir()
     try:
         yield tmp
-        info = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(marker_info or {})}
-        with open(tmp / MARKER, "w", encoding="utf-8") as fh:
-            json.dump(info, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, final, marker_info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

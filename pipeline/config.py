@@ -145,6 +145,8 @@ class SFTConfig:
     """Peak learning rate."""
     num_train_epochs: float = 1.0
     """Passes over the SFT data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run num_train_epochs)."""
     per_device_train_batch_size: int = 4
     """Sequences per device per micro-batch."""
     per_device_eval_batch_size: int = 8
@@ -169,8 +171,12 @@ class SFTConfig:
     """Optimizer steps between evaluations."""
     save_steps: int = 200
     """Optimizer steps between resumable checkpoints."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted)."""
     prompt_panel: list[str] = field(default_factory=list)
     """Fixed prompts answered at every evaluation (logged as a table)."""
+    panel_max_new_tokens: int = 48
+    """Longest prompt-panel answer (greedy)."""
 
 
 @dataclass
@@ -185,6 +191,8 @@ class RMConfig:
     """Peak learning rate."""
     num_train_epochs: float = 1.0
     """Passes over the preference pairs."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run num_train_epochs)."""
     per_device_train_batch_size: int = 4
     """Pairs per device per micro-batch."""
     per_device_eval_batch_size: int = 8

@@ -59,3 +59,43 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
         "special_ids": ids,
         "chat_template_hash": template_hash(tokenizer.chat_template),
     }
+
+
+def precision() -> dict:
+    """bf16 on a GPU that supports it, fp32 on CPU; what TrainingArguments and from_pretrained need."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "use_cpu": not cuda, "dtype": torch.bfloat16 if bf16 else torch.float32}
+
+
+def load_causal_lm(model: ModelConfig, location: str | None = None, dtype: Any = None) -> Any:
+    """A causal LM from the recipe's base model (or ``location``), safetensors only unless the recipe opts in."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, model, location, dtype)
+
+
+def load_sequence_classifier(model: ModelConfig, location: str, dtype: Any = None) -> Any:
+    """A one-output sequence classifier (reward or value model) from ``location``."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, model, location, dtype, num_labels=1)
+
+
+def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, **kwargs: Any) -> Any:
+    loc = location or model_location(model)
+    try:
+        return cls.from_pretrained(
+            loc,
+            revision=model.revision if location is None else None,
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=None if model.allow_pickle else True,
+            dtype=dtype if dtype is not None else "auto",
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if model.allow_pickle else " (only safetensors weights are loaded unless model.allow_pickle: true)"
+        raise LoadError(f"cannot load {cls.__name__} from {loc!r}: {first}{hint}") from None

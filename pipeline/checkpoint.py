@@ -1,0 +1,113 @@
+"""The one save path: every checkpoint a stage hands on is a complete, notice-carrying Gemma derivative.
+
+``save_final`` is called on every process (under ZeRO-3 the weights are gathered from all ranks); the main process
+then saves the tokenizer, writes the notices and the lineage, writes the completion marker and renames the
+staging directory into place. ``mark_intermediate`` does the same for a Trainer's resumable ``checkpoint-N``
+directory once it is fully written. ``require_checkpoint`` is what the next stage calls: it refuses a directory
+without its marker or its notices.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import (
+    MARKER,
+    IncompleteError,
+    commit_dir,
+    is_complete,
+    require_complete,
+    staging_dir,
+    write_marker,
+)
+from pipeline.notices import Derivation, missing_notices, write_notices
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def save_final(
+    final: str | Path,
+    write_weights: Callable[[Path], None],
+    tokenizer: Any,
+    derivation: Derivation,
+    main_only: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save a stage's finished checkpoint atomically with its notices. Call on every process.
+
+    ``write_weights(tmp)`` runs on every process (e.g. ``trainer.save_model``, which gathers ZeRO-3 shards);
+    ``main_only(tmp)``, if given, runs on the main process afterwards (e.g. merging a LoRA adapter).
+    """
+    final = Path(final)
+    tmp = staging_dir(final, tag="save")
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    write_weights(tmp)
+    _barrier()
+    if _is_main():
+        try:
+            if main_only is not None:
+                main_only(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_notices(tmp, derivation)
+            problems = missing_notices(tmp)
+            if problems:
+                raise RuntimeError(f"checkpoint notices incomplete: {', '.join(problems)}")
+            commit_dir(tmp, final, {"stage": derivation.stage, "kind": "final"})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _barrier()
+    return final
+
+
+def mark_intermediate(ckpt: str | Path, derivation: Derivation) -> None:
+    """Give a fully written resumable checkpoint its notices, then its marker (main process only)."""
+    ckpt = Path(ckpt)
+    write_notices(ckpt, derivation)
+    write_marker(ckpt, {"stage": derivation.stage, "kind": "intermediate", "step": derivation.step})
+
+
+def last_resumable(folder: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder``; incomplete ones (killed mid-save) are removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT.match(p.name)
+        if not (m and p.is_dir()):
+            continue
+        if is_complete(p):
+            found.append((int(m.group(1)), p))
+        elif _is_main():
+            print(f"[resume] removing incomplete checkpoint {p} (no {MARKER} marker)", flush=True)
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return max(found)[1] if found else None
+
+
+def require_checkpoint(path: str | Path, what: str) -> Path:
+    """A finished checkpoint with every notice, or a clear error."""
+    path = require_complete(path, what)
+    problems = missing_notices(path)
+    if problems:
+        raise IncompleteError(f"{what} at {path} lacks its Gemma derivative notices: {', '.join(problems)}")
+    return path

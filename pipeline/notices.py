@@ -1,0 +1,330 @@
+"""What makes a saved checkpoint a distributable Gemma model derivative (Gemma Terms of Use, section 3.1).
+
+Every checkpoint directory this pipeline writes, final or intermediate, gets:
+
+* ``NOTICE`` reading exactly ``NOTICE_LINE``;
+* a model card ``README.md`` with Hub front matter (``license: gemma``, ``base_model``, tags, datasets), a prominent
+  "Modifications" section (stage, method, data, date, recipe hash, parent checkpoint) and the Gemma use
+  restrictions stated as binding on recipients;
+* a copy of the Gemma Terms of Use when the base model directory, the parent checkpoint or the recipe provides one
+  (otherwise the card links to the terms and the stage warns once);
+* a modification notice in the metadata of every ``.safetensors`` file and in ``config.json``;
+* ``lineage.json``: base model id and revision, data manifest, recipe, git commit, metrics, parent lineage.
+
+``write_notices`` is called by the one save path (pipeline/checkpoint.py) before the completion marker, so a
+checkpoint without its notices is never complete; ``missing_notices`` checks a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import REPO_ROOT, is_hub_id, looks_local
+
+NOTICE_LINE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+TERMS_URL = "https://ai.google.dev/gemma/terms"
+PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
+TERMS_FILE = "GEMMA_TERMS_OF_USE.md"
+LINEAGE_FILE = "lineage.json"
+CONFIG_NOTICE_KEY = "gemma_derivative"
+_TERMS_NAMES = ("gemma_terms_of_use", "terms_of_use", "gemma-terms-of-use", "terms-of-use")
+_warned_terms = False
+
+
+@dataclass
+class Derivation:
+    """What one stage did to produce a checkpoint."""
+
+    stage: str
+    """Pipeline stage: sft, rm or ppo."""
+    method: str
+    """full, lora (adapter) or lora-merged."""
+    run_name: str
+    """Recipe run name."""
+    base_model: str
+    """The original Gemma model (hub id or local path)."""
+    base_revision: str | None
+    """Hub revision of the base model, when known."""
+    parent: str
+    """The checkpoint this one was trained from."""
+    datasets: list[str]
+    """Training data: hub dataset ids or local file paths."""
+    recipe: dict
+    """The resolved recipe."""
+    recipe_hash: str
+    """sha256 of the resolved recipe."""
+    data_manifest: dict | None = None
+    """The data stage's manifest (inputs, counts, tokenizer and template hashes)."""
+    metrics: dict = field(default_factory=dict)
+    """Final (or current) metrics of the stage."""
+    step: int | None = None
+    """Optimizer step of an intermediate checkpoint (None: final)."""
+    terms_source: str | None = None
+    """A local copy of the Gemma Terms of Use to include (recipe's model.terms_of_use)."""
+    pipeline_tag: str = "text-generation"
+    """Hub pipeline tag of the checkpoint."""
+    extra_sections: list[str] = field(default_factory=list)
+    """More model-card sections (markdown), e.g. a stage summary."""
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Terms of Use copy
+# --------------------------------------------------------------------------------------------------------------
+
+
+def find_terms(*folders: str | Path | None) -> Path | None:
+    """A Gemma Terms of Use file in any of ``folders`` (a base model directory or a parent checkpoint)."""
+    for folder in folders:
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.is_file():
+            return folder
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            stem = p.stem.lower().replace(" ", "_")
+            if p.is_file() and any(stem.startswith(n) for n in _TERMS_NAMES):
+                return p
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# safetensors metadata, written in place of the header
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Merge string ``metadata`` into a .safetensors file's header.
+
+    The safetensors library can only write whole files from tensors in memory; for a multi-GB shard that doubles
+    peak memory. The format is an 8-byte little-endian header length, a JSON header (with ``__metadata__``) and
+    the raw tensor bytes whose offsets are relative to the end of the header, so the header is rewritten and
+    the tensor bytes streamed unchanged into a new file that then replaces the old one.
+    """
+    with open(path, "rb") as src:
+        (n,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(n))
+        meta = dict(header.get("__metadata__") or {})
+        meta.update({k: str(v) for k, v in metadata.items()})
+        header["__metadata__"] = meta
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the library writes it
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as dst:
+                dst.write(struct.pack("<Q", len(blob)))
+                dst.write(blob)
+                shutil.copyfileobj(src, dst, 16 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n)).get("__metadata__") or {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _modification_line(d: Derivation, date: str) -> str:
+    what = f"{d.stage.upper()} ({d.method})"
+    return f"Modified by the gemma-rlhf pipeline: {what} on {date} from {d.parent} (recipe {d.recipe_hash[:12]})"
+
+
+def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> str:
+    front = {
+        "license": "gemma",
+        "license_link": TERMS_URL,
+        "base_model": d.base_model,
+        "base_model_relation": "finetune",
+        "library_name": "transformers",
+        "pipeline_tag": d.pipeline_tag,
+        "tags": ["gemma", "gemma-rlhf", d.stage, "trl"] + (["lora"] if "lora" in d.method else []),
+    }
+    hub_datasets = [x for x in d.datasets if not looks_local(x) and is_hub_id(x)]
+    if hub_datasets:
+        front["datasets"] = hub_datasets
+    title = f"{d.run_name} / {d.stage}" + (f" (checkpoint at step {d.step})" if d.step is not None else "")
+    data_lines = "\n".join(f"  - `{x}`" for x in d.datasets) or "  - (none)"
+    terms = (
+        f"A copy of the Gemma Terms of Use is included in this directory as `{TERMS_FILE}`; they are also at {TERMS_URL}."
+        if has_terms_copy
+        else f"The Gemma Terms of Use are at {TERMS_URL}; recipients must be given a copy of them."
+    )
+    metrics = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in d.metrics.items()
+    )
+    sections = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---",
+        f"# {title}",
+        f"> **Notice.** {NOTICE_LINE}. This model is a *Gemma model derivative*: it was modified from Gemma, and "
+        "its use and distribution are subject to the Gemma Terms of Use and the use restrictions below.",
+        "## Modifications\n\n"
+        "The files in this directory were modified from the base model by this pipeline:\n\n"
+        f"- **Stage:** {d.stage} ({d.method})\n"
+        f"- **Base model:** `{d.base_model}`" + (f" (revision `{d.base_revision}`)" if d.base_revision else "") + "\n"
+        f"- **Parent checkpoint:** `{d.parent}`\n"
+        f"- **Data:**\n{data_lines}\n"
+        f"- **Date:** {date}\n"
+        f"- **Recipe hash:** `{d.recipe_hash}` (the resolved recipe is in `recipe.yaml`)\n"
+        f"- **Pipeline commit:** `{commit}`\n\n"
+        f"Every weight file carries this modification notice in its safetensors metadata, `config.json` carries it "
+        f"under `{CONFIG_NOTICE_KEY}`, and `{LINEAGE_FILE}` records the full lineage.",
+        "## Use restrictions (binding on recipients)\n\n"
+        "This model is subject to the use restrictions of section 3.2 of the Gemma Terms of Use. You, and anyone you "
+        "distribute it to, must not use it:\n\n"
+        f"1. for the restricted uses set out in the Gemma Prohibited Use Policy ({PROHIBITED_USE_URL}), which is "
+        "incorporated into the Gemma Terms of Use by reference; or\n"
+        "2. in violation of applicable laws and regulations.\n\n"
+        "Anyone who distributes this model or a derivative of it must pass these restrictions on in the agreement "
+        "governing its use, give recipients a copy of the Gemma Terms of Use, mark modified files with prominent "
+        "notices, and include a `NOTICE` file with the text above.",
+        f"## Terms of Use\n\n{terms}",
+        "## Chat format\n\nGemma's control-token format; the tokenizer's chat template renders it and ends the "
+        "generation prompt with `<start_of_turn>model\\n`. A model turn ends with `<end_of_turn>`: stop generation on "
+        "that token.",
+    ]
+    if metrics:
+        sections.append(f"## Metrics\n\n| metric | value |\n|---|---|\n{metrics}")
+    sections.extend(d.extra_sections)
+    return "\n\n".join(sections) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing and checking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_parent_lineage(parent: str) -> dict | None:
+    p = Path(parent) / LINEAGE_FILE
+    if p.is_file():
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except ValueError:
+            return None
+    return None
+
+
+def write_notices(ckpt: str | Path, d: Derivation) -> None:
+    """Write every notice into the checkpoint directory ``ckpt`` (weights and config already saved there)."""
+    global _warned_terms
+    ckpt = Path(ckpt)
+    date = time.strftime("%Y-%m-%d")
+    commit = git_commit()
+    modification = _modification_line(d, date)
+
+    (ckpt / "NOTICE").write_text(NOTICE_LINE + "\n", encoding="utf-8")
+
+    terms = find_terms(d.terms_source, d.parent, d.base_model if looks_local(d.base_model) else None)
+    if terms is not None:
+        shutil.copyfile(terms, ckpt / TERMS_FILE)
+    elif not _warned_terms:
+        print(
+            f"[notices] warning: no local copy of the Gemma Terms of Use (base model, parent checkpoint or "
+            f"model.terms_of_use): the model card links to {TERMS_URL}; recipients of a distributed model must "
+            "get a copy",
+            file=sys.stderr,
+            flush=True,
+        )
+        _warned_terms = True
+
+    for st in sorted(ckpt.rglob("*.safetensors")):
+        add_safetensors_metadata(
+            st,
+            {
+                "gemma_notice": NOTICE_LINE,
+                "modification": modification,
+                "base_model": d.base_model,
+                "recipe_hash": d.recipe_hash,
+            },
+        )
+
+    for cfg_path in sorted(ckpt.rglob("config.json")):
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        history = list((cfg.get(CONFIG_NOTICE_KEY) or {}).get("modifications", []))
+        if not history or history[-1] != modification:
+            history.append(modification)
+        cfg[CONFIG_NOTICE_KEY] = {"notice": NOTICE_LINE, "terms": TERMS_URL, "modifications": history}
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    lineage = {
+        "stage": d.stage,
+        "method": d.method,
+        "step": d.step,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": {"id": d.base_model, "revision": d.base_revision},
+        "parent": d.parent,
+        "parent_lineage": _load_parent_lineage(d.parent),
+        "datasets": d.datasets,
+        "data_manifest": d.data_manifest,
+        "recipe_hash": d.recipe_hash,
+        "recipe": d.recipe,
+        "git_commit": commit,
+        "metrics": d.metrics,
+    }
+    (ckpt / LINEAGE_FILE).write_text(
+        json.dumps(lineage, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+    )
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(d.recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (ckpt / "README.md").write_text(model_card(d, date, commit, terms is not None), encoding="utf-8")
+
+
+def missing_notices(ckpt: str | Path) -> list[str]:
+    """What a checkpoint directory lacks of its notices (empty: all present)."""
+    ckpt = Path(ckpt)
+    missing = []
+    notice = ckpt / "NOTICE"
+    if not notice.is_file() or notice.read_text(encoding="utf-8").strip() != NOTICE_LINE:
+        missing.append("NOTICE")
+    card = ckpt / "README.md"
+    if not card.is_file():
+        missing.append("README.md")
+    else:
+        text = card.read_text(encoding="utf-8")
+        if "license: gemma" not in text or "## Modifications" not in text or "Use restrictions" not in text:
+            missing.append("README.md (license, Modifications or use restrictions)")
+    if not (ckpt / LINEAGE_FILE).is_file():
+        missing.append(LINEAGE_FILE)
+    for st in sorted(ckpt.rglob("*.safetensors")):
+        if read_safetensors_metadata(st).get("gemma_notice") != NOTICE_LINE:
+            missing.append(f"{st.relative_to(ckpt)} metadata")
+    for cfg in sorted(ckpt.rglob("config.json")):
+        if CONFIG_NOTICE_KEY not in json.loads(cfg.read_text(encoding="utf-8")):
+            missing.append(f"{cfg.relative_to(ckpt)} notice")
+    return missing
