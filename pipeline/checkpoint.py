@@ -55,14 +55,15 @@ def save_final(
     """
     final = Path(final)
     tmp = staging_dir(final, tag="save")
-    if _is_main():
+    main = _is_main()
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    write_weights(tmp)
-    _barrier()
-    if _is_main():
-        try:
+    try:
+        write_weights(tmp)
+        _barrier()
+        if main:
             if main_only is not None:
                 main_only(tmp)
             tokenizer.save_pretrained(tmp)
@@ -71,9 +72,10 @@ def save_final(
             if problems:
                 raise RuntimeError(f"checkpoint notices incomplete: {', '.join(problems)}")
             commit_dir(tmp, final, {"stage": derivation.stage, "kind": "final"})
-        except BaseException:
+    except BaseException:
+        if main:  # a failed save (disk full, a crash) never leaves a half-written directory behind
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        raise
     _barrier()
     return final
 

@@ -22,8 +22,13 @@ from tests.conftest import REPO
 from tests.wandb_offline import read_offline_run
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
-FAST = ["sft.logging_steps=5", "sft.eval_steps=20", "sft.save_steps=20", "sft.max_steps=40",
-        "sft.per_device_eval_batch_size=64"]
+FAST = [
+    "sft.logging_steps=5",
+    "sft.eval_steps=20",
+    "sft.save_steps=20",
+    "sft.max_steps=40",
+    "sft.per_device_eval_batch_size=64",
+]
 
 
 def _recipe(out: Path, *overrides: str):
@@ -62,12 +67,14 @@ def test_final_reloads_and_answers_in_gemma_format(sft_run):
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
     held = [json.loads(line)["prompt"] for line in (REPO / "data_prep/tiny_ko/heldout.jsonl").open()][:4]
     for prompt in held:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         assert tok.decode(ids["input_ids"][0]).endswith("<start_of_turn>model\n")
-        out = model.generate(**ids, max_new_tokens=32, do_sample=False, eos_token_id=eot,
-                             pad_token_id=tok.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **ids, max_new_tokens=32, do_sample=False, eos_token_id=eot, pad_token_id=tok.pad_token_id
+        )
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
         assert eot in new, f"no <end_of_turn> for {prompt!r}: {tok.decode(new)!r}"
 
 
@@ -103,8 +110,15 @@ def test_wandb_offline_run_has_the_metrics(sft_run):
     assert len(runs) == 1
     run = read_offline_run(str(runs[0]))
     keys = set().union(*run["history"])
-    for k in ("sft/train/loss", "sft/train/learning_rate", "sft/train/grad_norm", "sft/train/tokens_per_second",
-              "sft/train/mean_token_accuracy", "sft/eval/loss", "sft/eval/mean_token_accuracy"):
+    for k in (
+        "sft/train/loss",
+        "sft/train/learning_rate",
+        "sft/train/grad_norm",
+        "sft/train/tokens_per_second",
+        "sft/train/mean_token_accuracy",
+        "sft/eval/loss",
+        "sft/eval/mean_token_accuracy",
+    ):
         assert k in keys, k
     assert run["config"]["recipe"]["run"]["name"] == "tiny_ko" and run["config"]["git_commit"]
     panel = run["tables"]["sft/panel"]
@@ -130,10 +144,19 @@ def test_labels_cover_exactly_the_masked_tokens(sft_run, packing, tmp_path):
     data = recipe.run_dir / "data"
     ds = datasets.Dataset.from_parquet(str(data / "sft" / "train.parquet")).select(range(64))
     tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(final), processing_class=tok,
-                         train_dataset=ds.select_columns(["input_ids", "assistant_masks"]),
-                         args=SFTConfig(output_dir=str(tmp_path), packing=packing, max_length=128, report_to="none",
-                                        use_cpu=True, per_device_train_batch_size=8))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(final),
+        processing_class=tok,
+        train_dataset=ds.select_columns(["input_ids", "assistant_masks"]),
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            packing=packing,
+            max_length=128,
+            report_to="none",
+            use_cpu=True,
+            per_device_train_batch_size=8,
+        ),
+    )
     prepared = trainer.train_dataset
     n_trained = sum(sum(1 for x in row["labels"] if x != -100) for row in prepared)
     assert n_trained == sum(sum(m) for m in ds["assistant_masks"])
@@ -154,8 +177,16 @@ def test_lora_exports_a_merged_full_checkpoint_and_copies_the_terms(tmp_path, ti
     base = tmp_path / "base"
     shutil.copytree(tiny_dir, base)
     (base / "GEMMA_TERMS_OF_USE.md").write_text("Gemma Terms of Use (test copy)\n")
-    overrides = [f"model.name_or_path={base}", "sft.method=lora", "sft.lora.r=4", "sft.max_steps=6",
-                 "sft.save_steps=3", "sft.eval_steps=3", "sft.learning_rate=1e-2", "tracking.mode=disabled"]
+    overrides = [
+        f"model.name_or_path={base}",
+        "sft.method=lora",
+        "sft.lora.r=4",
+        "sft.max_steps=6",
+        "sft.save_steps=3",
+        "sft.eval_steps=3",
+        "sft.learning_rate=1e-2",
+        "tracking.mode=disabled",
+    ]
     assert data_main(["--recipe", str(RECIPE), f"run.output_dir={tmp_path}", *overrides]) == 0
     final = sft.run(_recipe(tmp_path, *overrides))
     assert missing_notices(final) == []
@@ -174,8 +205,17 @@ def test_lora_exports_a_merged_full_checkpoint_and_copies_the_terms(tmp_path, ti
 
 
 def _sft_cmd(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.sft", "--recipe", str(RECIPE), f"run.output_dir={out}", *FAST,
-            "tracking.mode=disabled", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.sft",
+        "--recipe",
+        str(RECIPE),
+        f"run.output_dir={out}",
+        *FAST,
+        "tracking.mode=disabled",
+        *overrides,
+    ]
 
 
 @pytest.mark.slow

@@ -1,0 +1,113 @@
+"""The derivative notices and the one save path, on a real saved checkpoint of the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import IncompleteError
+from pipeline.checkpoint import require_checkpoint, save_final
+from pipeline.notices import (
+    NOTICE_LINE,
+    Derivation,
+    add_safetensors_metadata,
+    missing_notices,
+    read_safetensors_metadata,
+    write_notices,
+)
+
+
+def _derivation(**kw) -> Derivation:
+    base = dict(
+        stage="sft",
+        method="full",
+        run_name="r",
+        base_model="google/gemma-2b",
+        base_revision="main",
+        parent="google/gemma-2b",
+        datasets=["beomi/KoAlpaca-v1.1a", "data/local.jsonl"],
+        recipe={"run": {"name": "r"}},
+        recipe_hash="ab" * 32,
+    )
+    return Derivation(**{**base, **kw})
+
+
+def test_notice_line_is_exact():
+    assert NOTICE_LINE == (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+    )
+
+
+def test_safetensors_metadata_is_added_without_touching_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    tensors = {
+        "a": torch.arange(7, dtype=torch.float32),
+        "b": torch.ones(3, 5, dtype=torch.bfloat16),
+        "c": torch.tensor([1, 2, 3], dtype=torch.int8),
+    }
+    save_file(tensors, path, metadata={"format": "pt"})
+    add_safetensors_metadata(path, {"gemma_notice": NOTICE_LINE, "x": "한국어"})
+    assert read_safetensors_metadata(path) == {"format": "pt", "gemma_notice": NOTICE_LINE, "x": "한국어"}
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with open(path, "rb") as fh:
+        assert int.from_bytes(fh.read(8), "little") % 8 == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_write_notices_on_a_saved_model(tmp_path, tiny_dir):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    (ckpt / "COMPLETE").unlink()
+    assert "NOTICE" in missing_notices(ckpt)
+    write_notices(ckpt, _derivation(metrics={"eval/loss": 1.25}))
+    assert missing_notices(ckpt) == []
+    card = (ckpt / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "license: gemma" in front and "base_model: google/gemma-2b" in front
+    assert "- beomi/KoAlpaca-v1.1a" in front and "local.jsonl" not in front  # only hub ids in front matter
+    assert "`data/local.jsonl`" in card and "revision `main`" in card and "| eval/loss | 1.25 |" in card
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["gemma_derivative"]["modifications"][-1].startswith("Modified by the gemma-rlhf pipeline: SFT (full)")
+    # A second stage appends to the config's modification history instead of replacing it.
+    write_notices(ckpt, _derivation(stage="rm"))
+    mods = json.loads((ckpt / "config.json").read_text())["gemma_derivative"]["modifications"]
+    assert len(mods) == 2 and "RM (full)" in mods[1]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt)  # still loads
+
+
+def test_save_final_is_atomic_and_refuses_to_finish_without_notices(tmp_path, tiny_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    final = tmp_path / "sft" / "final"
+    save_final(final, lambda tmp: model.save_pretrained(tmp), tokenizer, _derivation())
+    assert require_checkpoint(final, "the SFT checkpoint") == final
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+
+    def broken(tmp):
+        model.save_pretrained(tmp)
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_final(final, broken, tokenizer, _derivation(metrics={"new": 1}))
+    assert require_checkpoint(final, "the SFT checkpoint") == final  # the previous checkpoint is intact
+    assert "new" not in json.loads((final / "lineage.json").read_text())["metrics"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+
+
+def test_next_stage_refuses_incomplete_or_unmarked(tmp_path, tiny_dir):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    (ckpt / "COMPLETE").unlink()
+    with pytest.raises(IncompleteError, match="incomplete"):
+        require_checkpoint(ckpt, "the SFT checkpoint")
+    (ckpt / "COMPLETE").write_text("{}")
+    with pytest.raises(IncompleteError, match="lacks its Gemma derivative notices: NOTICE"):
+        require_checkpoint(ckpt, "the SFT checkpoint")
