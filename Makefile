@@ -11,9 +11,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+ACCELERATE_CONFIG ?=
+NUM_PROCESSES ?=
+NUM_MACHINES ?=
+MACHINE_RANK ?=
+MAIN_PROCESS_IP ?=
+MAIN_PROCESS_PORT ?=
+LAUNCH = $(PY) -m pipeline.launch \
+	$(if $(ACCELERATE_CONFIG),--config-file $(ACCELERATE_CONFIG)) \
+	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) \
+	$(if $(NUM_MACHINES),--num-machines $(NUM_MACHINES)) \
+	$(if $(MACHINE_RANK),--machine-rank $(MACHINE_RANK)) \
+	$(if $(MAIN_PROCESS_IP),--main-process-ip $(MAIN_PROCESS_IP)) \
+	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data demo test bench lint embedded
+.PHONY: help setup data sft demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -23,6 +36,8 @@ help:  ## this list
 	@echo "  OVERRIDES='key.sub=value ...'   recipe overrides"
 	@echo "  VENV=$(VENV)   virtual environment created by 'make setup'"
 	@echo "  TORCH_SPEC=$(TORCH_SPEC)   torch requirement installed first (CPU build here, CUDA build on a GPU box)"
+	@echo "  ACCELERATE_CONFIG=configs/accelerate/...yaml   accelerate config (default: the recipe's launch section)"
+	@echo "  NUM_PROCESSES=N   processes in total; NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT for multi-node"
 
 # The venv is (re)built when pyproject.toml changes; the stamp file marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -43,6 +58,9 @@ embedded: setup  ## build the embedded tiny model and tokenizer into build/embed
 
 data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unchanged)
 	$(PY) -m data_prep.build --recipe $(RECIPE) $(OVERRIDES)
+
+sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
+	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
 
 demo: setup  ## the embedded default end to end (so far: the data stage and one formatted example)
 	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)

@@ -70,6 +70,24 @@ def precision() -> dict:
     return {"bf16": bf16, "use_cpu": not cuda, "dtype": torch.bfloat16 if bf16 else torch.float32}
 
 
+def describe_processes(state: Any) -> str:
+    """One line on how the stage runs: process count, backend, DeepSpeed ZeRO stage."""
+    import os
+
+    kind = (
+        "DeepSpeed"
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        else str(state.distributed_type).split(".")[-1]
+    )
+    zero = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    backend = getattr(state, "backend", None)
+    return (
+        f"{state.num_processes} process(es), {kind}"
+        + (f" ZeRO-{zero}" if zero and kind == "DeepSpeed" else "")
+        + (f", {backend}" if backend else "")
+    )
+
+
 def load_causal_lm(model: ModelConfig, location: str | None = None, dtype: Any = None) -> Any:
     """A causal LM from the recipe's base model (or ``location``), safetensors only unless the recipe opts in."""
     from transformers import AutoModelForCausalLM

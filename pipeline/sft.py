@@ -12,6 +12,7 @@ one, and a finished stage is skipped. The finished model is ``runs/<run>/sft/fin
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from pipeline.atomic import IncompleteError, is_complete, require_complete
 from pipeline.config import ConfigError, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
-from pipeline.loading import LoadError, load_causal_lm, precision
+from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.notices import Derivation
 
 STAGE = "sft"
@@ -151,15 +152,16 @@ def run(recipe: Recipe) -> Path:
     from pipeline.checkpoint import last_resumable, save_final
     from pipeline.tracking import Tracker
 
-    # 1. Process state, outputs, skip a finished stage.
-    state = PartialState()
+    # 1. Outputs; skip a finished stage. (The distributed state is set up by the training arguments below, which
+    #    pick gloo on a CPU-only machine: until then the launcher's RANK tells the main process.)
+    rank0 = os.environ.get("RANK", "0") == "0"
     stage_dir = recipe.run_dir / STAGE
     final = stage_dir / "final"
     if is_complete(final):
-        if state.is_main_process:
+        if rank0:
             print(f"[sft] already finished: {final} (delete it to train again)", flush=True)
         return final
-    if state.is_main_process:
+    if rank0:
         print(f"[sft] resolved recipe:\n{to_yaml(recipe)}", flush=True)
 
     # 2. Data and tokenizer from the data stage (the same tokenizer and chat template for every stage).
@@ -177,24 +179,10 @@ def run(recipe: Recipe) -> Path:
     eval_path = data_dir / STAGE / "eval.parquet"
     eval_ds = datasets.Dataset.from_parquet(str(eval_path)).select_columns(columns) if eval_path.is_file() else None
 
-    # 3. Model (and LoRA), precision by device.
+    # 3. Training arguments; precision by device (bf16 on GPU, fp32 on CPU). use_cpu on a CPU-only machine also
+    #    makes a GPU-style accelerate config (MULTI_GPU or DEEPSPEED) run its processes with gloo.
     prec = precision()
     s = recipe.sft
-    model = load_causal_lm(recipe.model, dtype=prec["dtype"])
-    peft_config = None
-    if s.method == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=s.lora.r,
-            lora_alpha=s.lora.alpha,
-            lora_dropout=s.lora.dropout,
-            target_modules=list(s.lora.target_modules),
-        )
-
-    # 4. Trainer.
-    tracker = Tracker(recipe, STAGE, state.is_main_process)
     args = SFTConfig(
         output_dir=str(stage_dir / "checkpoints"),
         max_length=recipe.data.max_length,
@@ -223,6 +211,27 @@ def run(recipe: Recipe) -> Path:
         report_to="none",
         disable_tqdm=not sys.stderr.isatty(),
     )
+    _ = args.device  # sets up the process group now (gloo on CPU), before anything else asks for it
+    state = PartialState()
+    tracker = Tracker(recipe, STAGE, state.is_main_process)
+    if state.is_main_process:
+        print(f"[sft] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}", flush=True)
+
+    # 4. Model (and LoRA). Built after the training arguments: under ZeRO-3 those make from_pretrained
+    #    load each rank's shard directly instead of a full copy per process.
+    model = load_causal_lm(recipe.model, dtype=prec["dtype"])
+    peft_config = None
+    if s.method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=s.lora.r,
+            lora_alpha=s.lora.alpha,
+            lora_dropout=s.lora.dropout,
+            target_modules=list(s.lora.target_modules),
+        )
+
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -1,0 +1,68 @@
+"""Launch a stage under ``accelerate launch`` with the recipe's (or the command line's) accelerate settings.
+
+    python -m pipeline.launch sft --recipe recipes/tiny_ko.yaml [--config-file configs/accelerate/zero2.yaml]
+        [--num-processes 2] [--num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1 --main-process-port 29500]
+        [key.sub=value ...]
+
+The Makefile calls this (``make sft ACCELERATE_CONFIG=... NUM_PROCESSES=...``). The configs in configs/accelerate/
+are GPU-style (MULTI_GPU or DEEPSPEED) and run unchanged on a CPU-only machine: the stages set ``use_cpu`` there,
+which gives each process gloo. Multi-node runs use accelerate's own multi-machine settings: run the same command on
+every machine with its ``--machine-rank``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.config import ConfigError, load_recipe, resolve_path, validate
+
+STAGES = ("sft", "rm", "ppo")
+
+
+def build_command(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--config-file", default=None, help="accelerate config (default: the recipe's launch section)")
+    ap.add_argument("--num-processes", type=int, default=None, help="processes in total, over all machines")
+    ap.add_argument("--num-machines", type=int, default=None)
+    ap.add_argument("--machine-rank", type=int, default=None)
+    ap.add_argument("--main-process-ip", default=None)
+    ap.add_argument("--main-process-port", type=int, default=None)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    recipe = load_recipe(a.recipe, a.overrides)
+    validate(recipe, source=a.recipe)
+    config = resolve_path(a.config_file or recipe.launch.accelerate_config)
+    if not config.is_file():
+        raise ConfigError(f"accelerate config {config} does not exist")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    n = a.num_processes or recipe.launch.num_processes
+    if n:
+        cmd += ["--num_processes", str(n)]
+    if a.num_machines:
+        cmd += ["--num_machines", str(a.num_machines)]
+    if a.machine_rank is not None:
+        cmd += ["--machine_rank", str(a.machine_rank)]
+    if a.main_process_ip:
+        cmd += ["--main_process_ip", a.main_process_ip]
+    if a.main_process_port is not None:
+        cmd += ["--main_process_port", str(a.main_process_port)]
+    elif not a.num_machines or a.num_machines == 1:
+        cmd += ["--main_process_port", "0"]  # any free port: single-machine runs never collide
+    return cmd + ["-m", f"pipeline.{a.stage}", "--recipe", a.recipe, *a.overrides]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cmd = build_command(argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print("[launch] " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
