@@ -62,9 +62,10 @@ data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unch
 sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end (so far: the data stage and one formatted example)
+demo: setup  ## the embedded default end to end on a CPU (so far: data and SFT)
 	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
+	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

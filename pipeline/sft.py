@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,12 +71,13 @@ def make_callback(recipe: Recipe, tracker: Any, tokenizer: Any, data_manifest: d
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
-            loss = logs.get("loss", logs.get("eval_loss"))
-            if loss is not None and not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss}) at step {state.global_step}; stopping. The last good "
-                    f"checkpoint is kept in {args.output_dir}"
-                )
+            for key in ("loss", "grad_norm", "eval_loss"):
+                value = logs.get(key)
+                if value is not None and not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"non-finite {key} ({value}) at step {state.global_step}; stopping. The last good "
+                        f"checkpoint is kept in {args.output_dir}"
+                    )
             now = time.perf_counter()
             if "num_tokens" in logs:
                 if self.last is not None and now > self.last[0]:
@@ -97,9 +99,17 @@ def make_callback(recipe: Recipe, tracker: Any, tokenizer: Any, data_manifest: d
                 )
                 print(f"[sft] step {state.global_step}/{state.max_steps} {shown}", flush=True)
 
-        def on_save(self, args, state, control, **kw):
+        def on_save(self, args, state, control, model=None, **kw):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                # Never mark a checkpoint whose weights went non-finite between two logs (ZeRO-3 shards that are
+                # not local are empty here and pass; the logged loss and grad norm still catch them).
+                if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                    raise NonFiniteLossError(
+                        f"non-finite weights at step {state.global_step}; stopping. The last good checkpoint is "
+                        f"kept in {args.output_dir}"
+                    )
                 last = next((h for h in reversed(state.log_history) if "loss" in h), {})
                 mark_intermediate(
                     ckpt,
@@ -209,6 +219,7 @@ def run(recipe: Recipe) -> Path:
         bf16=prec["bf16"],
         use_cpu=prec["use_cpu"],
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be averaged away
         disable_tqdm=not sys.stderr.isatty(),
     )
     _ = args.device  # sets up the process group now (gloo on CPU), before anything else asks for it

@@ -240,3 +240,20 @@ def test_resume_after_kill_reaches_the_same_step(tmp_path):
     assert json.loads((tmp_path / "tiny_ko" / "sft" / "final" / "lineage.json").read_text())["metrics"]["steps"] == 30
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and "already finished" in third.stdout
+
+
+def test_non_finite_loss_stops_with_the_step_and_no_final(sft_run, tmp_path, capsys):
+    from pipeline import sft
+
+    recipe, _ = sft_run
+    shutil.copytree(recipe.run_dir / "data", tmp_path / "tiny_ko" / "data")
+    rc = sft.main(["--recipe", str(RECIPE), f"run.output_dir={tmp_path}", "sft.learning_rate=1e8",
+                   "sft.max_grad_norm=1e30", "sft.max_steps=20", "sft.logging_steps=1", "sft.save_steps=1",
+                   "tracking.mode=disabled"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite grad_norm (nan) at step 2" in err and "last good checkpoint" in err
+    ckpts = tmp_path / "tiny_ko" / "sft" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (ckpts / "checkpoint-1" / "COMPLETE").is_file()
+    assert not (tmp_path / "tiny_ko" / "sft" / "final").exists()
