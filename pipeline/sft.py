@@ -11,11 +11,8 @@ one, and a finished stage is skipped. The finished model is ``runs/<run>/sft/fin
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +20,9 @@ from pipeline.atomic import IncompleteError, is_complete, require_complete
 from pipeline.config import ConfigError, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.notices import Derivation
+from pipeline.stage_callback import NonFiniteLossError, stage_callback
 
 STAGE = "sft"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 def derivation(recipe: Recipe, data_manifest: dict, metrics: dict, step: int | None, method: str) -> Derivation:
@@ -51,9 +45,8 @@ def derivation(recipe: Recipe, data_manifest: dict, metrics: dict, step: int | N
 
 
 def make_callback(recipe: Recipe, tracker: Any, tokenizer: Any, data_manifest: dict):
-    """Logging (W&B + console, tokens/s), non-finite loss stop, notices on each saved checkpoint, prompt panel."""
+    """The shared stage callback plus the prompt panel: greedy answers to fixed prompts at every evaluation."""
     import torch
-    from transformers import TrainerCallback
 
     from data_prep.gemma_format import GemmaEncoder
     from pipeline.checkpoint import mark_intermediate
@@ -65,92 +58,42 @@ def make_callback(recipe: Recipe, tracker: Any, tokenizer: Any, data_manifest: d
     ]
     method = "lora" if recipe.sft.method == "lora" else "full"
 
-    class SFTCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.last = None  # (time, num_tokens) at the previous log
+    def mark(ckpt: Path, step: int, metrics: dict) -> None:
+        mark_intermediate(ckpt, derivation(recipe, data_manifest, metrics, step, method))
 
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = dict(logs or {})
-            for key in ("loss", "grad_norm", "eval_loss"):
-                value = logs.get(key)
-                if value is not None and not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"non-finite {key} ({value}) at step {state.global_step}; stopping. The last good "
-                        f"checkpoint is kept in {args.output_dir}"
-                    )
-            now = time.perf_counter()
-            if "num_tokens" in logs:
-                if self.last is not None and now > self.last[0]:
-                    logs["tokens_per_second"] = (logs["num_tokens"] - self.last[1]) / (now - self.last[0])
-                self.last = (now, logs["num_tokens"])
-            metrics = {}
-            for k, v in logs.items():
-                if not isinstance(v, (int, float)):
-                    continue
-                group, name = ("eval", k[5:]) if k.startswith("eval_") else ("train", k)
-                metrics[f"{STAGE}/{group}/{name}"] = v
-            tracker.log(metrics, step=state.global_step)
-            if state.is_world_process_zero:
-                shown = " ".join(
-                    f"{k.split('/', 2)[-1]} {v:.4g}"
-                    for k, v in metrics.items()
-                    if k.rsplit("/", 1)[-1]
-                    in ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second")
+    def answer_panel(args, state, model) -> None:
+        if not panel:
+            return
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        rows = []
+        was_training = model.training
+        model.eval()
+        for prompt, ids in panel:
+            x = torch.tensor([ids], device=model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=recipe.sft.panel_max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=[enc.eot_id, enc.eos_id],
+                    pad_token_id=enc.pad_id,
+                    synced_gpus=is_deepspeed_zero3_enabled(),  # every rank steps together under ZeRO-3
                 )
-                print(f"[sft] step {state.global_step}/{state.max_steps} {shown}", flush=True)
+            new = out[0, len(ids) :].tolist()
+            stopped = enc.eot_id in new
+            answer = tokenizer.decode(new[: new.index(enc.eot_id)] if stopped else new, skip_special_tokens=True)
+            rows.append([state.global_step, prompt, answer, stopped])
+        if was_training:
+            model.train()
+        tracker.table(f"{STAGE}/panel", ["step", "prompt", "answer", "stopped"], rows, step=state.global_step)
+        if state.is_world_process_zero:
+            for _, prompt, answer, stopped in rows:
+                print(f"[sft] panel: {prompt!r} -> {answer!r}{'' if stopped else ' (no <end_of_turn>)'}", flush=True)
 
-        def on_save(self, args, state, control, model=None, **kw):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                # Never mark a checkpoint whose weights went non-finite between two logs (ZeRO-3 shards that are
-                # not local are empty here and pass; the logged loss and grad norm still catch them).
-                if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-                    shutil.rmtree(ckpt, ignore_errors=True)
-                    raise NonFiniteLossError(
-                        f"non-finite weights at step {state.global_step}; stopping. The last good checkpoint is "
-                        f"kept in {args.output_dir}"
-                    )
-                last = next((h for h in reversed(state.log_history) if "loss" in h), {})
-                mark_intermediate(
-                    ckpt,
-                    derivation(recipe, data_manifest, {"train/loss": last.get("loss")}, state.global_step, method),
-                )
-
-        def on_evaluate(self, args, state, control, model=None, **kw):
-            if not panel or model is None:
-                return
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            rows = []
-            was_training = model.training
-            model.eval()
-            stop = [enc.eot_id, enc.eos_id]
-            for prompt, ids in panel:
-                x = torch.tensor([ids], device=model.device)
-                with torch.no_grad():
-                    out = model.generate(
-                        x,
-                        attention_mask=torch.ones_like(x),
-                        max_new_tokens=recipe.sft.panel_max_new_tokens,
-                        do_sample=False,
-                        eos_token_id=stop,
-                        pad_token_id=enc.pad_id,
-                        synced_gpus=is_deepspeed_zero3_enabled(),
-                    )
-                new = out[0, len(ids) :].tolist()
-                stopped = enc.eot_id in new
-                answer = tokenizer.decode(new[: new.index(enc.eot_id)] if stopped else new, skip_special_tokens=True)
-                rows.append([state.global_step, prompt, answer, stopped])
-            if was_training:
-                model.train()
-            tracker.table(f"{STAGE}/panel", ["step", "prompt", "answer", "stopped"], rows, step=state.global_step)
-            if state.is_world_process_zero:
-                for _, prompt, answer, stopped in rows:
-                    print(
-                        f"[sft] panel: {prompt!r} -> {answer!r}{'' if stopped else ' (no <end_of_turn>)'}", flush=True
-                    )
-
-    return SFTCallback()
+    shown = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second")
+    return stage_callback(STAGE, tracker, mark, shown, on_evaluate=answer_panel)
 
 
 def run(recipe: Recipe) -> Path:
