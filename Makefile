@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sft demo test bench lint embedded
+.PHONY: help setup data sft rm demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -62,10 +62,14 @@ data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unch
 sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end on a CPU (so far: data and SFT)
+rm: sft  ## reward model from the SFT checkpoint -> runs/<run>/rm/final/ (held-out accuracy, PPO gate)
+	$(LAUNCH) rm --recipe $(RECIPE) $(OVERRIDES)
+
+demo: setup  ## the embedded default end to end on a CPU (so far: data, SFT and the reward model)
 	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -209,12 +209,20 @@ class RMConfig:
     """Use the per-pair ``margin`` column in the Bradley-Terry loss."""
     center_rewards_coefficient: float | None = None
     """Coefficient of the reward-centering term (None: off)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
     min_accuracy: float = 0.6
     """Quality gate: PPO refuses a reward model whose held-out accuracy is below this."""
+    logging_steps: int = 10
+    """Optimizer steps between log lines."""
     eval_steps: int = 200
     """Optimizer steps between evaluations."""
     save_steps: int = 200
     """Optimizer steps between resumable checkpoints."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted)."""
 
 
 @dataclass
@@ -225,6 +233,8 @@ class PPOConfig:
     """Policy training: full or LoRA (the reference is then the adapter-disabled base)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings when ``method: lora``."""
+    ignore_rm_gate: bool = False
+    """Start even when the reward model's held-out accuracy is below rm.min_accuracy (a warning instead)."""
     value_init: Literal["rm", "sft"] = "rm"
     """Initialise the value model from the reward model (default) or from the SFT checkpoint."""
     learning_rate: float = 3e-6

@@ -79,6 +79,7 @@ def describe_processes(state: Any) -> str:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
         else str(state.distributed_type).split(".")[-1]
     )
+    kind = {"NO": "single process"}.get(kind, kind)
     zero = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     backend = getattr(state, "backend", None)
     return (

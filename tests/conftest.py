@@ -58,3 +58,42 @@ def write_recipe(tmp_path: Path, data: dict, name: str = "t", extra: dict | None
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def kill_and_resume(stage: str, out: Path, overrides: list[str], kill_at: int, final_step: int) -> None:
+    """Run ``stage`` as a subprocess, SIGKILL it once checkpoint ``kill_at`` is complete, run the same command
+    again and check it resumes and ends at ``final_step``; a third run must skip the finished stage."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        f"pipeline.{stage}",
+        "--recipe",
+        str(REPO / "recipes" / "tiny_ko.yaml"),
+        f"run.output_dir={out}",
+        "tracking.mode=disabled",
+        *overrides,
+    ]
+    ckpts = out / "tiny_ko" / stage / "checkpoints"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpts / f"checkpoint-{kill_at}" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the checkpoint to kill at"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tiny_ko" / stage / "final").exists()
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout
+    state = json.loads((ckpts / f"checkpoint-{final_step}" / "trainer_state.json").read_text())
+    assert state["global_step"] == final_step
+    lineage = json.loads((out / "tiny_ko" / stage / "final" / "lineage.json").read_text())
+    assert lineage["metrics"]["steps"] == final_step
+    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "already finished" in third.stdout

@@ -1,9 +1,11 @@
 """Stages under `accelerate launch` with 2 CPU processes (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3, through the
-same launcher and configs as `make sft` (the configs are GPU-style; the stage selects gloo on a CPU machine)."""
+same launcher and configs as `make sft` / `make rm` (GPU-style configs; the stages select gloo on a CPU machine)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from pipeline.notices import missing_notices
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
+CONFIGS = [("ddp", "MULTI_CPU"), ("zero2", "DeepSpeed ZeRO-2"), ("zero3", "DeepSpeed ZeRO-3")]
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +27,85 @@ def data_root(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config, kind", [("ddp", "MULTI_CPU"), ("zero2", "DeepSpeed ZeRO-2"),
-                                          ("zero3", "DeepSpeed ZeRO-3")])
-def test_sft_two_processes(data_root, tiny_dir, config, kind):
-    run = f"launch_{config}"
-    cmd = [sys.executable, "-m", "pipeline.launch", "sft", "--recipe", str(RECIPE), "--num-processes", "2",
-           "--config-file", f"configs/accelerate/{config}.yaml", f"run.output_dir={data_root}", f"run.name={run}",
-           "sft.max_steps=6", "sft.save_steps=3", "sft.eval_steps=3", "sft.logging_steps=1", "tracking.mode=disabled"]
-    # The data stage output is shared: copy it under this run's name.
-    import shutil
-
-    shutil.copytree(data_root / "tiny_ko" / "data", data_root / run / "data", dirs_exist_ok=True)
-    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                         timeout=600)
+def _launch(stage: str, root, run: str, config: str, *overrides: str) -> str:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        stage,
+        "--recipe",
+        str(RECIPE),
+        "--num-processes",
+        "2",
+        "--config-file",
+        f"configs/accelerate/{config}.yaml",
+        f"run.output_dir={root}",
+        f"run.name={run}",
+        "tracking.mode=disabled",
+        *overrides,
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kind", CONFIGS)
+def test_sft_two_processes(data_root, tiny_dir, config, kind):
+    run = f"launch_{config}"
+    shutil.copytree(data_root / "tiny_ko" / "data", data_root / run / "data", dirs_exist_ok=True)
+    out = _launch(
+        "sft", data_root, run, config, "sft.max_steps=6", "sft.save_steps=3", "sft.eval_steps=3", "sft.logging_steps=1"
+    )
     assert f"[sft] 2 process(es), {kind}" in out, out[-4000:]
     final = data_root / run / "sft" / "final"
-    assert missing_notices(final) == []
     for ckpt in (final, data_root / run / "sft" / "checkpoints" / "checkpoint-3"):
         assert missing_notices(ckpt) == [], ckpt
     # A full, consolidated checkpoint (under ZeRO-3 too): every tensor has the base model's shape.
     base, saved = load_file(tiny_dir / "model.safetensors"), load_file(final / "model.safetensors")
-    assert {k: v.shape for k, v in base.items()} == {k: v.shape for k, v in saved.items() if k in base}
     assert set(base) <= set(saved)
+    assert {k: v.shape for k, v in base.items()} == {k: v.shape for k, v in saved.items() if k in base}
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kind", CONFIGS)
+def test_rm_two_processes(data_root, config, kind):
+    from pipeline import sft
+    from pipeline.config import load_recipe
+
+    sft_final = data_root / "tiny_ko" / "sft" / "final"
+    if not sft_final.exists():  # one short SFT serves the three launches
+        sft.run(
+            load_recipe(
+                RECIPE,
+                [
+                    f"run.output_dir={data_root}",
+                    "sft.max_steps=20",
+                    "sft.eval_steps=100",
+                    "sft.save_steps=100",
+                    "tracking.mode=disabled",
+                ],
+            )
+        )
+    run = f"launch_rm_{config}"
+    shutil.copytree(data_root / "tiny_ko" / "data", data_root / run / "data", dirs_exist_ok=True)
+    shutil.copytree(sft_final, data_root / run / "sft" / "final", dirs_exist_ok=True)
+    out = _launch(
+        "rm", data_root, run, config, "rm.max_steps=6", "rm.save_steps=3", "rm.eval_steps=3", "rm.logging_steps=1"
+    )
+    assert f"[rm] 2 process(es), {kind}" in out, out[-4000:]
+    final = data_root / run / "rm" / "final"
+    assert missing_notices(final) == []
+    assert missing_notices(data_root / run / "rm" / "checkpoints" / "checkpoint-3") == []
+    stats = json.loads((final / "reward_stats.json").read_text())
+    assert stats["pairs"] == 116  # every held-out pair scored exactly once across the two processes
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(final)
+    assert model.score.weight.shape == (1, model.config.hidden_size)

@@ -4,12 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,7 @@ import torch
 from data_prep.build import main as data_main
 from pipeline.config import load_recipe
 from pipeline.notices import NOTICE_LINE, TERMS_FILE, missing_notices, read_safetensors_metadata
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_and_resume
 from tests.wandb_offline import read_offline_run
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
@@ -204,42 +199,10 @@ def test_lora_exports_a_merged_full_checkpoint_and_copies_the_terms(tmp_path, ti
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
 
 
-def _sft_cmd(out: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.sft",
-        "--recipe",
-        str(RECIPE),
-        f"run.output_dir={out}",
-        *FAST,
-        "tracking.mode=disabled",
-        *overrides,
-    ]
-
-
 @pytest.mark.slow
 def test_resume_after_kill_reaches_the_same_step(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     assert data_main(["--recipe", str(RECIPE), f"run.output_dir={tmp_path}"]) == 0
-    ckpts = tmp_path / "tiny_ko" / "sft" / "checkpoints"
-    cmd = _sft_cmd(tmp_path, "sft.max_steps=30", "sft.save_steps=10", "sft.eval_steps=100")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (ckpts / "checkpoint-10" / "COMPLETE").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "tiny_ko" / "sft" / "final").exists()
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming from" in second.stdout
-    state = json.loads((ckpts / "checkpoint-30" / "trainer_state.json").read_text())
-    assert state["global_step"] == 30
-    assert json.loads((tmp_path / "tiny_ko" / "sft" / "final" / "lineage.json").read_text())["metrics"]["steps"] == 30
-    third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and "already finished" in third.stdout
+    kill_and_resume("sft", tmp_path, [*FAST, "sft.max_steps=30", "sft.save_steps=10", "sft.eval_steps=100"], 10, 30)
 
 
 def test_non_finite_loss_stops_with_the_step_and_no_final(sft_run, tmp_path, capsys):
@@ -247,9 +210,19 @@ def test_non_finite_loss_stops_with_the_step_and_no_final(sft_run, tmp_path, cap
 
     recipe, _ = sft_run
     shutil.copytree(recipe.run_dir / "data", tmp_path / "tiny_ko" / "data")
-    rc = sft.main(["--recipe", str(RECIPE), f"run.output_dir={tmp_path}", "sft.learning_rate=1e8",
-                   "sft.max_grad_norm=1e30", "sft.max_steps=20", "sft.logging_steps=1", "sft.save_steps=1",
-                   "tracking.mode=disabled"])
+    rc = sft.main(
+        [
+            "--recipe",
+            str(RECIPE),
+            f"run.output_dir={tmp_path}",
+            "sft.learning_rate=1e8",
+            "sft.max_grad_norm=1e30",
+            "sft.max_steps=20",
+            "sft.logging_steps=1",
+            "sft.save_steps=1",
+            "tracking.mode=disabled",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "non-finite grad_norm (nan) at step 2" in err and "last good checkpoint" in err
