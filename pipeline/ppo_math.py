@@ -1,0 +1,313 @@
+"""The math of PPO for language models, as pure tensor functions (every one tested with hand-computed numbers in
+tests/test_ppo_math.py; the formulas and their sources are in docs/ppo.md).
+
+Conventions: responses have a fixed width L; ``*_mask`` booleans are True where a token is kept (valid);
+shapes are noted as (B, L) for batch x response position.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+INVALID_LOGPROB = 1.0  # fill value of log-probs at invalid positions (TRL's convention; never averaged)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[token] for (B, L, V) logits and (B, L) tokens -> (B, L), in float32.
+
+    Row by row, so that no (B, L, V) log-softmax is ever materialised for the whole batch: peak extra memory is
+    one row's (L, V). Dividing by the sampling temperature keeps training log-probs identical to the sampler's
+    (N implementation details, "divide logits by temperature").
+    """
+    out = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        scaled = row_logits.float() / temperature  # (L, V)
+        picked = scaled.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(scaled, dim=-1))
+    return torch.stack(out)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position, (B, L, V) -> (B, L), row by row:
+    ``logsumexp(l) - sum(softmax(l) * l)``."""
+    out = []
+    for row in logits:
+        scaled = row.float() / temperature
+        p = torch.softmax(scaled, dim=-1)
+        out.append(torch.logsumexp(scaled, dim=-1) - (p * scaled).sum(-1))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Truncation at the stop token
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def first_true_indices(bools: torch.Tensor) -> torch.Tensor:
+    """Index of the first True per row of a (B, L) bool tensor; L when a row has none."""
+    L = bools.size(-1)
+    idx = torch.arange(L, device=bools.device).expand_as(bools)
+    return torch.where(bools, idx, torch.full_like(idx, L)).min(-1).values
+
+
+def truncate_after_stop(
+    responses: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens after the first stop token become pad; the stop token itself stays.
+
+    Returns ``(truncated (B, L), sequence_length (B,), stopped (B,))`` where ``sequence_length`` is the index of the
+    last valid token: the stop token when there is one, else L - 1. Refuses ``pad_id`` among the stop ids (a pad
+    equal to eos hides the stop token from the loss: PPO pitfall P1).
+    """
+    if pad_id in stop_ids:
+        raise ValueError("the pad token must differ from the stop tokens (pad == eos hides the stop token)")
+    L = responses.size(1)
+    is_stop = torch.isin(responses, torch.tensor(list(stop_ids), device=responses.device))
+    stop_idx = first_true_indices(is_stop)
+    stopped = stop_idx < L
+    after = torch.arange(L, device=responses.device).unsqueeze(0) > stop_idx.unsqueeze(1)
+    truncated = responses.masked_fill(after, pad_id)
+    sequence_length = torch.where(stopped, stop_idx, torch.full_like(stop_idx, L - 1))
+    return truncated, sequence_length, stopped
+
+
+def valid_mask(sequence_length: torch.Tensor, L: int, extra: int = 0) -> torch.Tensor:
+    """(B, L) True at positions <= sequence_length + extra (``extra=1``: TRL's one slot after the stop token)."""
+    return torch.arange(L, device=sequence_length.device).unsqueeze(0) <= (sequence_length + extra).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum over kept entries; masked entries are replaced before any arithmetic, so a NaN there cannot leak
+    (``NaN * 0 = NaN``: pitfall P9)."""
+    kept = torch.where(mask, x, torch.zeros_like(x))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over kept entries (0 where nothing is kept)."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over kept entries; unbiased (n - 1) like TRL, or biased like OpenRLHF and the OpenAI code.
+    0 when fewer than two entries (one for biased) are kept."""
+    n = mask.sum()
+    mean = masked_mean(x, mask)
+    sq = masked_sum((x - mean) ** 2, mask)
+    denom = n - 1 if unbiased else n
+    return sq / denom if denom > 0 else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, unbiased: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over kept entries (``shift_mean=False`` adds the mean back); masked entries are 0.
+
+    Defined for every population: with no kept entry the result is all zeros; with one, the entry whitens to 0
+    (its own mean), or stays as it is when ``shift_mean=False`` (TRL raises, or returns NaN, there: pitfall P10).
+    """
+    zeros = torch.zeros_like(x)
+    n = int(mask.sum())
+    if n == 0:
+        return zeros
+    mean = masked_mean(x, mask)
+    if n == 1:
+        return torch.where(mask, zeros if shift_mean else x, zeros)
+    w = (x - mean) * torch.rsqrt(masked_var(x, mask, unbiased) + 1e-8)
+    if not shift_mean:
+        w = w + mean
+    return torch.where(mask, w, zeros)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL, rewards, advantages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled tokens (Schulman, "Approximating KL divergence"):
+    k1 = logp - logp_ref (unbiased, can be negative); k2 = (logp_ref - logp)^2 / 2; k3 = (r - 1) - log r with
+    r = p_ref / p (unbiased, >= 0)."""
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+def score_index(sequence_length: torch.Tensor, L: int, position: str) -> torch.Tensor:
+    """Where the sequence-level score lands in the per-token rewards.
+
+    ``eos``: on the last valid token (the stop token), as OpenRLHF and DeepSpeed-Chat do. ``after_eos``: one slot
+    later, where TRL puts it (the value there is computed from the stop token's hidden state), or on the last token
+    when there is no slot left.
+    """
+    if position == "eos":
+        return sequence_length
+    if position == "after_eos":
+        return torch.where(sequence_length + 1 < L, sequence_length + 1, sequence_length)
+    raise ValueError(f"unknown reward position {position!r} (eos, after_eos)")
+
+
+def shape_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, sequence_length: torch.Tensor, position: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``-kl_coef * kl`` plus the score at ``score_index``. Returns (rewards, non_score_reward)."""
+    non_score = -kl_coef * kl
+    rewards = non_score.clone()
+    idx = score_index(sequence_length, kl.size(1), position)
+    rewards[torch.arange(kl.size(0), device=kl.device), idx] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the full width (V after the last position is 0).
+
+    delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}; returns R = A + V (from the raw
+    advantages). Rewards and values must already be zero where they are not valid.
+    """
+    L = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(L)):
+        next_value = values[:, t + 1] if t + 1 < L else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(new - old).
+
+    Masked positions get log-ratio 0 before exponentiating (so a sentinel or NaN there cannot leak). Returns
+    (per-token loss, per-token clipped flag, ratio), each (B, L); reduce them over ``mask``.
+    """
+    log_ratio = torch.where(mask, new_logprobs - old_logprobs, torch.zeros_like(new_logprobs))
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(mask, advantages, torch.zeros_like(advantages))
+    loss1 = -adv * ratio
+    loss2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.maximum(loss1, loss2), loss2 > loss1, ratio
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2) per token, and the clipped flag."""
+    v = torch.where(mask, values, torch.zeros_like(values))
+    v_old = torch.where(mask, old_values, torch.zeros_like(old_values))
+    r = torch.where(mask, returns, torch.zeros_like(returns))
+    clipped = torch.clamp(v, v_old - cliprange_value, v_old + cliprange_value)
+    loss1, loss2 = (v - r) ** 2, (clipped - r) ** 2
+    return 0.5 * torch.maximum(loss1, loss2), loss2 > loss1
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over kept entries (nan when the returns do not vary)."""
+    var_r = masked_var(returns, mask, unbiased=False)
+    if var_r <= 0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL controllers and batch bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> None:  # noqa: ARG002 - same interface as the adaptive one
+        return None
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        super().__init__(value)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """How a rollout batch splits into minibatches (one optimizer step each) and micro-batches (one forward each)."""
+
+    local_batch: int  # rollouts per process per update
+    batch: int  # rollouts per update over all processes
+    mini_batch: int  # rollouts per optimizer step over all processes
+    local_mini_batch: int  # rollouts per optimizer step per process
+    micro_per_mini: int  # forward/backward passes per optimizer step per process
+    num_updates: int  # rollout batches in the run
+    optimizer_steps_per_update: int  # num_ppo_epochs x num_mini_batches
+
+
+def batch_sizes(
+    per_device: int, grad_accum: int, world: int, num_mini_batches: int, total_episodes: int, num_ppo_epochs: int
+) -> BatchSizes:
+    """TRL's PPOConfig arithmetic, with the optimizer-step count it intends (``num_ppo_epochs x num_mini_batches``)."""
+    local = per_device * grad_accum
+    if local % num_mini_batches:
+        raise ValueError(
+            f"per_device_train_batch_size x gradient_accumulation_steps ({local}) must be divisible by "
+            f"num_mini_batches ({num_mini_batches})"
+        )
+    local_mini = local // num_mini_batches
+    if local_mini % per_device:
+        raise ValueError(
+            f"a minibatch of {local_mini} rollouts per process does not split into micro-batches of "
+            f"per_device_train_batch_size {per_device}"
+        )
+    batch = local * world
+    return BatchSizes(
+        local_batch=local,
+        batch=batch,
+        mini_batch=batch // num_mini_batches,
+        local_mini_batch=local_mini,
+        micro_per_mini=local_mini // per_device,
+        num_updates=math.ceil(total_episodes / batch),
+        optimizer_steps_per_update=num_ppo_epochs * num_mini_batches,
+    )

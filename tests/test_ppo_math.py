@@ -1,0 +1,323 @@
+"""PPO math against the hand-computed numbers of the reference (shared/ppo_reference.md section 6: T1-T7, T9, T10,
+T12), plus the edge cases the reference calls out (empty and single-element whitening, NaN in masked slots)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.ppo_math import (
+    AdaptiveKLController,
+    batch_sizes,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    first_true_indices,
+    gae,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    shape_rewards,
+    truncate_after_stop,
+    valid_mask,
+)
+
+D = torch.float64
+
+
+def t(x, dtype=D):
+    return torch.tensor(x, dtype=dtype)
+
+
+def close(a, b, atol=1e-6):
+    assert torch.allclose(torch.as_tensor(a, dtype=D), t(b), atol=atol), (a, b)
+
+
+# T1 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "gamma, lam, adv, ret",
+    [
+        (1.0, 0.95, [0.46575, 0.385, 0.3], [0.96575, 0.985, 1.0]),
+        (1.0, 1.0, [0.5, 0.4, 0.3], [1.0, 1.0, 1.0]),
+        (0.9, 0.95, [0.2849575, 0.2865, 0.3], [0.7849575, 0.8865, 1.0]),
+        (1.0, 0.0, [0.1, 0.1, 0.3], [0.6, 0.7, 1.0]),
+    ],
+)
+def test_t1_gae(gamma, lam, adv, ret):
+    a, r = gae(t([[0, 0, 1.0]]), t([[0.5, 0.6, 0.7]]), gamma, lam)
+    close(a[0], adv)
+    close(r[0], ret)
+
+
+# T2 ------------------------------------------------------------------------------------------------------------
+X = t([[1, 2, 3, 99], [4, 5, -7, 42]])
+M = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+
+
+def test_t2_whitening():
+    close(masked_whiten(X, M), [[-1.2649110615, -0.6324555308, 0, 0], [0.6324555308, 1.2649110615, 0, 0]])
+    w = masked_whiten(X, M, shift_mean=False)
+    close(w[M], [1.7350889385, 2.3675444692, 3.0, 3.6324555308, 4.2649110615])
+    close(masked_whiten(X, M, unbiased=False)[M], [-1.4142135624, -0.7071067812, 0, 0.7071067812, 1.4142135624])
+
+
+def test_t2_whitening_edges_are_defined():
+    none = torch.zeros_like(M)
+    assert torch.equal(masked_whiten(X, none), torch.zeros_like(X))
+    one = torch.zeros_like(M)
+    one[0, 1] = True
+    assert torch.equal(masked_whiten(X, one), torch.zeros_like(X))
+    assert masked_whiten(X, one, shift_mean=False)[0, 1] == 2 and masked_whiten(X, one, shift_mean=False).sum() == 2
+
+
+# T3 ------------------------------------------------------------------------------------------------------------
+def test_t3_kl_estimators():
+    lp, ref = t([-1.0, -2.0, -0.5]), t([-1.2, -1.5, -0.5])
+    close(kl_estimate(lp, ref, "k1"), [0.2, -0.5, 0.0])
+    close(kl_estimate(lp, ref, "k2"), [0.02, 0.125, 0.0])
+    k3 = kl_estimate(lp, ref, "k3")
+    close(k3, [0.0187307531, 0.1487212707, 0.0])
+    close(k3.sum(), 0.1674520238)
+    close(-0.05 * kl_estimate(lp, ref, "k1"), [-0.01, 0.025, 0.0])
+    close(-0.05 * k3, [-0.0009365377, -0.0074360635, 0.0])
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        kl_estimate(lp, ref, "k4")
+
+
+# T4 ------------------------------------------------------------------------------------------------------------
+def test_t4_truncation_and_lengths():
+    responses = torch.tensor([[5, 7, 2, 9, 4], [5, 2, 2, 3, 1], [1, 3, 4, 6, 8], [2, 3, 4, 6, 8]])
+    assert first_true_indices(responses == 2).tolist() == [2, 1, 5, 0]
+    trunc, seq_len, stopped = truncate_after_stop(responses, [2], pad_id=0)
+    assert trunc.tolist() == [[5, 7, 2, 0, 0], [5, 2, 0, 0, 0], [1, 3, 4, 6, 8], [2, 0, 0, 0, 0]]
+    assert seq_len.tolist() == [2, 1, 4, 0] and stopped.tolist() == [True, True, False, True]
+    scores = t([1.0, 1.0, 1.0, 1.0]) - 1.0 * (~stopped).to(D)  # missing_eos_penalty 1.0
+    assert scores.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_t4_pad_equal_to_stop_is_refused():
+    with pytest.raises(ValueError, match="pad token must differ"):
+        truncate_after_stop(torch.tensor([[5, 2, 9]]), [2], pad_id=2)
+
+
+def test_several_stop_tokens():
+    trunc, seq_len, stopped = truncate_after_stop(torch.tensor([[5, 1, 7], [5, 6, 7]]), [5_000, 1], pad_id=0)
+    assert (
+        trunc.tolist() == [[5, 1, 0], [5, 6, 7]] and seq_len.tolist() == [1, 2] and stopped.tolist() == [True, False]
+    )
+
+
+# T5 ------------------------------------------------------------------------------------------------------------
+RESP = torch.tensor([[5, 7, 2, 9, 4], [6, 3, 8, 1, 4]])
+LOGP = t([[-1.0, -2.0, -0.5, -3.0, -1.0], [-0.3, -0.7, -1.1, -0.2, -0.9]])
+REF = t([[-1.2, -1.5, -0.5, -2.0, -2.0], [-0.4, -0.6, -1.0, -0.5, -0.9]])
+VALUES = t([[0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.1, 0.0, -0.1, -0.2]])
+
+
+def _t5(estimator: str, position: str, whiten_rewards: bool = False):
+    """The rollout post-processing of the PPO loop, on the T5 batch."""
+    _, seq_len, stopped = truncate_after_stop(RESP, [2], pad_id=0)
+    scores = t([2.0, 1.5]) - 1.0 * (~stopped).to(D)
+    L = RESP.size(1)
+    action_mask = valid_mask(seq_len, L)
+    value_mask = valid_mask(seq_len, L, extra=1 if position == "after_eos" else 0)
+    logp = torch.where(action_mask, LOGP, t(1.0))
+    ref = torch.where(action_mask, REF, t(1.0))
+    values = torch.where(value_mask, VALUES, t(0.0))
+    kl = torch.where(action_mask, kl_estimate(logp, ref, estimator), t(0.0))
+    rewards, non_score = shape_rewards(scores, kl, 0.05, seq_len, position)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+    raw_adv, returns = gae(rewards, values, 1.0, 0.95)
+    adv = masked_whiten(raw_adv, action_mask)
+    return dict(
+        seq_len=seq_len,
+        scores=scores,
+        kl=kl,
+        rewards=rewards,
+        non_score=non_score,
+        raw_adv=raw_adv,
+        returns=returns,
+        adv=adv,
+        values=values,
+        action_mask=action_mask,
+        value_mask=value_mask,
+    )
+
+
+def test_t5_trl_convention_k1():
+    r = _t5("k1", "after_eos")
+    assert r["seq_len"].tolist() == [2, 4]
+    close(r["values"], [[0.1, 0.2, 0.3, 0.4, 0], [0.2, 0.1, 0.0, -0.1, -0.2]])
+    close(r["kl"], [[0.2, -0.5, 0, 0, 0], [0.1, -0.1, -0.1, 0.3, 0]])
+    close(r["rewards"], [[-0.01, 0.025, 0, 2.0, 0], [-0.005, 0.005, 0.005, -0.015, 0.5]])
+    close(r["raw_adv"], [[1.6708, 1.664, 1.62, 1.6, 0], [0.19056875, 0.311125, 0.4275, 0.55, 0.7]])
+    close(r["returns"], [[1.7708, 1.864, 1.92, 2.0, 0], [0.39056875, 0.411125, 0.4275, 0.45, 0.5]])
+    close(
+        r["adv"],
+        [
+            [1.2038415617, 1.1933337452, 1.1253419917, 0, 0],
+            [-1.0835111277, -0.8972195177, -0.7173890560, -0.5280938330, -0.2963037642],
+        ],
+    )
+    close(r["kl"].sum(1).mean(), -0.05)  # objective/kl
+    close(r["non_score"].sum(1).mean(), 0.0025)  # objective/non_score_reward
+    close(r["scores"].mean(), 1.25)  # objective/scores
+    close(r["non_score"].sum(1).mean() + r["scores"].mean(), 1.2525)  # objective/rlhf_reward
+    close(
+        masked_mean(-torch.where(r["action_mask"], LOGP, t(0.0)), r["action_mask"], 1)
+        .mul(r["action_mask"].sum(1))
+        .mean(),
+        3.35,
+    )  # objective/entropy: summed sampled-token NLL
+
+
+def test_t5_trl_convention_k3():
+    r = _t5("k3", "after_eos")
+    close(
+        r["kl"], [[0.0187307531, 0.1487212707, 0, 0, 0], [0.0048374180, 0.0051709181, 0.0051709181, 0.0408182207, 0]]
+    )
+    close(
+        r["raw_adv"],
+        [[1.6490492020, 1.6315639365, 1.62, 1.6, 0], [0.1966962217, 0.3125664133, 0.4345525886, 0.5629590890, 0.7]],
+    )
+    close(
+        r["adv"],
+        [
+            [1.1976309958, 1.1700998539, 1.1518920450, 0, 0],
+            [-1.0891478818, -0.9067063471, -0.7146349892, -0.5124546124, -0.2966790641],
+        ],
+    )
+    close(r["kl"].sum(1).mean(), 0.1117247493)
+    close(r["non_score"].sum(1).mean(), -0.0055862375)
+    close(r["non_score"].sum(1).mean() + r["scores"].mean(), 1.2444137625)
+
+
+def test_t5_eos_convention():
+    r = _t5("k1", "eos")
+    close(r["rewards"], [[-0.01, 0.025, 2.0, 0, 0], [-0.005, 0.005, 0.005, -0.015, 0.5]])
+    close(r["raw_adv"], [[1.743, 1.74, 1.7, 0, 0], [0.19056875, 0.311125, 0.4275, 0.55, 0.7]])
+    close(r["returns"][0], [1.843, 1.94, 2.0, 0, 0])
+
+
+def test_t5b_first_step_invariants_and_reward_whitening():
+    r = _t5("k1", "after_eos")
+    pg, _, ratio = clipped_policy_loss(LOGP, LOGP, r["adv"], r["action_mask"], 0.2)
+    assert torch.all(ratio == 1)
+    assert abs(float(masked_mean(pg, r["action_mask"]))) < 1e-12
+    vf, _ = clipped_value_loss(r["values"], r["values"], r["returns"], r["value_mask"], 0.2)
+    vf_loss = masked_mean(vf, r["value_mask"])
+    close(vf_loss, 0.6585133391)
+    close(masked_mean(pg, r["action_mask"]) + 0.1 * vf_loss, 0.0658513339)
+    w = _t5("k1", "after_eos", whiten_rewards=True)
+    close(
+        w["rewards"],
+        [
+            [-0.1542734748, -0.1017605096, -0.1392697705, 2.8614710951, 0],
+            [-0.1467716226, -0.1317679183, -0.1317679183, -0.1617753270, 0.6109154459],
+        ],
+    )
+    close(
+        w["raw_adv"],
+        [
+            [2.0190168534, 2.1824108718, 2.2991277699, 2.4614710951, 0],
+            [-0.2400656133, 0.0070589572, 0.2513967111, 0.5085943467, 0.8109154459],
+        ],
+    )
+
+
+# T6 ------------------------------------------------------------------------------------------------------------
+def test_t6_clipped_policy_loss():
+    ratio = t([1.5, 1.5, 0.5, 0.5, 1.0, 1.1])
+    adv = t([1, -1, 1, -1, 2, -0.5])
+    mask = torch.ones(6, dtype=torch.bool)
+    loss, clipped, r = clipped_policy_loss(torch.log(ratio), torch.zeros(6, dtype=D), adv, mask, 0.2)
+    close(loss, [-1.2, 1.5, -0.5, 0.8, -2.0, 0.55])
+    assert clipped.tolist() == [True, False, False, True, False, False]
+    close(loss.mean(), -0.1416666667)
+    close(clipped.to(D).mean(), 1 / 3)
+    logr = torch.log(ratio)
+    close(logr, [0.4054651081, 0.4054651081, -0.6931471806, -0.6931471806, 0, 0.0953101798])
+    close(0.5 * (logr**2).mean(), 0.1082328305)  # approxkl
+    close(((ratio - 1) - logr).mean(), 0.0966756608)
+    # P9: a masked slot holding NaN leaves the loss unchanged.
+    new = torch.cat([torch.log(ratio), t([0.3])])
+    old = torch.cat([torch.zeros(6, dtype=D), t([float("nan")])])
+    m7 = torch.cat([mask, torch.tensor([False])])
+    loss7, _, _ = clipped_policy_loss(new, old, torch.cat([adv, t([float("nan")])]), m7, 0.2)
+    close(masked_mean(loss7, m7), -0.1416666667)
+
+
+# T7 ------------------------------------------------------------------------------------------------------------
+def test_t7_clipped_value_loss():
+    mask = torch.ones(3, dtype=torch.bool)
+    loss, clipped = clipped_value_loss(t([0.5, 0.7, 0.55]), t([0.0, 1.0, 0.5]), t([1.0, 0.0, 0.6]), mask, 0.2)
+    close(loss, [0.32, 0.32, 0.00125])
+    close(loss.mean(), 0.21375)
+    close(clipped.to(D).mean(), 2 / 3)
+    unclipped, _ = clipped_value_loss(t([0.5, 0.7, 0.55]), t([0.0, 1.0, 0.5]), t([1.0, 0.0, 0.6]), mask, 10.0)
+    close(unclipped.mean(), 0.12375)
+    close(-0.1416666667 + 0.1 * loss.mean(), -0.1202916667)
+
+
+# T9 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((4, 2, 2, 1, 1000), (8, 16, 16, 8, 63, 2)),
+        ((4, 4, 2, 2, 1000), (16, 32, 16, 8, 32, 2)),
+        ((16, 4, 8, 1, 1_000_000), (64, 512, 512, 64, 1954, 4)),
+    ],
+)
+def test_t9_batch_bookkeeping(args, expected):
+    b = batch_sizes(*args, num_ppo_epochs=4)
+    assert (b.local_batch, b.batch, b.mini_batch, b.local_mini_batch, b.num_updates, b.micro_per_mini) == expected
+    assert b.optimizer_steps_per_update == 4 * args[3]
+
+
+def test_t9_indivisible_batches_are_refused():
+    with pytest.raises(ValueError, match="divisible by num_mini_batches"):
+        batch_sizes(3, 1, 1, 2, 100, 1)
+    with pytest.raises(ValueError, match="micro-batches"):
+        batch_sizes(4, 3, 1, 2, 100, 1)
+
+
+# T10 -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "beta, kl, n, expected",
+    [(0.2, 8, 256, 0.201024), (0.2, 3, 256, 0.198976), (0.2, 6.6, 256, 0.200512), (0.15, 6, 512, 0.15)],
+)
+def test_t10_adaptive_kl(beta, kl, n, expected):
+    c = AdaptiveKLController(beta, target=6, horizon=10000)
+    c.update(kl, n)
+    assert c.value == pytest.approx(expected, abs=1e-9)
+    c2 = AdaptiveKLController(0.0, 6, 10000)
+    c2.load_state_dict(c.state_dict())
+    assert c2.value == c.value
+
+
+# T12 and log-probs ---------------------------------------------------------------------------------------------
+def test_t12_entropy():
+    close(entropy_from_logits(torch.zeros(1, 1, 4, dtype=D), 0.7)[0, 0], math.log(4))
+    logits = torch.log(t([[[1, 2, 3, 4]]]))
+    close(entropy_from_logits(logits, 1.0)[0, 0], 1.2798542258)
+    close(entropy_from_logits(logits, 0.7)[0, 0], 1.1964390055)
+
+
+def test_logprobs_match_the_naive_formula_with_temperature():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    naive = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs_from_logits(logits, tokens, 0.7), naive, atol=1e-6)
+
+
+def test_explained_variance():
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert explained_variance(t([[1.0, 2, 3, 4]]), t([[1.0, 2, 3, 4]]), mask) == pytest.approx(1.0)
+    assert explained_variance(t([[0.0, 0, 0, 0]]), t([[1.0, 2, 3, 4]]), mask) == pytest.approx(0.0)
