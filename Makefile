@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sft rm demo test bench lint embedded
+.PHONY: help setup data sft rm ppo demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -65,11 +65,15 @@ sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when inte
 rm: sft  ## reward model from the SFT checkpoint -> runs/<run>/rm/final/ (held-out accuracy, PPO gate)
 	$(LAUNCH) rm --recipe $(RECIPE) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end on a CPU (so far: data, SFT and the reward model)
+ppo: rm  ## PPO against the reward model -> runs/<run>/ppo/final/ (resumes when interrupted, skips when finished)
+	$(LAUNCH) ppo --recipe $(RECIPE) $(OVERRIDES)
+
+demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO
 	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

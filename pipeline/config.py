@@ -275,6 +275,10 @@ class PPOConfig:
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE."""
+    reward_position: Literal["eos", "after_eos"] = "eos"
+    """Where the score lands: on the stop token (default) or one slot after it (TRL's placement)."""
+    local_rollout_forward_batch_size: int = 64
+    """Rows per no-grad forward or generate call during rollouts (bounds rollout memory)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never produce the stop token."""
     normalize_reward: bool = False

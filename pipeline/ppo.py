@@ -1,0 +1,849 @@
+"""PPO against the reward model: our own loop on accelerate (TRL removed its PPOTrainer).
+
+    make ppo RECIPE=recipes/tiny_ko.yaml [ACCELERATE_CONFIG=configs/accelerate/zero2.yaml NUM_PROCESSES=2]
+    accelerate launch --config_file configs/accelerate/single.yaml -m pipeline.ppo --recipe recipes/tiny_ko.yaml
+
+Models: the policy from ``runs/<run>/sft/final`` (full or LoRA); the reference is the frozen SFT model (for LoRA the
+same base with the adapter disabled, no second copy); the value model starts from the reward model (or SFT) and
+trains with the policy under one optimizer; the reward model is frozen. Dropout is off everywhere.
+
+One update (numbered as in the code below; docs/ppo.md has the formulas and their sources):
+  1. take the next rollout batch of prompts (left-padded);
+  2. sample responses (temperature, top_k 0, top_p 1), stopping at <end_of_turn> or <eos>; tokens after the stop
+     token become pad;
+  3. log-probs of the sampled tokens under the policy, with the same forward used in training;
+  4. log-probs under the reference;
+  5. values;
+  6. the reward model's score at each response's stop token (missing-stop penalty, normalisation, clipping);
+  7. per-token KL penalty and the score -> rewards; GAE; returns; advantage whitening;
+  8. ``num_ppo_epochs`` passes over the batch in ``num_mini_batches`` minibatches, exactly one optimizer step per
+     minibatch, losses normalised by the valid-token count over all micro-batches and processes;
+  9. metrics, KL controller, checkpoint, prompt panel, safety checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import ppo_math as pm
+from pipeline.atomic import IncompleteError, is_complete, require_complete
+from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
+from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
+from pipeline.notices import Derivation
+from pipeline.stage_callback import NonFiniteLossError
+
+STAGE = "ppo"
+
+
+class PPOStopError(RuntimeError):
+    """The run was stopped by a safety check (KL past ppo.max_kl)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model trained together under one optimizer (and one DeepSpeed engine)."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
+        """Logits predicting each response token, (B, L, V), and the value of each state before it, (B, L)."""
+        # Logits are computed for the response positions only (logits_to_keep): never for the prompt.
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1], token_values(self.value, input_ids, attention_mask, position_ids)[
+            :, -response_length - 1 : -1
+        ]
+
+    # generate() is called on the policy; these let TRL's unwrap_model_for_generation handle the wrapper.
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.policy.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+
+def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The sequence classifier's head applied at every position, (B, T): per-token values or rewards."""
+    backbone = getattr(seq_cls, seq_cls.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return seq_cls.score(hidden).squeeze(-1).float()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout off (LoRA's included): rollout and training log-probs must be the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if config is not None and getattr(config, key, None):
+            setattr(config, key, 0.0)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids for left-padded rows: the first real token is 0 (pads get 0 too)."""
+    mask = mask.long()
+    return mask.cumsum(1) - mask
+
+
+@dataclass
+class Setup:
+    """Everything the rollout and update functions need."""
+
+    accelerator: Any
+    model: Any  # PolicyAndValue as prepared by accelerate (DDP or DeepSpeed engine)
+    optimizer: Any
+    ref: Any  # frozen reference, or None when the policy is LoRA (adapter disabled)
+    reward: Any  # frozen reward model (sequence classifier)
+    cfg: PPOConfig
+    pad_id: int
+    stop_ids: list[int]  # generation stops on these ([] : always the full response length)
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    zero3: bool = False
+
+    @property
+    def unwrapped(self) -> PolicyAndValue:
+        return self.accelerator.unwrap_model(self.model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    width = max(len(p) for p in prompts)
+    out = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        out[i, width - len(p) :] = torch.tensor(p)
+    return out.to(device)
+
+
+def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    """Responses (B, L) sampled from the policy, right-padded with pad to the full response length.
+
+    Under ZeRO-3 the parameters are gathered once for the whole rollout, not per generated token (pitfall P12).
+    """
+    from transformers import GenerationConfig
+    from trl.models.utils import unwrap_model_for_generation
+
+    cfg = s.cfg
+    L = cfg.response_length
+    # A complete GenerationConfig: nothing from the model's own generation defaults (top_k 50...) can merge in.
+    gen = GenerationConfig(
+        max_new_tokens=L,
+        min_new_tokens=0 if s.stop_ids else L,
+        do_sample=not greedy,
+        temperature=cfg.temperature if not greedy else None,
+        top_k=0 if not greedy else None,
+        top_p=1.0 if not greedy else None,
+        eos_token_id=s.stop_ids or None,
+        pad_token_id=s.pad_id,
+        bos_token_id=None,
+        use_cache=True,
+    )
+    chunks = []
+    with unwrap_model_for_generation(s.model, s.accelerator) as unwrapped:
+        policy = unwrapped.policy
+        was_training = policy.training
+        policy.eval()
+        for i in range(0, queries.size(0), cfg.local_rollout_forward_batch_size):
+            q = queries[i : i + cfg.local_rollout_forward_batch_size]
+            with torch.no_grad():
+                out = policy.generate(input_ids=q, attention_mask=(q != s.pad_id).long(), generation_config=gen)
+            resp = out[:, q.size(1) :]
+            if resp.size(1) < L:
+                resp = nn.functional.pad(resp, (0, L - resp.size(1)), value=s.pad_id)
+            chunks.append(resp)
+        if was_training:
+            policy.train()
+    return torch.cat(chunks)
+
+
+def _chunked(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses) -> tuple[torch.Tensor, torch.Tensor]:
+    L = responses.size(1)
+    lps, vals = [], []
+    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+        logits, values = s.model(seq[a:b], mask[a:b], pos[a:b], L)
+        lps.append(pm.logprobs_from_logits(logits, responses[a:b], s.cfg.temperature))
+        vals.append(values.float())
+    return torch.cat(lps), torch.cat(vals)
+
+
+@torch.no_grad()
+def ref_logprobs(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
+    L = responses.size(1)
+    out = []
+    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+        kwargs = dict(
+            input_ids=seq[a:b], attention_mask=mask[a:b], position_ids=pos[a:b], logits_to_keep=L + 1, use_cache=False
+        )
+        if s.ref is None:  # LoRA: the reference is the same base with the adapter disabled
+            policy = s.unwrapped.policy
+            with policy.disable_adapter():
+                logits = policy(**kwargs).logits[:, :-1]
+        else:
+            logits = s.ref(**kwargs).logits[:, :-1]
+        out.append(pm.logprobs_from_logits(logits, responses[a:b], s.cfg.temperature))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reward_scores(s: Setup, seq, mask, pos, index) -> torch.Tensor:
+    """The reward model's score read at ``index`` (the stop token) of each row."""
+    out = []
+    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+        per_token = token_values(s.reward, seq[a:b], mask[a:b], pos[a:b])
+        out.append(per_token.gather(1, index[a:b].unsqueeze(1)).squeeze(1))
+    return torch.cat(out)
+
+
+@dataclass
+class Rollout:
+    seq: torch.Tensor  # (B, C+L) query and truncated response
+    mask: torch.Tensor  # (B, C+L) attention mask
+    pos: torch.Tensor  # (B, C+L) position ids
+    responses: torch.Tensor  # (B, L)
+    logprobs: torch.Tensor  # (B, L), INVALID_LOGPROB where not valid
+    values: torch.Tensor  # (B, L), 0 where not valid
+    advantages: torch.Tensor  # (B, L) whitened
+    returns: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, L) the response tokens up to and including the stop token
+    value_mask: torch.Tensor  # (B, L) where values and rewards are defined
+    stats: dict = field(default_factory=dict)
+
+
+def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
+    cfg = s.cfg
+    dev = s.accelerator.device
+    t0 = time.perf_counter()
+    # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
+    queries = left_pad(prompts, s.pad_id, dev)
+    C, L = queries.size(1), cfg.response_length
+    raw = generate(s, queries)
+    responses, seq_len, stopped = pm.truncate_after_stop(raw, s.stop_ids, s.pad_id)
+    t_gen = time.perf_counter() - t0
+    seq = torch.cat([queries, responses], 1)
+    mask = (seq != s.pad_id).long()
+    mask[:, C:] = pm.valid_mask(seq_len, L).long()  # pad ids inside a response are never generated before the stop
+    pos = positions(mask)
+    # 3-5. Log-probs under the policy (same forward as training) and the reference; values.
+    t1 = time.perf_counter()
+    logprobs, values = policy_logprobs_and_values(s, seq, mask, pos, responses)
+    ref_lp = ref_logprobs(s, seq, mask, pos, responses)
+    # 6. Score at the stop token (or the last token when the response never stopped).
+    scores = reward_scores(s, seq, mask, pos, C + seq_len)
+    raw_scores = scores.clone()
+    if cfg.normalize_reward:
+        scores = (scores - s.reward_mean) / max(s.reward_std, 1e-8)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~stopped).float()
+    t_score = time.perf_counter() - t1
+    # 7. Masks, per-token KL, rewards, GAE, whitening.
+    action_mask = pm.valid_mask(seq_len, L)
+    value_mask = pm.valid_mask(seq_len, L, extra=1 if cfg.reward_position == "after_eos" else 0)
+    logprobs = torch.where(action_mask, logprobs, torch.full_like(logprobs, pm.INVALID_LOGPROB))
+    ref_lp = torch.where(action_mask, ref_lp, torch.full_like(ref_lp, pm.INVALID_LOGPROB))
+    values = torch.where(value_mask, values, torch.zeros_like(values))
+    kl = torch.where(action_mask, pm.kl_estimate(logprobs, ref_lp, cfg.kl_estimator), torch.zeros_like(logprobs))
+    rewards, non_score = pm.shape_rewards(scores, kl, kl_coef, seq_len, cfg.reward_position)
+    if cfg.whiten_rewards:
+        rewards = pm.masked_whiten(rewards, value_mask, shift_mean=False)
+    advantages, returns = pm.gae(rewards, values, cfg.gamma, cfg.lam)
+    advantages = pm.masked_whiten(advantages, action_mask)
+    stats = {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": pm.masked_sum(-logprobs, action_mask, 1).mean(),
+        "objective/non_score_reward": non_score.sum(1).mean(),
+        "objective/rlhf_reward": non_score.sum(1).mean() + scores.mean(),
+        "objective/scores": scores.mean(),
+        "objective/raw_scores": raw_scores.mean(),
+        "val/num_eos_tokens": stopped.float().sum(),
+        "ppo/response_length": (seq_len + 1).float().mean(),
+        "ppo/no_stop_rate": (~stopped).float().mean(),
+        "time/generate": torch.tensor(t_gen),
+        "time/score": torch.tensor(t_score),
+        "tokens/generated": action_mask.float().sum(),
+    }
+    ro = Rollout(seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats)
+    ro.stats["_explained_variance"] = (values, returns, value_mask)
+    return ro
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The update
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StepCounter:
+    """Counts the optimizer steps actually taken (not the no-op calls inside gradient accumulation)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+
+def train_on_rollout(
+    s: Setup, ro: Rollout, sizes: pm.BatchSizes, generator: torch.Generator, counter: StepCounter, where: str
+) -> dict:
+    """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch."""
+    cfg, acc = s.cfg, s.accelerator
+    world = acc.num_processes
+    L = ro.responses.size(1)
+    grid: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")
+    }
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
+        for m in range(cfg.num_mini_batches):
+            idx = order[m * sizes.local_mini_batch : (m + 1) * sizes.local_mini_batch]
+            # The loss of a minibatch is the mean over its valid tokens on every process: each micro-batch
+            # contributes its token sum divided by the global count (x world: DDP averages gradients over
+            # processes; x micro_per_mini: accelerate divides by the accumulation steps).
+            n_pg = acc.reduce(ro.action_mask[idx].sum().float(), reduction="sum").clamp(min=1)
+            n_vf = acc.reduce(ro.value_mask[idx].sum().float(), reduction="sum").clamp(min=1)
+            scale = world * sizes.micro_per_mini
+            for k in range(sizes.micro_per_mini):
+                mb = idx[k * cfg.per_device_train_batch_size : (k + 1) * cfg.per_device_train_batch_size]
+                with acc.accumulate(s.model):
+                    logits, vpred = s.model(ro.seq[mb], ro.mask[mb], ro.pos[mb], L)
+                    am, vm = ro.action_mask[mb], ro.value_mask[mb]
+                    new_lp = pm.logprobs_from_logits(logits, ro.responses[mb], cfg.temperature)
+                    pg, pg_clipped, ratio = pm.clipped_policy_loss(
+                        new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange
+                    )
+                    vf, vf_clipped = pm.clipped_value_loss(
+                        vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value
+                    )
+                    loss = (pm.masked_sum(pg, am) / n_pg + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf) * scale
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite PPO loss ({loss.item()}) at {where}; stopping. The "
+                            "last good checkpoint is kept"
+                        )
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        if not acc.distributed_type == "DEEPSPEED":  # DeepSpeed clips by its config
+                            acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+                        counter.steps += 1
+                    s.optimizer.step()
+                    s.optimizer.zero_grad()
+                with torch.no_grad():
+                    log_ratio = torch.where(am, new_lp - ro.logprobs[mb], torch.zeros_like(new_lp))
+                    grid["approxkl"].append(pm.masked_mean(0.5 * log_ratio**2, am))
+                    grid["clipfrac"].append(pm.masked_mean(pg_clipped.float(), am))
+                    grid["pg_loss"].append(pm.masked_mean(pg, am))
+                    grid["vf_loss"].append(pm.masked_mean(vf, vm))
+                    grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
+                    grid["ratio"].append(pm.masked_mean(ratio, am))
+                    grid["entropy"].append(
+                        pm.masked_mean(pm.entropy_from_logits(logits.detach(), cfg.temperature), am)
+                    )
+    mean = {k: torch.stack(v).mean() for k, v in grid.items()}
+    return {
+        "policy/approxkl_avg": mean["approxkl"],
+        "policy/clipfrac_avg": mean["clipfrac"],
+        "loss/policy_avg": mean["pg_loss"],
+        "loss/value_avg": mean["vf_loss"],
+        "val/clipfrac_avg": mean["vf_clipfrac"],
+        "val/ratio": mean["ratio"],
+        "val/ratio_var": torch.stack(grid["ratio"]).var() if len(grid["ratio"]) > 1 else torch.tensor(0.0),
+        "policy/entropy_avg": mean["entropy"],
+    }
+
+
+def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
+    """Means over processes (sums for counts), as plain floats."""
+    out = {}
+    for k, v in stats.items():
+        if k.startswith("_"):
+            continue
+        v = torch.as_tensor(v, dtype=torch.float32, device=acc.device)
+        out[k] = float(acc.reduce(v, reduction="sum" if k == "val/num_eos_tokens" else "mean"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order, checkpoints, the panel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def batch_prompts(prompts: list[list[int]], update: int, sizes: pm.BatchSizes, rank: int, seed: int):
+    """The prompts of rollout batch ``update`` for process ``rank``: a fixed function of the update index (seeded
+    reshuffle every pass over the data), so a resumed run takes exactly the batches the killed run would have."""
+    n = len(prompts)
+    out = []
+    for j in range(rank * sizes.local_batch, (rank + 1) * sizes.local_batch):
+        g = update * sizes.batch + j
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out.append(prompts[perm[i]])
+    return out
+
+
+class Progress:
+    """Resumable counters, saved with accelerate's checkpoint."""
+
+    def __init__(self) -> None:
+        self.update = 0  # rollout batches finished
+        self.episode = 0
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"update": self.update, "episode": self.episode, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update, self.episode, self.history = state["update"], state["episode"], state["history"]
+
+
+def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], step: int) -> list[list[Any]]:
+    """Greedy answers of the SFT model (reference) and the current policy to fixed prompts, with scores and KL."""
+    if not prompts:
+        return []
+    queries = left_pad([p for _, p in prompts], s.pad_id, s.accelerator.device)
+    C = queries.size(1)
+    current = generate(s, queries, greedy=True)
+    if s.ref is None:
+        with s.unwrapped.policy.disable_adapter():
+            sft = generate(s, queries, greedy=True)
+    else:
+        sft = _generate_with(s, s.ref, queries)
+    rows_out = []
+    for resp in (sft, current):
+        resp, seq_len, stopped = pm.truncate_after_stop(resp, s.stop_ids, s.pad_id)
+        seq = torch.cat([queries, resp], 1)
+        mask = (seq != s.pad_id).long()
+        mask[:, C:] = pm.valid_mask(seq_len, resp.size(1)).long()
+        pos = positions(mask)
+        score = reward_scores(s, seq, mask, pos, C + seq_len)
+        lp, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
+        ref = ref_logprobs(s, seq, mask, pos, resp)
+        am = pm.valid_mask(seq_len, resp.size(1))
+        kl = pm.masked_sum(lp - ref, am, 1)
+        texts = [
+            tokenizer.decode(r[: int(n) + (0 if st else 1)].tolist(), skip_special_tokens=True)
+            for r, n, st in zip(resp, seq_len, stopped)
+        ]
+        rows_out.append((texts, score.tolist(), kl.tolist()))
+    (sft_t, sft_s, _), (cur_t, cur_s, cur_kl) = rows_out
+    return [
+        [step, p, a, float(b), c, float(d), float(e)]
+        for (p, _), a, b, c, d, e in zip(prompts, sft_t, sft_s, cur_t, cur_s, cur_kl)
+    ]
+
+
+def _generate_with(s: Setup, ref: Any, queries: torch.Tensor) -> torch.Tensor:
+    """Greedy answers of the frozen reference (the SFT model)."""
+    from transformers import GenerationConfig
+
+    L = s.cfg.response_length
+    gen = GenerationConfig(
+        max_new_tokens=L, do_sample=False, eos_token_id=s.stop_ids or None, pad_token_id=s.pad_id, bos_token_id=None
+    )
+    module = ref.module if hasattr(ref, "module") else ref
+    if s.zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())), torch.no_grad():
+            out = module.generate(
+                input_ids=queries, attention_mask=(queries != s.pad_id).long(), generation_config=gen
+            )
+    else:
+        with torch.no_grad():
+            out = module.generate(
+                input_ids=queries, attention_mask=(queries != s.pad_id).long(), generation_config=gen
+            )
+    resp = out[:, queries.size(1) :]
+    return nn.functional.pad(resp, (0, L - resp.size(1)), value=s.pad_id) if resp.size(1) < L else resp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def derivation(recipe: Recipe, parent: Path, manifest: dict, metrics: dict, step: int | None, method: str):
+    return Derivation(
+        stage=STAGE,
+        method=method,
+        run_name=recipe.run.name,
+        base_model=recipe.model.name_or_path,
+        base_revision=recipe.model.revision,
+        parent=str(parent),
+        datasets=[s.path for s in recipe.data.prompts.train],
+        recipe=to_dict(recipe),
+        recipe_hash=recipe_hash(recipe),
+        data_manifest=manifest,
+        metrics=metrics,
+        step=step,
+        terms_source=recipe.model.terms_of_use,
+    )
+
+
+def build_setup(
+    recipe: Recipe,
+    accelerator: Any,
+    policy_dir: Path,
+    rm_dir: Path,
+    value_dir: Path,
+    tokenizer: Any,
+    total_updates: int,
+):
+    """Load, freeze, wrap and prepare the four models; returns (Setup, scheduler)."""
+    from transformers import get_scheduler
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from trl.models.utils import prepare_deepspeed
+
+    cfg = recipe.ppo
+    prec = precision()
+    policy = load_causal_lm(recipe.model, str(policy_dir), dtype=prec["dtype"])
+    value = load_sequence_classifier(recipe.model, str(value_dir), dtype=prec["dtype"])
+    reward = load_sequence_classifier(recipe.model, str(rm_dir), dtype=prec["dtype"])
+    ref = None
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=0.0,
+                target_modules=list(cfg.lora.target_modules),
+            ),
+        )
+    else:
+        ref = load_causal_lm(recipe.model, str(policy_dir), dtype=prec["dtype"])
+    for m in (policy, value, reward, ref):
+        if m is not None:
+            disable_dropout(m)
+    for frozen in (reward, ref):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+            frozen.eval()
+    model = PolicyAndValue(policy, value)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0
+    )
+    # The LR decays linearly to 0 over the run, stepped once per rollout batch; not handed to accelerate, which
+    # would step it once per process.
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=max(total_updates, 1))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    zero3 = is_deepspeed_zero3_enabled()
+    if accelerator.distributed_type == "DEEPSPEED":
+        reward = prepare_deepspeed(reward, accelerator)
+        ref = prepare_deepspeed(ref, accelerator) if ref is not None else None
+    else:
+        reward = reward.to(accelerator.device)
+        ref = ref.to(accelerator.device) if ref is not None else None
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    setup = Setup(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        ref=ref,
+        reward=reward,
+        cfg=cfg,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=[eot, tokenizer.eos_token_id],
+        zero3=zero3,
+    )
+    return setup, scheduler
+
+
+def configure_deepspeed(accelerator_kwargs: dict, cfg: PPOConfig, micro_per_mini: int) -> None:
+    """DeepSpeed has no dataloader to infer sizes from in our loop: give it the micro-batch size, the accumulation
+    steps (one optimizer step per minibatch) and the clipping norm."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()  # reads the launcher's settings (the accelerate config's deepspeed_config)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = micro_per_mini
+    plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+    accelerator_kwargs["deepspeed_plugin"] = plugin
+
+
+def run(recipe: Recipe) -> Path:
+    import datasets
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from pipeline.checkpoint import last_resumable, mark_intermediate, require_checkpoint, save_final
+    from pipeline.rm import STATS_FILE, check_gate
+    from pipeline.tracking import Tracker
+
+    cfg = recipe.ppo
+    rank0 = os.environ.get("RANK", "0") == "0"
+    stage_dir = recipe.run_dir / STAGE
+    final = stage_dir / "final"
+    if is_complete(final):
+        if rank0:
+            print(f"[ppo] already finished: {final} (delete it to train again)", flush=True)
+        return final
+    if rank0:
+        print(f"[ppo] resolved recipe:\n{to_yaml(recipe)}", flush=True)
+
+    # Inputs: SFT and reward model checkpoints (complete, with notices), the gate, prompts, tokenizer.
+    sft_dir = require_checkpoint(recipe.run_dir / "sft" / "final", "the SFT checkpoint (run `make sft` first)")
+    rm_dir = require_checkpoint(recipe.run_dir / "rm" / "final", "the reward model (run `make rm` first)")
+    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, cfg.ignore_rm_gate)
+    stats = json.loads((rm_dir / STATS_FILE).read_text(encoding="utf-8"))
+    data_dir = require_complete(recipe.run_dir / "data", "the data stage output (run `make data` first)")
+    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    datasets.disable_progress_bars()
+    train_path = data_dir / "prompts" / "train.parquet"
+    if not train_path.is_file():
+        raise ConfigError("the recipe has no PPO prompts (data.prompts.train)")
+    prompts = list(datasets.Dataset.from_parquet(str(train_path))["prompt_ids"])
+    eval_path = data_dir / "prompts" / "eval.parquet"
+    panel_source = datasets.Dataset.from_parquet(str(eval_path if eval_path.is_file() else train_path))
+    panel = [
+        (json.loads(m)[-1]["content"], ids)
+        for m, ids in zip(panel_source["messages"][:4], panel_source["prompt_ids"][:4])
+    ]
+    if cfg.temperature <= 0:
+        raise ConfigError("ppo.temperature must be positive")
+
+    # Accelerator: gloo on a CPU-only machine; DeepSpeed sizes from the batch arithmetic.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sizes = pm.batch_sizes(
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        world,
+        cfg.num_mini_batches,
+        cfg.total_episodes,
+        cfg.num_ppo_epochs,
+    )
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": sizes.micro_per_mini}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini)
+    prec = precision()
+    if prec["use_cpu"]:
+        # On a CPU-only machine the process group is gloo; set up first (as transformers' Trainer does with
+        # use_cpu), the Accelerator below keeps the launcher's DeepSpeed settings on top of it.
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
+    accelerator = Accelerator(mixed_precision="bf16" if prec["bf16"] else "no", **kwargs)
+    if cfg.method == "lora" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError("ppo.method: lora is not supported under DeepSpeed ZeRO-3 (use ZeRO-2 or full)")
+    local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
+    set_seed(local_seed)
+    tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": rm_accuracy})
+    if accelerator.is_main_process:
+        print(
+            f"[ppo] {describe_processes(accelerator.state)}; {'bf16' if prec['bf16'] else 'fp32'}; "
+            f"{sizes.num_updates} updates of {sizes.batch} rollouts, {sizes.optimizer_steps_per_update} optimizer "
+            f"steps each; reward model accuracy {rm_accuracy:.3f}",
+            flush=True,
+        )
+
+    value_dir = rm_dir if cfg.value_init == "rm" else sft_dir
+    s, scheduler = build_setup(recipe, accelerator, sft_dir, rm_dir, value_dir, tokenizer, sizes.num_updates)
+    s.reward_mean, s.reward_std = stats["mean"], stats["std"]
+    kl_ctl = (
+        pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.kl_target
+        else pm.FixedKLController(cfg.kl_coef)
+    )
+    progress = Progress()
+    for obj in (scheduler, kl_ctl, progress):
+        accelerator.register_for_checkpointing(obj)
+    counter = StepCounter()
+    method = "lora" if cfg.method == "lora" else "full"
+
+    # Resume: model, optimizer, scheduler, KL controller, progress and every RNG state from the last checkpoint.
+    ckpt_root = stage_dir / "checkpoints"
+    resume = last_resumable(ckpt_root)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        if accelerator.is_main_process:
+            print(f"[ppo] resuming from {resume} (update {progress.update})", flush=True)
+
+    def save_checkpoint(update: int) -> None:
+        ckpt = ckpt_root / f"checkpoint-{update}"
+        accelerator.save_state(str(ckpt))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            last = progress.history[-1] if progress.history else {}
+            mark_intermediate(ckpt, derivation(recipe, sft_dir, manifest, last, update, method))
+            for old in sorted(ckpt_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    t_start = time.perf_counter()
+    running_kl: list[float] = []
+    while progress.update < sizes.num_updates:
+        update = progress.update
+        t0 = time.perf_counter()
+        # 1-7. Rollout.
+        batch = batch_prompts(prompts, update, sizes, accelerator.process_index, recipe.run.seed)
+        s.model.eval()
+        ro = rollout(s, batch, kl_ctl.value)
+        # 8. PPO epochs over minibatches.
+        s.model.train()
+        disable_dropout(s.unwrapped)
+        t1 = time.perf_counter()
+        gen = torch.Generator().manual_seed(local_seed * 7919 + update)
+        train_stats = train_on_rollout(s, ro, sizes, gen, counter, f"update {update + 1}")
+        t_train = time.perf_counter() - t1
+        scheduler.step()
+        # 9. Metrics, KL controller, safety, checkpoint, panel.
+        values, returns, vmask = ro.stats["_explained_variance"]
+        ro.stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, vmask))
+        metrics = gather_stats(accelerator, {**ro.stats, **train_stats})
+        progress.episode += sizes.batch
+        elapsed = time.perf_counter() - t0
+        metrics.update(
+            {
+                "time/train": t_train,
+                "time/update": elapsed,
+                "lr": scheduler.get_last_lr()[0],
+                "episode": progress.episode,
+                "objective/kl_coef": kl_ctl.value,
+                "tokens_per_second": metrics.pop("tokens/generated") * world / max(elapsed, 1e-9),
+            }
+        )
+        kl_now = metrics["objective/kl"]
+        running_kl = (running_kl + [kl_now])[-10:]
+        metrics["objective/kl_running_mean"] = sum(running_kl) / len(running_kl)
+        kl_ctl.update(kl_now, sizes.batch)
+        progress.update += 1
+        progress.history.append({k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/raw_scores")})
+        tracker.log({f"{STAGE}/{k}": v for k, v in metrics.items()}, step=progress.update)
+        if accelerator.is_main_process:
+            print(
+                f"[ppo] update {progress.update}/{sizes.num_updates} score {metrics['objective/scores']:.3f} "
+                f"kl {kl_now:.3f} len {metrics['ppo/response_length']:.1f} no-stop {metrics['ppo/no_stop_rate']:.2f} "
+                f"pg {metrics['loss/policy_avg']:.4f} vf {metrics['loss/value_avg']:.4f} "
+                f"clip {metrics['policy/clipfrac_avg']:.3f} {elapsed:.1f}s",
+                flush=True,
+            )
+        if cfg.max_kl is not None and metrics["objective/kl_running_mean"] > cfg.max_kl:
+            raise PPOStopError(
+                f"KL {metrics['objective/kl_running_mean']:.3f} (running mean) passed ppo.max_kl "
+                f"{cfg.max_kl} at update {progress.update}; stopping. The last good checkpoint is kept "
+                f"in {ckpt_root}"
+            )
+        if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("val/explained")):
+            raise NonFiniteLossError(
+                f"non-finite metrics at update {progress.update}; stopping. The last good "
+                f"checkpoint is kept in {ckpt_root}"
+            )
+        if cfg.panel_every and (progress.update % cfg.panel_every == 0 or progress.update == sizes.num_updates):
+            s.model.eval()
+            rows = panel_rows(s, tokenizer, panel, progress.update)
+            tracker.table(
+                f"{STAGE}/panel",
+                ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"],
+                rows,
+                step=progress.update,
+            )
+            if accelerator.is_main_process:
+                for r in rows:
+                    print(
+                        f"[ppo] panel: {r[1]!r}: sft {r[2]!r} ({r[3]:.2f}) -> now {r[4]!r} ({r[5]:.2f}, kl {r[6]:.2f})",
+                        flush=True,
+                    )
+        if progress.update % cfg.save_steps == 0 and progress.update < sizes.num_updates:
+            save_checkpoint(progress.update)
+
+    # Save: the policy as a notice-carrying Gemma derivative (LoRA merged), the value model beside it.
+    total_s = time.perf_counter() - t_start
+    hist = progress.history
+    final_metrics = {
+        "updates": progress.update,
+        "episodes": progress.episode,
+        "rm_accuracy": rm_accuracy,
+        "score_first": hist[0]["objective/scores"] if hist else None,
+        "score_last": hist[-1]["objective/scores"] if hist else None,
+        "kl_last_10": sum(h["objective/kl"] for h in hist[-10:]) / max(len(hist[-10:]), 1),
+        "optimizer_steps_this_session": counter.steps,
+        "seconds_this_session": round(total_s, 1),
+    }
+    d = derivation(recipe, sft_dir, manifest, final_metrics, None, "lora-merged" if cfg.method == "lora" else "full")
+    state_dict = accelerator.get_state_dict(s.model)  # gathered from every ZeRO-3 shard
+
+    def write_weights(tmp: Path) -> None:
+        if not accelerator.is_main_process:
+            return
+        unwrapped = s.unwrapped
+        pol = {k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")}
+        val = {k[len("value.") :]: v for k, v in state_dict.items() if k.startswith("value.")}
+        if cfg.method == "lora":
+            unwrapped.policy.save_pretrained(str(tmp / "adapter"), state_dict=pol)
+            merged = unwrapped.policy.merge_and_unload()
+            merged.save_pretrained(str(tmp))
+        else:
+            unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)
+        unwrapped.value.save_pretrained(str(tmp / "value"), state_dict=val)
+
+    save_final(final, write_weights, tokenizer, d)
+    tracker.finish()
+    if accelerator.is_main_process:
+        print(f"[ppo] saved {final} ({progress.update} updates, {total_s:.0f}s)", flush=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        recipe, _ = parse_cli(argv, "PPO against the reward model.")
+        run(recipe)
+    except (ConfigError, IncompleteError, LoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, PPOStopError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # the gate's refusal is a clear message too
+        from pipeline.rm import RewardModelGateError
+
+        if isinstance(e, RewardModelGateError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
