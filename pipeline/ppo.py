@@ -711,8 +711,16 @@ def run(recipe: Recipe) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    if accelerator.is_main_process:  # lines past the resumed update belong to the killed run: drop them
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        log = stage_dir / "metrics.jsonl"
+        kept = [
+            ln
+            for ln in (log.read_text(encoding="utf-8").splitlines() if log.exists() else [])
+            if json.loads(ln)["update"] <= progress.update
+        ]
+        log.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
     t_start = time.perf_counter()
-    running_kl: list[float] = []
     while progress.update < sizes.num_updates:
         update = progress.update
         t0 = time.perf_counter()
@@ -745,12 +753,15 @@ def run(recipe: Recipe) -> Path:
             }
         )
         kl_now = metrics["objective/kl"]
-        running_kl = (running_kl + [kl_now])[-10:]
-        metrics["objective/kl_running_mean"] = sum(running_kl) / len(running_kl)
+        recent = [h["objective/kl"] for h in progress.history[-9:]] + [kl_now]  # one batch is noisy: a running mean
+        metrics["objective/kl_running_mean"] = sum(recent) / len(recent)
         kl_ctl.update(kl_now, sizes.batch)
         progress.update += 1
         progress.history.append({k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/raw_scores")})
         tracker.log({f"{STAGE}/{k}": v for k, v in metrics.items()}, step=progress.update)
+        if accelerator.is_main_process:  # also kept beside the run for reports (a resumed run rewrites its lines)
+            with open(stage_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"update": progress.update, **metrics}) + "\n")
         if accelerator.is_main_process:
             print(
                 f"[ppo] update {progress.update}/{sizes.num_updates} score {metrics['objective/scores']:.3f} "
