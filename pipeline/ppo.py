@@ -161,7 +161,6 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
     # A complete GenerationConfig: nothing from the model's own generation defaults (top_k 50...) can merge in.
     gen = GenerationConfig(
         max_new_tokens=L,
-        min_new_tokens=0 if s.stop_ids else L,
         do_sample=not greedy,
         temperature=cfg.temperature if not greedy else None,
         top_k=0 if not greedy else None,
@@ -176,6 +175,11 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
+        # No stop ids: sample the full length. The model's own eos must not merge in (nor a min_new_tokens
+        # processor, which would change the sampling distribution away from the policy's: pitfall P5).
+        saved_eos = policy.generation_config.eos_token_id
+        if not s.stop_ids:
+            policy.generation_config.eos_token_id = None
         for i in range(0, queries.size(0), cfg.local_rollout_forward_batch_size):
             q = queries[i : i + cfg.local_rollout_forward_batch_size]
             with torch.no_grad():
@@ -184,6 +188,7 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
             if resp.size(1) < L:
                 resp = nn.functional.pad(resp, (0, L - resp.size(1)), value=s.pad_id)
             chunks.append(resp)
+        policy.generation_config.eos_token_id = saved_eos
         if was_training:
             policy.train()
     return torch.cat(chunks)
@@ -829,7 +834,15 @@ def run(recipe: Recipe) -> Path:
             unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)
         unwrapped.value.save_pretrained(str(tmp / "value"), state_dict=val)
 
-    save_final(final, write_weights, tokenizer, d)
+    def value_notices(tmp: Path) -> None:  # the value model is loadable on its own: it carries its own notices
+        from pipeline.notices import write_notices
+
+        write_notices(
+            tmp / "value",
+            derivation(recipe, rm_dir if cfg.value_init == "rm" else sft_dir, manifest, final_metrics, None, "full"),
+        )
+
+    save_final(final, write_weights, tokenizer, d, main_only=value_notices)
     tracker.finish()
     if accelerator.is_main_process:
         print(f"[ppo] saved {final} ({progress.update} updates, {total_s:.0f}s)", flush=True)

@@ -1,0 +1,376 @@
+"""PPO stage on the tiny chain: invariants with learning rate 0, the exact optimizer-step count, rollout log-probs
+equal to the training forward's (and to the sampler's), left-pad invariance, dropout off, the score read at the stop
+token, learning, exact resume, safety stops, the reward-model gate, LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data_prep.build import main as data_main
+from pipeline.config import load_recipe
+from pipeline.notices import missing_notices
+from tests.conftest import REPO
+
+RECIPE = REPO / "recipes" / "tiny_ko.yaml"
+BASE = ["sft.max_steps=300", "sft.eval_steps=1000", "sft.save_steps=1000", "tracking.mode=disabled"]
+
+
+def _recipe(out, *overrides):
+    return load_recipe(RECIPE, [f"run.output_dir={out}", *BASE, *overrides])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from pipeline import rm, sft
+
+    out = tmp_path_factory.mktemp("ppo")
+    assert data_main(["--recipe", str(RECIPE), f"run.output_dir={out}"]) == 0
+    recipe = _recipe(out)
+    sft.run(recipe)
+    rm.run(recipe)
+    return out
+
+
+def _fresh(chain, tmp_path):
+    """A run folder with the chain's data, SFT and RM (so each test's PPO starts from scratch)."""
+    for part in ("data", "sft/final", "rm/final"):
+        shutil.copytree(chain / "tiny_ko" / part, tmp_path / "tiny_ko" / part)
+    return tmp_path
+
+
+def _metrics(out) -> list[dict]:
+    lines = (out / "tiny_ko" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def _setup(chain, *overrides):
+    """The PPO models as the stage builds them, in this process."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from pipeline.ppo import build_setup
+
+    recipe = _recipe(chain, *overrides)
+    run = chain / "tiny_ko"
+    tok = AutoTokenizer.from_pretrained(run / "data" / "tokenizer")
+    s, _ = build_setup(
+        recipe, Accelerator(cpu=True), run / "sft" / "final", run / "rm" / "final", run / "rm" / "final", tok, 10
+    )
+    return s, tok
+
+
+def test_lr0_invariants(chain, tmp_path):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    ppo.run(_recipe(out, "ppo.learning_rate=0", "ppo.total_episodes=64", "ppo.panel_every=0"))
+    for m in _metrics(out):
+        assert m["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert m["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
+        assert m["policy/clipfrac_avg"] == 0.0 and m["val/clipfrac_avg"] == 0.0
+        assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+        assert m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"], abs=1e-6)
+
+
+def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    final = ppo.run(
+        _recipe(
+            out,
+            "ppo.total_episodes=32",
+            "ppo.per_device_train_batch_size=4",
+            "ppo.gradient_accumulation_steps=4",
+            "ppo.num_mini_batches=2",
+            "ppo.num_ppo_epochs=2",
+            "ppo.panel_every=0",
+        )
+    )
+    lineage = json.loads((final / "lineage.json").read_text())
+    assert lineage["metrics"]["updates"] == 2
+    assert lineage["metrics"]["optimizer_steps_this_session"] == 2 * 2 * 2  # updates x epochs x minibatches
+
+
+def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
+    from transformers import GenerationConfig
+
+    from pipeline import ppo_math as pm
+    from pipeline.ppo import left_pad, policy_logprobs_and_values, positions
+
+    s, tok = _setup(chain, "ppo.temperature=0.7")
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
+        for p in ("사과는 무엇인가요?", "3 더하기 4는?")
+    ]
+    q = left_pad(prompts, s.pad_id, "cpu")
+    torch.manual_seed(0)
+    gen = GenerationConfig(
+        max_new_tokens=8,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=s.pad_id,
+        eos_token_id=None,
+    )
+    policy = s.unwrapped.policy.eval()
+    policy.generation_config.eos_token_id = None  # sample 8 tokens, through no processor but the temperature
+    out = policy.generate(
+        input_ids=q,
+        attention_mask=(q != s.pad_id).long(),
+        generation_config=gen,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    resp = out.sequences[:, q.size(1) :]
+    sampler = torch.stack([torch.log_softmax(sc, -1) for sc in out.scores], 1).gather(-1, resp.unsqueeze(-1))[..., 0]
+    seq = torch.cat([q, resp], 1)
+    mask = torch.cat([(q != s.pad_id).long(), torch.ones_like(resp)], 1)  # a sampled token is never padding
+    pos = positions(mask)
+    rollout_lp, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
+    assert (rollout_lp - sampler).abs().max() < 1e-4  # T8: temperature and positions as the sampler had them
+    s.model.train()  # dropout is off, so training mode gives the same log-probs (T14)
+    logits, _ = s.model(seq, mask, pos, resp.size(1))
+    train_lp = pm.logprobs_from_logits(logits, resp, 0.7)
+    assert torch.equal(train_lp.detach(), rollout_lp)
+    # Negative control: without the temperature the log-probs differ.
+    assert (pm.logprobs_from_logits(logits, resp, 1.0) - sampler).abs().max() > 1e-2
+
+
+def test_left_padding_invariance(chain):
+    from pipeline.ppo import policy_logprobs_and_values, positions
+
+    s, tok = _setup(chain)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "사과는 무엇인가요?"}], add_generation_prompt=True, return_dict=False
+    )
+    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"]
+    results = []
+    for pads in (0, 1, 3, 7):
+        seq = torch.tensor([[s.pad_id] * pads + prompt + resp])
+        mask = (seq != s.pad_id).long()
+        lp, values = policy_logprobs_and_values(s, seq, mask, positions(mask), torch.tensor([resp]))
+        results.append((lp, values))
+    for lp, values in results[1:]:
+        assert torch.allclose(lp, results[0][0], atol=1e-5) and torch.allclose(values, results[0][1], atol=1e-5)
+
+
+def test_dropout_is_off_everywhere(chain):
+    s, _ = _setup(chain, "ppo.method=lora", "ppo.lora.dropout=0.3")
+    for model in (s.unwrapped, s.reward):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                assert m.p == 0.0
+    assert s.ref is None  # LoRA: the reference is the adapter-disabled base, no second copy
+
+
+def test_score_is_read_at_the_stop_token(chain):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.ppo import left_pad, positions, reward_scores
+
+    s, tok = _setup(chain)
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "사과는 무엇인가요?"}], add_generation_prompt=True, return_dict=False
+    )
+    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [eot]
+    q = left_pad([prompt, prompt[2:]], s.pad_id, "cpu")  # the second row is shorter: left pads
+    r = torch.tensor([resp + [s.pad_id] * 3, resp + [s.pad_id] * 3])
+    seq = torch.cat([q, r], 1)
+    mask = (seq != s.pad_id).long()
+    got = reward_scores(s, seq, mask, positions(mask), torch.tensor([q.size(1) + len(resp) - 1] * 2))
+    rm = AutoModelForSequenceClassification.from_pretrained(chain / "tiny_ko" / "rm" / "final").eval()
+    with torch.no_grad():
+        expected = rm(input_ids=torch.tensor([prompt + resp])).logits[0, 0]
+        expected2 = rm(input_ids=torch.tensor([prompt[2:] + resp])).logits[0, 0]
+    assert torch.allclose(got, torch.stack([expected, expected2]), atol=1e-5)
+
+
+def _rates(model_dir, n=4) -> tuple[float, float]:
+    """Rule-checked polite rate on the held-out style prompts (n samples each, temperature 1) and mean RM score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tiny_ko.rules import is_polite_korean
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    held = [json.loads(x) for x in (REPO / "data_prep/tiny_ko/heldout.jsonl").open()]
+    torch.manual_seed(0)
+    ok = []
+    for h in (h for h in held if h["kind"] == "style"):
+        x = torch.tensor(
+            [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": h["prompt"]}], add_generation_prompt=True, return_dict=False
+                )
+            ]
+            * n
+        )
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=16,
+            eos_token_id=eot,
+            pad_token_id=tok.pad_token_id,
+        )
+        for row in out[:, x.size(1) :].tolist():
+            stopped = eot in row
+            text = tok.decode(row[: row.index(eot)] if stopped else row, skip_special_tokens=True)
+            ok.append(is_polite_korean(text, stopped))
+    return sum(ok) / len(ok)
+
+
+@pytest.mark.slow
+def test_ppo_learns_the_ground_truth_property(chain, tmp_path):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    final = ppo.run(_recipe(out, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
+    metrics = _metrics(out)
+    first = sum(m["objective/scores"] for m in metrics[:5]) / 5
+    last = sum(m["objective/scores"] for m in metrics[-5:]) / 5
+    assert last > first + 0.2
+    assert max(m["objective/kl"] for m in metrics) < 5.0
+    sft_rate, ppo_rate = _rates(out / "tiny_ko" / "sft" / "final"), _rates(final)
+    assert ppo_rate > sft_rate + 0.15, (sft_rate, ppo_rate)
+    assert missing_notices(final) == [] and missing_notices(final / "value") == []
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.from_pretrained(final)
+    AutoModelForSequenceClassification.from_pretrained(final / "value")
+
+
+def _cmd(out, *overrides):
+    return [sys.executable, "-m", "pipeline.ppo", "--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, *overrides]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_exactly(chain, tmp_path_factory):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = ["ppo.total_episodes=256", "ppo.save_steps=3", "ppo.panel_every=0"]  # 8 updates
+    a = _fresh(chain, tmp_path_factory.mktemp("a"))
+    assert subprocess.run(_cmd(a, *args), cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
+    b = _fresh(chain, tmp_path_factory.mktemp("b"))
+    proc = subprocess.Popen(_cmd(b, *args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = b / "tiny_ko" / "ppo" / "checkpoints" / "checkpoint-3" / "COMPLETE"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(_cmd(b, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout and "(update 3)" in res.stdout
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["update"] for m in mb] == list(range(1, 9))
+    for x, y in zip(ma, mb):  # the resumed run continues the killed run's RNG stream and state exactly
+        for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "episode"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (x["update"], k)
+    again = subprocess.run(_cmd(b, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_non_finite_loss_stops(chain, tmp_path, capsys):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    rc = ppo.main(
+        [
+            "--recipe",
+            str(RECIPE),
+            f"run.output_dir={out}",
+            *BASE,
+            "ppo.learning_rate=1e30",
+            "ppo.max_grad_norm=1e30",
+            "ppo.total_episodes=320",
+            "ppo.panel_every=0",
+            "ppo.save_steps=1",
+        ]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "update" in err and "last good checkpoint" in err
+    assert not (out / "tiny_ko" / "ppo" / "final").exists()
+
+
+def test_kl_limit_stops(chain, tmp_path, capsys):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    rc = ppo.main(
+        [
+            "--recipe",
+            str(RECIPE),
+            f"run.output_dir={out}",
+            *BASE,
+            "ppo.max_kl=1e-9",
+            "ppo.learning_rate=1e-3",
+            "ppo.total_episodes=160",
+            "ppo.panel_every=0",
+        ]
+    )
+    assert rc == 1
+    assert "passed ppo.max_kl 1e-09" in capsys.readouterr().err
+
+
+def test_reward_model_gate(chain, tmp_path, capsys):
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    rc = ppo.main(
+        ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, "rm.min_accuracy=1.0", "ppo.total_episodes=32"]
+    )
+    acc = json.loads((out / "tiny_ko" / "rm" / "final" / "reward_stats.json").read_text())["accuracy"]
+    if acc < 1.0:
+        assert rc == 2 and "below rm.min_accuracy 1.0" in capsys.readouterr().err
+        rc = ppo.main(
+            [
+                "--recipe",
+                str(RECIPE),
+                f"run.output_dir={out}",
+                *BASE,
+                "rm.min_accuracy=1.0",
+                "ppo.ignore_rm_gate=true",
+                "ppo.total_episodes=32",
+                "ppo.panel_every=0",
+            ]
+        )
+        assert rc == 0 and "ppo.ignore_rm_gate" in capsys.readouterr().err
+
+
+def test_lora_policy_exports_merged(chain, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    final = ppo.run(
+        _recipe(
+            out,
+            "ppo.method=lora",
+            "ppo.lora.r=4",
+            "ppo.total_episodes=64",
+            "ppo.panel_every=2",
+            "ppo.learning_rate=1e-3",
+        )
+    )
+    assert missing_notices(final) == [] and not (final / "adapter_config.json").exists()
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(final)
