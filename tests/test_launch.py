@@ -109,3 +109,57 @@ def test_rm_two_processes(data_root, config, kind):
 
     model = AutoModelForSequenceClassification.from_pretrained(final)
     assert model.score.weight.shape == (1, model.config.hidden_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kind", CONFIGS)
+def test_ppo_two_processes(data_root, config, kind):
+    from pipeline import rm, sft
+    from pipeline.config import load_recipe
+
+    base = data_root / "tiny_ko"
+    recipe = load_recipe(
+        RECIPE,
+        [
+            f"run.output_dir={data_root}",
+            "sft.max_steps=20",
+            "sft.eval_steps=100",
+            "sft.save_steps=100",
+            "rm.max_steps=10",
+            "tracking.mode=disabled",
+        ],
+    )
+    if not (base / "sft" / "final").exists():
+        sft.run(recipe)
+    if not (base / "rm" / "final").exists():
+        rm.run(recipe)
+    run = f"launch_ppo_{config}"
+    for part in ("data", "sft/final", "rm/final"):
+        shutil.copytree(base / part, data_root / run / part, dirs_exist_ok=True)
+    out = _launch(
+        "ppo",
+        data_root,
+        run,
+        config,
+        "ppo.total_episodes=64",
+        "ppo.per_device_train_batch_size=4",
+        "ppo.gradient_accumulation_steps=2",
+        "ppo.num_mini_batches=2",
+        "ppo.num_ppo_epochs=2",
+        "ppo.save_steps=1",
+        "ppo.panel_every=2",
+        "ppo.ignore_rm_gate=true",
+        "rm.min_accuracy=0",
+    )
+    assert f"[ppo] 2 process(es), {kind}" in out, out[-4000:]
+    assert "4 updates of 16 rollouts, 4 optimizer steps each" in out, out[-4000:]
+    final = data_root / run / "ppo" / "final"
+    assert missing_notices(final) == []
+    assert missing_notices(data_root / run / "ppo" / "checkpoints" / "checkpoint-3") == []
+    lineage = json.loads((final / "lineage.json").read_text())
+    assert lineage["metrics"]["updates"] == 4 and lineage["metrics"]["optimizer_steps_this_session"] == 16
+    from transformers import AutoModelForCausalLM
+
+    base_sd = AutoModelForCausalLM.from_pretrained(base / "sft" / "final").state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    assert {k: v.shape for k, v in base_sd.items()} == {k: v.shape for k, v in saved.items()}
