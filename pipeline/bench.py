@@ -1,6 +1,8 @@
 """Benchmarks, reported as ratios against a baseline measured in the same process.
 
     python -m pipeline.bench data [--rows 100000] [--num-proc 1]
+    python -m pipeline.bench ppo --model-dir DIR [--batch 16 --response-length 48 --epochs 2 --minibatches 2 --iters K]
+    python -m pipeline.bench compare OURS.json PEER.json
 
 ``data``: the data stage's throughput (rows/s) next to the raw fast tokenizer's on the same dialogues. The raw
 baseline is one batched Rust-tokenizer call on the rendered texts per 1000 dialogues and does nothing else (the
@@ -9,6 +11,10 @@ converts rows to Gemma turns, checks roles and control tokens, tokenizes per tur
 loss masks and applies the length policy. A third figure adds reading JSONL and writing Parquet (end to end).
 Each is run ``--repeats`` times, interleaved, and the best time of each is reported.
 Goal: the stage at least half as fast as the raw tokenizer.
+
+``ppo``: median seconds per PPO iteration (after the first) and peak RSS, printed as one JSON line of the same shape
+as the peer baseline's (TRL 1.12's PPOTrainer, ../shared/peer/trl112_ppo.py, run in its own venv on the same model
+directory); ``compare`` turns the two lines into ratios. ``make bench`` does all of it.
 """
 
 from __future__ import annotations
@@ -104,6 +110,82 @@ def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
     }
 
 
+BENCH_PROMPTS = [
+    "머신러닝과 딥러닝의 차이는?",
+    "하늘은 왜 파란가요?",
+    "김치찌개 끓이는 법을 알려 주세요.",
+    "서울의 인구는?",
+    "What is RLHF?",
+    "한글은 누가 만들었나요?",
+    "파이썬에서 리스트를 뒤집는 방법은?",
+    "커피의 장단점은?",
+]
+
+
+def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, minibatches: int, iters: int) -> dict:
+    """K PPO iterations of our loop on the causal-LM checkpoint in ``model_dir``: policy and reference from it,
+    reward and value models as one-output sequence classifiers from it; fixed prompts; full response length; no
+    gradient checkpointing; fp32 on CPU. Same shape of output as the peer's script."""
+    import resource
+    import statistics
+
+    import torch
+    from accelerate import Accelerator, PartialState
+    from transformers import AutoTokenizer
+
+    from data_prep.gemma_format import GemmaEncoder
+    from pipeline import ppo_math as pm
+    from pipeline.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
+    from pipeline.ppo import StepCounter, build_setup, rollout, train_on_rollout
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = GemmaEncoder(tok)
+    ids = [enc.encode([{"role": "user", "content": p}], add_generation_prompt=True).input_ids for p in BENCH_PROMPTS]
+    cfg = PPOConfig(
+        per_device_train_batch_size=batch // minibatches,
+        gradient_accumulation_steps=minibatches,
+        num_mini_batches=minibatches,
+        num_ppo_epochs=epochs,
+        response_length=response_length,
+        temperature=0.7,
+        total_episodes=batch * (iters + 1),
+        local_rollout_forward_batch_size=64,
+    )
+    recipe = Recipe(
+        run=RunConfig(name="bench"), model=ModelConfig(name_or_path=model_dir), ppo=cfg, launch=LaunchConfig()
+    )
+    sizes = pm.batch_sizes(
+        cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, 1, minibatches, cfg.total_episodes, epochs
+    )
+    PartialState(cpu=not torch.cuda.is_available())
+    acc = Accelerator(gradient_accumulation_steps=sizes.micro_per_mini)
+    s, scheduler = build_setup(recipe, acc, Path(model_dir), Path(model_dir), Path(model_dir), tok, iters + 1)
+    s.stop_ids = []  # the full response length every time, as the peer benchmark samples
+    counter = StepCounter()
+    stamps = [time.perf_counter()]
+    for it in range(iters + 1):
+        prompts = [ids[(it * batch + j) % len(ids)] for j in range(batch)]
+        s.model.eval()
+        ro = rollout(s, prompts, cfg.kl_coef)
+        s.model.train()
+        train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(it), counter, f"iteration {it}")
+        scheduler.step()
+        stamps.append(time.perf_counter())
+    per_iter = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first iteration is warm-up
+    return {
+        "impl": "gemma-rlhf",
+        "per_iter_s": statistics.median(per_iter),
+        "iters": len(per_iter),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batch": batch,
+        "response_length": response_length,
+        "epochs": epochs,
+        "minibatches": minibatches,
+        "optimizer_steps": counter.steps,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -111,7 +193,34 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--rows", type=int, default=100_000)
     d.add_argument("--num-proc", type=int, default=1)
     d.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time of each is reported")
+    pp = sub.add_parser("ppo", help="PPO iteration time and peak memory (compare with the peer's script)")
+    pp.add_argument("--model-dir", required=True)
+    pp.add_argument("--batch", type=int, default=16)
+    pp.add_argument("--response-length", type=int, default=48)
+    pp.add_argument("--epochs", type=int, default=2)
+    pp.add_argument("--minibatches", type=int, default=2)
+    pp.add_argument("--iters", type=int, default=4)
+    cmp = sub.add_parser("compare", help="ratios of two JSON result lines (ours, then the peer's)")
+    cmp.add_argument("ours")
+    cmp.add_argument("peer")
     a = ap.parse_args(argv)
+    if a.what == "ppo":
+        print(json.dumps(bench_ppo(a.model_dir, a.batch, a.response_length, a.epochs, a.minibatches, a.iters)))
+        return
+    if a.what == "compare":
+        ours, peer = (json.loads(Path(p).read_text().strip().splitlines()[-1]) for p in (a.ours, a.peer))
+        t, m = ours["per_iter_s"] / peer["per_iter_s"], ours["peak_rss_mb"] / peer["peak_rss_mb"]
+        print(
+            json.dumps(
+                {"bench": "ppo", "time_ratio": round(t, 3), "peak_rss_ratio": round(m, 3), "ours": ours, "peer": peer}
+            )
+        )
+        print(
+            f"PPO vs {peer['impl']}: {ours['per_iter_s']:.2f}s vs {peer['per_iter_s']:.2f}s per iteration "
+            f"-> {t:.2f}x time (goal <= 0.5); peak RSS {ours['peak_rss_mb']:.0f} vs {peer['peak_rss_mb']:.0f} MB "
+            f"-> {m:.2f}x (goal <= 0.6)"
+        )
+        return
     if a.what == "data":
         r = bench_data(a.rows, a.num_proc, a.repeats)
         print(json.dumps(r))

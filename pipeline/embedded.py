@@ -34,9 +34,23 @@ class TinySpec:
     head_dim: int = 32
     max_position_embeddings: int = 512
     seed: int = 0
+    model_vocab_size: int | None = None
+    """Embedding rows; None: the tokenizer's size rounded up to 64. Larger, like Gemma's, for benchmarks."""
 
 
-EMBEDDED_MODELS = {"tiny-gemma-ko": TinySpec()}
+EMBEDDED_MODELS = {
+    "tiny-gemma-ko": TinySpec(),
+    # The PPO benchmark model: Gemma-like full-vocabulary logits (32768 ids, an eighth of Gemma's 256k).
+    "bench-gemma-32k": TinySpec(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        model_vocab_size=32768,
+    ),
+}
 
 
 def corpus_texts() -> list[str]:
@@ -101,7 +115,7 @@ def build_model(spec: TinySpec, tokenizer):
     import torch
     from transformers import GemmaConfig, GemmaForCausalLM, GenerationConfig
 
-    vocab = -(-len(tokenizer) // 64) * 64
+    vocab = spec.model_vocab_size or -(-len(tokenizer) // 64) * 64
     config = GemmaConfig(
         vocab_size=vocab,
         hidden_size=spec.hidden_size,
