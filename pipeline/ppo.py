@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,19 +63,15 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
-        """Logits predicting each response token, (B, L, V), and the value of each state before it, (B, L)."""
-        # Logits are computed for the response positions only (logits_to_keep): never for the prompt.
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=response_length + 1,
-            use_cache=False,
+    def forward(self, input_ids, attention_mask, position_ids, responses, temperature: float, entropy: bool = False):
+        """Log-probs of ``responses`` (B, L) under the policy, the value of the state before each response token
+        (B, L), and (with ``entropy``) the policy's entropy at each response position (B, L) or None."""
+        L = responses.size(1)
+        lp, ent = response_logprobs(
+            self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy
         )
-        return out.logits[:, :-1], token_values(self.value, input_ids, attention_mask, position_ids)[
-            :, -response_length - 1 : -1
-        ]
+        values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
+        return lp, values, ent
 
     # generate() is called on the policy; these let TRL's unwrap_model_for_generation handle the wrapper.
     @property
@@ -95,6 +92,52 @@ def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids) ->
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return seq_cls.score(hidden).squeeze(-1).float()
+
+
+LOGIT_CHUNK_ELEMENTS = 1 << 22  # rows of logits computed at once: about 16 MB in fp32, whatever the vocabulary
+
+
+def response_logprobs(
+    model: nn.Module, input_ids, attention_mask, position_ids, responses, temperature: float, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM, without ever holding the
+    (B, L, vocabulary) logits.
+
+    The backbone runs once; the output head and the log-softmax run over a few rows at a time, and when gradients
+    are needed each chunk is recomputed in the backward pass (activation checkpointing of the head) instead of being
+    kept. With Gemma's 256k vocabulary the full logits of a batch are the largest tensor of PPO.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    L = responses.size(1)
+    backbone = model.get_decoder()
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, -L - 1 : -1]  # (B, L, H): positions predicting y_t
+
+    def chunk_logprobs(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return pm.logprobs_from_logits(logits, tokens, temperature)
+
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, L * head.weight.shape[0]))
+    lps, ents = [], []
+    for a in range(0, hidden.size(0), rows):
+        h, tok = hidden[a : a + rows], responses[a : a + rows]
+        if torch.is_grad_enabled():
+            lps.append(checkpoint(chunk_logprobs, h, tok, use_reentrant=False))
+        else:
+            lps.append(chunk_logprobs(h, tok))
+        if entropy:
+            with torch.no_grad():
+                logits = head(h).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                ents.append(pm.entropy_from_logits(logits, temperature))
+    return torch.cat(lps), (torch.cat(ents) if entropy else None)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -154,7 +197,6 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
     Under ZeRO-3 the parameters are gathered once for the whole rollout, not per generated token (pitfall P12).
     """
     from transformers import GenerationConfig
-    from trl.models.utils import unwrap_model_for_generation
 
     cfg = s.cfg
     L = cfg.response_length
@@ -171,7 +213,7 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
         use_cache=True,
     )
     chunks = []
-    with unwrap_model_for_generation(s.model, s.accelerator) as unwrapped:
+    with unwrapped_for_generation(s) as unwrapped:
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
@@ -194,36 +236,47 @@ def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Ten
     return torch.cat(chunks)
 
 
+@contextmanager
+def unwrapped_for_generation(s: Setup):
+    """The bare PolicyAndValue for generate(); under ZeRO-3 with its parameters gathered once for the whole
+    rollout (TRL's helper). TRL is imported only then: importing it costs about 190 MB of resident memory."""
+    if s.zero3:
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(s.model, s.accelerator) as unwrapped:
+            yield unwrapped
+    else:
+        yield s.unwrapped
+
+
 def _chunked(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 @torch.no_grad()
-def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses) -> tuple[torch.Tensor, torch.Tensor]:
-    L = responses.size(1)
-    lps, vals = [], []
+def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: bool = False):
+    """Rollout log-probs and values from the same forward the update uses; (B, L) each (and the entropy)."""
+    lps, vals, ents = [], [], []
     for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
-        logits, values = s.model(seq[a:b], mask[a:b], pos[a:b], L)
-        lps.append(pm.logprobs_from_logits(logits, responses[a:b], s.cfg.temperature))
+        lp, values, ent = s.model(seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy)
+        lps.append(lp)
         vals.append(values.float())
-    return torch.cat(lps), torch.cat(vals)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(vals), (torch.cat(ents) if entropy else None)
 
 
 @torch.no_grad()
 def ref_logprobs(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
-    L = responses.size(1)
     out = []
     for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
-        kwargs = dict(
-            input_ids=seq[a:b], attention_mask=mask[a:b], position_ids=pos[a:b], logits_to_keep=L + 1, use_cache=False
-        )
+        args = (seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature)
         if s.ref is None:  # LoRA: the reference is the same base with the adapter disabled
             policy = s.unwrapped.policy
             with policy.disable_adapter():
-                logits = policy(**kwargs).logits[:, :-1]
+                out.append(response_logprobs(policy, *args)[0])
         else:
-            logits = s.ref(**kwargs).logits[:, :-1]
-        out.append(pm.logprobs_from_logits(logits, responses[a:b], s.cfg.temperature))
+            ref = s.ref.module if hasattr(s.ref, "module") else s.ref  # a DeepSpeed inference engine's model
+            out.append(response_logprobs(ref, *args)[0])
     return torch.cat(out)
 
 
@@ -268,7 +321,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     pos = positions(mask)
     # 3-5. Log-probs under the policy (same forward as training) and the reference; values.
     t1 = time.perf_counter()
-    logprobs, values = policy_logprobs_and_values(s, seq, mask, pos, responses)
+    logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, entropy=True)
     ref_lp = ref_logprobs(s, seq, mask, pos, responses)
     # 6. Score at the stop token (or the last token when the response never stopped).
     scores = reward_scores(s, seq, mask, pos, C + seq_len)
@@ -295,6 +348,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     stats = {
         "objective/kl": kl.sum(1).mean(),
         "objective/entropy": pm.masked_sum(-logprobs, action_mask, 1).mean(),
+        "policy/entropy_avg": pm.masked_mean(entropy, action_mask),
         "objective/non_score_reward": non_score.sum(1).mean(),
         "objective/rlhf_reward": non_score.sum(1).mean() + scores.mean(),
         "objective/scores": scores.mean(),
@@ -329,9 +383,8 @@ def train_on_rollout(
     """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch."""
     cfg, acc = s.cfg, s.accelerator
     world = acc.num_processes
-    L = ro.responses.size(1)
     grid: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio", "entropy")
+        k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")
     }
     for _ in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
@@ -346,9 +399,8 @@ def train_on_rollout(
             for k in range(sizes.micro_per_mini):
                 mb = idx[k * cfg.per_device_train_batch_size : (k + 1) * cfg.per_device_train_batch_size]
                 with acc.accumulate(s.model):
-                    logits, vpred = s.model(ro.seq[mb], ro.mask[mb], ro.pos[mb], L)
+                    new_lp, vpred, _ = s.model(ro.seq[mb], ro.mask[mb], ro.pos[mb], ro.responses[mb], cfg.temperature)
                     am, vm = ro.action_mask[mb], ro.value_mask[mb]
-                    new_lp = pm.logprobs_from_logits(logits, ro.responses[mb], cfg.temperature)
                     pg, pg_clipped, ratio = pm.clipped_policy_loss(
                         new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange
                     )
@@ -376,9 +428,6 @@ def train_on_rollout(
                     grid["vf_loss"].append(pm.masked_mean(vf, vm))
                     grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
                     grid["ratio"].append(pm.masked_mean(ratio, am))
-                    grid["entropy"].append(
-                        pm.masked_mean(pm.entropy_from_logits(logits.detach(), cfg.temperature), am)
-                    )
     mean = {k: torch.stack(v).mean() for k, v in grid.items()}
     return {
         "policy/approxkl_avg": mean["approxkl"],
@@ -388,7 +437,6 @@ def train_on_rollout(
         "val/clipfrac_avg": mean["vf_clipfrac"],
         "val/ratio": mean["ratio"],
         "val/ratio_var": torch.stack(grid["ratio"]).var() if len(grid["ratio"]) > 1 else torch.tensor(0.0),
-        "policy/entropy_avg": mean["entropy"],
     }
 
 
@@ -456,7 +504,7 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
         mask[:, C:] = pm.valid_mask(seq_len, resp.size(1)).long()
         pos = positions(mask)
         score = reward_scores(s, seq, mask, pos, C + seq_len)
-        lp, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
+        lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
         ref = ref_logprobs(s, seq, mask, pos, resp)
         am = pm.valid_mask(seq_len, resp.size(1))
         kl = pm.masked_sum(lp - ref, am, 1)
@@ -532,7 +580,6 @@ def build_setup(
     """Load, freeze, wrap and prepare the four models; returns (Setup, scheduler)."""
     from transformers import get_scheduler
     from transformers.integrations import is_deepspeed_zero3_enabled
-    from trl.models.utils import prepare_deepspeed
 
     cfg = recipe.ppo
     prec = precision()
@@ -572,6 +619,8 @@ def build_setup(
     model, optimizer = accelerator.prepare(model, optimizer)
     zero3 = is_deepspeed_zero3_enabled()
     if accelerator.distributed_type == "DEEPSPEED":
+        from trl.models.utils import prepare_deepspeed
+
         reward = prepare_deepspeed(reward, accelerator)
         ref = prepare_deepspeed(ref, accelerator) if ref is not None else None
     else:

@@ -104,7 +104,6 @@ def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path):
 def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
     from transformers import GenerationConfig
 
-    from pipeline import ppo_math as pm
     from pipeline.ppo import left_pad, policy_logprobs_and_values, positions
 
     s, tok = _setup(chain, "ppo.temperature=0.7")
@@ -137,14 +136,14 @@ def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
     seq = torch.cat([q, resp], 1)
     mask = torch.cat([(q != s.pad_id).long(), torch.ones_like(resp)], 1)  # a sampled token is never padding
     pos = positions(mask)
-    rollout_lp, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
+    rollout_lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
     assert (rollout_lp - sampler).abs().max() < 1e-4  # T8: temperature and positions as the sampler had them
     s.model.train()  # dropout is off, so training mode gives the same log-probs (T14)
-    logits, _ = s.model(seq, mask, pos, resp.size(1))
-    train_lp = pm.logprobs_from_logits(logits, resp, 0.7)
+    train_lp, _, _ = s.model(seq, mask, pos, resp, 0.7)
     assert torch.equal(train_lp.detach(), rollout_lp)
     # Negative control: without the temperature the log-probs differ.
-    assert (pm.logprobs_from_logits(logits, resp, 1.0) - sampler).abs().max() > 1e-2
+    no_temperature, _, _ = s.model(seq, mask, pos, resp, 1.0)
+    assert (no_temperature.detach() - sampler).abs().max() > 1e-2
 
 
 def test_left_padding_invariance(chain):
@@ -159,7 +158,7 @@ def test_left_padding_invariance(chain):
     for pads in (0, 1, 3, 7):
         seq = torch.tensor([[s.pad_id] * pads + prompt + resp])
         mask = (seq != s.pad_id).long()
-        lp, values = policy_logprobs_and_values(s, seq, mask, positions(mask), torch.tensor([resp]))
+        lp, values, _ = policy_logprobs_and_values(s, seq, mask, positions(mask), torch.tensor([resp]))
         results.append((lp, values))
     for lp, values in results[1:]:
         assert torch.allclose(lp, results[0][0], atol=1e-5) and torch.allclose(values, results[0][1], atol=1e-5)
