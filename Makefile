@@ -78,8 +78,23 @@ demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward mode
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup  ## benchmarks (data stage vs raw tokenizer throughput)
+PEER_VENV ?= .peer-venv
+PEER_DIR ?= ../shared/peer
+BENCH_ITERS ?= 4
+
+bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer (ratios, same machine)
 	$(PY) -m pipeline.bench data
+	$(PY) -m pipeline.embedded bench-gemma-32k > /dev/null
+	@mkdir -p build/bench
+	$(PY) -m pipeline.bench ppo --model-dir build/embedded/bench-gemma-32k --batch 16 --response-length 48 \
+		--epochs 2 --minibatches 2 --iters $(BENCH_ITERS) | tail -n 1 > build/bench/ppo_ours.json
+	@if [ -f $(PEER_DIR)/setup.sh ]; then \
+		bash $(PEER_DIR)/setup.sh $(PEER_VENV) && \
+		TRL_EXPERIMENTAL_SILENCE=1 $(PEER_VENV)/bin/python $(PEER_DIR)/trl112_ppo.py \
+			--model-dir build/embedded/bench-gemma-32k --batch 16 --response-length 48 --epochs 2 --minibatches 2 \
+			--iters $(BENCH_ITERS) 2>/dev/null | tail -n 1 > build/bench/ppo_peer.json && \
+		$(PY) -m pipeline.bench compare build/bench/ppo_ours.json build/bench/ppo_peer.json; \
+	else cat build/bench/ppo_ours.json; echo "peer baseline not found at $(PEER_DIR): PPO ratios skipped"; fi
 
 lint: setup  ## ruff check and format check
 	$(PY) -m ruff check pipeline data_prep tests
