@@ -899,22 +899,17 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.rm import RewardModelGateError
+
     try:
         recipe, _ = parse_cli(argv, "PPO against the reward model.")
         run(recipe)
-    except (ConfigError, IncompleteError, LoadError, ValueError) as e:
+    except (ConfigError, IncompleteError, LoadError, RewardModelGateError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, PPOStopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # the gate's refusal is a clear message too
-        from pipeline.rm import RewardModelGateError
-
-        if isinstance(e, RewardModelGateError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 
