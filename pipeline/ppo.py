@@ -660,6 +660,7 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer
 
     from pipeline.checkpoint import last_resumable, mark_intermediate, require_checkpoint, save_final
+    from pipeline.consistency import check_inputs
     from pipeline.rm import STATS_FILE, check_gate
     from pipeline.tracking import Tracker
 
@@ -681,6 +682,7 @@ def run(recipe: Recipe) -> Path:
     stats = json.loads((rm_dir / STATS_FILE).read_text(encoding="utf-8"))
     data_dir = require_complete(recipe.run_dir / "data", "the data stage output (run `make data` first)")
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    check_inputs(data_dir, {"the SFT checkpoint": sft_dir, "the reward model": rm_dir})
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     datasets.disable_progress_bars()
     train_path = data_dir / "prompts" / "train.parquet"
@@ -899,12 +901,13 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.consistency import ConsistencyError
     from pipeline.rm import RewardModelGateError
 
     try:
         recipe, _ = parse_cli(argv, "PPO against the reward model.")
         run(recipe)
-    except (ConfigError, IncompleteError, LoadError, RewardModelGateError, ValueError) as e:
+    except (ConfigError, IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, PPOStopError) as e:

@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline.atomic import IncompleteError, is_complete, require_complete
 from pipeline.config import ConfigError, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
+from pipeline.consistency import ConsistencyError
 from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
 from pipeline.notices import Derivation
 from pipeline.stage_callback import NonFiniteLossError, stage_callback
@@ -150,6 +151,7 @@ def run(recipe: Recipe) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     from pipeline.checkpoint import last_resumable, mark_intermediate, save_final
+    from pipeline.consistency import check_inputs
     from pipeline.reward_stats import pair_metrics
     from pipeline.tracking import Tracker
 
@@ -168,6 +170,7 @@ def run(recipe: Recipe) -> Path:
     parent = init_checkpoint(recipe)
     data_dir = require_complete(recipe.run_dir / "data", "the data stage output (run `make data` first)")
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
+    check_inputs(data_dir, {"the SFT checkpoint": parent})
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     datasets.disable_progress_bars()
     r = recipe.rm
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe, _ = parse_cli(argv, "Train the reward model on the data stage's preference pairs.")
         run(recipe)
-    except (ConfigError, IncompleteError, LoadError, NonFiniteLossError) as e:
+    except (ConfigError, IncompleteError, LoadError, NonFiniteLossError, ConsistencyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
     return 0

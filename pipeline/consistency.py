@@ -1,0 +1,51 @@
+"""Cross-stage consistency gate: every checkpoint a stage starts from must speak exactly the data stage's format.
+
+Before the reward model and PPO start, the tokenizer of each input checkpoint is compared with the one the data
+stage used (vocabulary and merges hash, chat-template hash, special-token ids), pad must differ from eos, the
+checkpoint's model config must agree on the pad id, and the reward model must score at the token PPO rollouts stop
+on. Anything that differs stops the stage with a message naming what differs and where.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FIELDS = ("hash", "vocab_size", "special_ids", "chat_template_hash")
+
+
+class ConsistencyError(RuntimeError):
+    """Stage inputs disagree on the tokenizer or the chat format."""
+
+
+def check_inputs(data_dir: Path, checkpoints: dict[str, Path], stop_token: str = "<end_of_turn>") -> None:
+    """Raise ConsistencyError unless every checkpoint matches the data stage's tokenizer and format."""
+    from transformers import AutoTokenizer
+
+    from pipeline.loading import tokenizer_fingerprint
+
+    expected = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]
+    problems = []
+    ids = expected["special_ids"]
+    if ids["pad"] == ids["eos"]:
+        problems.append(f"the data stage's tokenizer uses the same id for pad and eos ({ids['pad']})")
+    for name, ckpt in checkpoints.items():
+        got = tokenizer_fingerprint(AutoTokenizer.from_pretrained(ckpt))
+        for field in FIELDS:
+            if got[field] != expected[field]:
+                problems.append(
+                    f"{name} ({ckpt}): tokenizer {field} is {got[field]!r}, the data stage's is {expected[field]!r}"
+                )
+        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        if config.get("pad_token_id") not in (None, ids["pad"]):
+            problems.append(
+                f"{name} ({ckpt}): config pad_token_id {config.get('pad_token_id')} is not the "
+                f"tokenizer's pad id {ids['pad']}"
+            )
+        stats = ckpt / "reward_stats.json"
+        if stats.is_file():
+            scored_at = json.loads(stats.read_text(encoding="utf-8")).get("scored_at")
+            if scored_at != stop_token:
+                problems.append(f"{name} ({ckpt}): scores at {scored_at!r}, but rollouts stop at {stop_token!r}")
+    if problems:
+        raise ConsistencyError("stage inputs are inconsistent:\n  - " + "\n  - ".join(problems))
