@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sft rm ppo demo test bench lint embedded
+.PHONY: help setup data sft rm ppo report demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -68,12 +68,16 @@ rm: sft  ## reward model from the SFT checkpoint -> runs/<run>/rm/final/ (held-o
 ppo: rm  ## PPO against the reward model -> runs/<run>/ppo/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) ppo --recipe $(RECIPE) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO
+report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs PPO on held-out prompts, plots
+	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)
+
+demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, report
 	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

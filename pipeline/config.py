@@ -310,6 +310,17 @@ class TrackingConfig:
 
 
 @dataclass
+class ReportConfig:
+    ground_truth: Literal["none", "polite_korean"] = "none"
+    """Rule that checks answers to held-out prompts, independently of the reward model (``polite_korean``: the
+    embedded data's rule, data_prep/tiny_ko/rules.py)."""
+    samples_per_prompt: int = 8
+    """Sampled answers per held-out prompt for the ground-truth rate (temperature ppo.temperature)."""
+    examples: int = 5
+    """Held-out prompts shown with their answers before and after PPO."""
+
+
+@dataclass
 class LaunchConfig:
     accelerate_config: str = "configs/accelerate/single.yaml"
     """accelerate config file used by ``make sft/rm/ppo`` (overridable with ACCELERATE_CONFIG=...)."""
@@ -335,6 +346,8 @@ class Recipe:
     """Weights & Biases."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """Accelerate launch settings."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """The run report written after PPO."""
 
     @property
     def run_dir(self) -> Path:

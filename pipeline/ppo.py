@@ -568,6 +568,48 @@ def derivation(recipe: Recipe, parent: Path, manifest: dict, metrics: dict, step
     )
 
 
+def chain_summary(recipe: Recipe, sft_dir: Path, rm_dir: Path, metrics: dict, tokenizer: Any) -> str:
+    """The final model card's account of all three stages, and how to run the model with the right stop token."""
+    sft_m = json.loads((sft_dir / "lineage.json").read_text(encoding="utf-8"))["metrics"]
+    rm_m = json.loads((rm_dir / "lineage.json").read_text(encoding="utf-8"))["metrics"]
+
+    def f(v):
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+    data = recipe.data
+    return "\n".join(
+        [
+            "## How this model was made",
+            "",
+            "| stage | data | result |",
+            "|---|---|---|",
+            f"| SFT | {', '.join(f'`{s.path}`' for s in data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
+            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
+            f"| reward model | {', '.join(f'`{s.path}`' for s in data.preference.train)} | held-out pairwise accuracy "
+            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
+            f"| PPO | {', '.join(f'`{s.path}`' for s in data.prompts.train)} | {metrics['updates']} updates; score "
+            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
+            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
+            "",
+            "The ground-truth rates of the SFT and PPO models on held-out prompts are in the run's `report.md`.",
+            "",
+            "## Inference",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            'stop = [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]  # a model turn ends with <end_of_turn>',
+            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
+            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+        ]
+    )
+
+
 def build_setup(
     recipe: Recipe,
     accelerator: Any,
@@ -869,6 +911,7 @@ def run(recipe: Recipe) -> Path:
         "seconds_this_session": round(total_s, 1),
     }
     d = derivation(recipe, sft_dir, manifest, final_metrics, None, "lora-merged" if cfg.method == "lora" else "full")
+    d.extra_sections.append(chain_summary(recipe, sft_dir, rm_dir, final_metrics, tokenizer))
     state_dict = accelerator.get_state_dict(s.model)  # gathered from every ZeRO-3 shard
 
     def write_weights(tmp: Path) -> None:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,7 @@ def run(recipe: Recipe) -> Path:
     from pipeline.reward_stats import pair_metrics
     from pipeline.tracking import Tracker
 
+    t_start = time.perf_counter()
     # 1. Outputs; skip a finished stage (the launcher's RANK tells the main process until the state exists).
     rank0 = os.environ.get("RANK", "0") == "0"
     stage_dir = recipe.run_dir / STAGE
@@ -277,6 +279,7 @@ def run(recipe: Recipe) -> Path:
     if losses:
         metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
     metrics["steps"] = trainer.state.global_step
+    metrics["seconds_this_session"] = round(time.perf_counter() - t_start, 1)
     tracker.log({f"{STAGE}/final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
     if state.is_main_process:
         print("[rm] held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()), flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ def run(recipe: Recipe) -> Path:
     from pipeline.checkpoint import last_resumable, save_final
     from pipeline.tracking import Tracker
 
+    t_start = time.perf_counter()
     # 1. Outputs; skip a finished stage. (The distributed state is set up by the training arguments below, which
     #    pick gloo on a CPU-only machine: until then the launcher's RANK tells the main process.)
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -219,6 +221,7 @@ def run(recipe: Recipe) -> Path:
             }
         )
     metrics["steps"] = trainer.state.global_step
+    metrics["seconds_this_session"] = round(time.perf_counter() - t_start, 1)
 
     # 6. Save: one notice-carrying, atomic checkpoint (LoRA merged into a full one; the adapter kept beside).
     method = "lora-merged" if s.method == "lora" else "full"
