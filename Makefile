@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sft rm ppo report demo test bench lint embedded
+.PHONY: help setup data sft rm ppo report plan demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -38,6 +38,7 @@ help:  ## this list
 	@echo "  TORCH_SPEC=$(TORCH_SPEC)   torch requirement installed first (CPU build here, CUDA build on a GPU box)"
 	@echo "  ACCELERATE_CONFIG=configs/accelerate/...yaml   accelerate config (default: the recipe's launch section)"
 	@echo "  NUM_PROCESSES=N   processes in total; NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT for multi-node"
+	@echo "  GPU_GIB=80   GPU memory that make plan checks the plan against"
 
 # The venv is (re)built when pyproject.toml changes; the stamp file marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -67,6 +68,11 @@ rm: sft  ## reward model from the SFT checkpoint -> runs/<run>/rm/final/ (held-o
 
 ppo: rm  ## PPO against the reward model -> runs/<run>/ppo/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) ppo --recipe $(RECIPE) $(OVERRIDES)
+
+GPU_GIB ?= 80
+
+plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU memory) without running or downloading
+	$(PY) -m pipeline.plan --recipe $(RECIPE) --gpu-gib $(GPU_GIB) $(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(OVERRIDES)
 
 report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs PPO on held-out prompts, plots
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)

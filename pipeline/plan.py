@@ -1,0 +1,290 @@
+"""Print what a recipe will run, and whether it fits, without running or downloading anything.
+
+    make plan RECIPE=recipes/gemma2b_ko.yaml [GPU_GIB=80] [NUM_PROCESSES=8]
+    python -m pipeline.plan --recipe recipes/gemma2b_ko.yaml [--gpu-gib 80] [--num-processes 8]
+
+Stages, models, datasets, world size, effective batch sizes and steps, and an estimate of per-GPU memory for each
+stage's models under the accelerate config's ZeRO stage: parameters, gradients, optimizer states, activations and
+the largest logits tensor. A plan that will not fit the stated GPU memory is flagged.
+
+Model sizes come from the model's ``config.json`` when it is local (or embedded), otherwise from the table of known
+Gemma configurations below: nothing is downloaded. The estimate follows the ZeRO paper's accounting for bf16
+mixed precision with Adam (2 bytes of weights, 2 of gradients and 12 of fp32 master weights and moments per
+trained parameter, sharded by stage); it is a planning figure, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import yaml
+
+from pipeline.config import EMBEDDED_PREFIX, ConfigError, Recipe, load_recipe, resolve_path, validate
+
+# Architectures of public Gemma checkpoints (from their config.json), so that hub recipes plan offline.
+KNOWN_CONFIGS = {
+    "google/gemma-2b": dict(
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+    ),
+    "google/gemma-7b": dict(
+        vocab_size=256000,
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
+    ),
+    "google/gemma-2-2b": dict(
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+    ),
+    "beomi/gemma-ko-2b": dict(
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_hidden_layers=18,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+    ),
+    "beomi/gemma-ko-7b": dict(
+        vocab_size=256000,
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
+    ),
+}
+GIB = 1024**3
+
+
+@dataclass
+class Arch:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+    def parameters(self, lm_head: bool = True) -> int:
+        """Parameter count of a Gemma decoder (tied embeddings: the output head adds nothing)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * self.num_attention_heads * hd * 2 + h * self.num_key_value_heads * hd * 2
+        mlp = 3 * h * self.intermediate_size
+        return self.vocab_size * h + self.num_hidden_layers * (attn + mlp + 2 * h) + h + (0 if lm_head else h)
+
+
+def architecture(recipe: Recipe) -> tuple[Arch, str]:
+    name = recipe.model.name_or_path
+    if name.startswith(EMBEDDED_PREFIX):
+        from pipeline.embedded import EMBEDDED_MODELS
+
+        spec = EMBEDDED_MODELS[name[len(EMBEDDED_PREFIX) :]]
+        vocab = spec.model_vocab_size or -(-spec.vocab_size // 64) * 64
+        return Arch(
+            vocab,
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.num_hidden_layers,
+            spec.num_attention_heads,
+            spec.num_key_value_heads,
+            spec.head_dim,
+        ), "embedded spec"
+    local = resolve_path(name) / "config.json"
+    if local.is_file():
+        cfg = json.loads(local.read_text(encoding="utf-8"))
+        fields = Arch.__dataclass_fields__
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        return Arch(**{k: cfg[k] for k in fields}), str(local)
+    if name in KNOWN_CONFIGS:
+        return Arch(**KNOWN_CONFIGS[name]), "known configuration table"
+    raise ConfigError(
+        f"no architecture for {name!r} without downloading: use a local directory or add it to "
+        "pipeline/plan.py KNOWN_CONFIGS"
+    )
+
+
+def launch_settings(recipe: Recipe, num_processes: int | None) -> tuple[int, int, str]:
+    """(world size, ZeRO stage (0: none), offload) from the accelerate config."""
+    acc = yaml.safe_load(resolve_path(recipe.launch.accelerate_config).read_text(encoding="utf-8"))
+    world = num_processes or recipe.launch.num_processes or acc.get("num_processes", 1)
+    ds = acc.get("deepspeed_config") or {}
+    stage = ds.get("zero_stage", 0) if acc.get("distributed_type") == "DEEPSPEED" else 0
+    offload = ds.get("offload_optimizer_device", "none")
+    return int(world), int(stage), offload
+
+
+def trained_bytes(n: int, world: int, stage: int, offload: str) -> dict[str, float]:
+    """Per-GPU bytes of a trained model: weights, gradients, optimizer states (ZeRO accounting)."""
+    weights = 2 * n / (world if stage >= 3 else 1)
+    grads = 2 * n / (world if stage >= 2 else 1)
+    optim = 0.0 if offload == "cpu" else 12 * n / (world if stage >= 1 else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optim}
+
+
+def activation_bytes(a: Arch, tokens: int, checkpointing: bool) -> float:
+    """Activation memory of one micro-batch (Korthikanti et al.: ~34 bytes x hidden per token and layer in 16-bit,
+    attention scores excluded as with fused attention); with checkpointing, one hidden state per layer."""
+    per_token_layer = 2 * a.hidden_size if checkpointing else 34 * a.hidden_size
+    return tokens * a.num_hidden_layers * per_token_layer
+
+
+def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0) -> tuple[str, bool]:
+    a, source = architecture(recipe)
+    world, stage, offload = launch_settings(recipe, num_processes)
+    n = a.parameters()
+    d = recipe.data
+    counts = {}
+    manifest = recipe.run_dir / "data" / "manifest.json"
+    if manifest.is_file():
+        counts = json.loads(manifest.read_text(encoding="utf-8"))["counts"]
+    lines = [
+        f"plan for {recipe.run.name}: {recipe.model.name_or_path} ({n / 1e9:.3f}B parameters, architecture from "
+        f"{source})",
+        f"launch: {recipe.launch.accelerate_config}, {world} process(es), "
+        + (f"DeepSpeed ZeRO-{stage}" if stage else "no ZeRO")
+        + (", optimizer offloaded to CPU" if offload == "cpu" else ""),
+        f"GPU memory stated: {gpu_gib:g} GiB",
+        "",
+    ]
+    fits = True
+
+    def steps(stage_name: str, per_device: int, ga: int, epochs: float, max_steps: int, data_key: str) -> str:
+        batch = per_device * ga * world
+        rows = counts.get(data_key, {}).get("train")
+        if max_steps > 0:
+            return f"global batch {batch}, {max_steps} optimizer steps (max_steps)"
+        if rows is None:
+            return f"global batch {batch}, steps = {epochs:g} x ceil(rows / {batch}) (rows known after `make data`)"
+        return f"global batch {batch}, {math.ceil(epochs * math.ceil(rows / batch))} optimizer steps over {rows} rows"
+
+    def memory(name: str, trained: list[int], frozen: list[int], act: float, logits: float) -> None:
+        nonlocal fits
+        parts = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+        for t in trained:
+            for k, v in trained_bytes(t, world, stage, offload).items():
+                parts[k] += v
+        parts["frozen models"] = sum(2 * f / (world if stage >= 3 else 1) for f in frozen)
+        parts["activations"] = act
+        parts["largest logits"] = logits
+        total = sum(parts.values())
+        ok = total <= gpu_gib * GIB
+        fits &= ok
+        detail = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items())
+        lines.append(
+            f"  memory per GPU: {total / GIB:.1f} GiB ({detail} GiB)"
+            + ("" if ok else f"  <-- DOES NOT FIT {gpu_gib:g} GiB")
+        )
+
+    s = recipe.sft
+    lines.append(f"[sft] data: {', '.join(x.path for x in d.sft.train) or '(none)'}; method {s.method}")
+    lines.append(
+        "  "
+        + steps(
+            "sft", s.per_device_train_batch_size, s.gradient_accumulation_steps, s.num_train_epochs, s.max_steps, "sft"
+        )
+    )
+    tokens = s.per_device_train_batch_size * d.max_length
+    memory("sft", [n], [], activation_bytes(a, tokens, s.gradient_checkpointing), tokens * a.vocab_size * 4 * 2)
+    r = recipe.rm
+    lines.append(
+        f"[rm] data: {', '.join(x.path for x in d.preference.train) or '(none)'}; method {r.method}; "
+        f"gate: held-out accuracy >= {r.min_accuracy}"
+    )
+    lines.append(
+        "  "
+        + steps(
+            "rm",
+            r.per_device_train_batch_size,
+            r.gradient_accumulation_steps,
+            r.num_train_epochs,
+            r.max_steps,
+            "preference",
+        )
+    )
+    tokens = 2 * r.per_device_train_batch_size * d.max_length  # chosen and rejected
+    memory("rm", [n], [], activation_bytes(a, tokens, r.gradient_checkpointing), 0.0)
+    p = recipe.ppo
+    from pipeline.ppo_math import batch_sizes
+
+    sizes = batch_sizes(
+        p.per_device_train_batch_size,
+        p.gradient_accumulation_steps,
+        world,
+        p.num_mini_batches,
+        p.total_episodes,
+        p.num_ppo_epochs,
+    )
+    lines.append(
+        f"[ppo] prompts: {', '.join(x.path for x in d.prompts.train) or '(none)'}; method {p.method}; value "
+        f"from {p.value_init}"
+    )
+    lines.append(
+        f"  {sizes.num_updates} updates of {sizes.batch} rollouts ({sizes.local_batch} per process), "
+        f"{sizes.optimizer_steps_per_update} optimizer steps each (minibatch {sizes.mini_batch}), "
+        f"{sizes.num_updates * sizes.optimizer_steps_per_update} in total"
+    )
+    seq = d.max_prompt_length + p.response_length
+    tokens = p.per_device_train_batch_size * seq
+    rollout_rows = min(p.local_rollout_forward_batch_size, sizes.local_batch)
+    logits = max(rollout_rows * a.vocab_size * 4, (1 << 22) * 4)  # a generation step; the chunked training head
+    trained = [n, n] if p.method == "full" else [n // 100, n]  # LoRA: adapters only (about 1%) plus the value model
+    frozen = [n, n] if p.method == "full" else [n, n]  # reference (or the LoRA base) and reward model
+    memory(
+        "ppo",
+        trained,
+        frozen,
+        2 * activation_bytes(a, tokens, False)
+        + rollout_rows * seq * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 * 2,
+        logits,
+    )
+    lines += [
+        "",
+        "fits"
+        if fits
+        else "DOES NOT FIT: use more processes, a higher ZeRO stage, offload, smaller "
+        "micro-batches or gradient checkpointing",
+    ]
+    return "\n".join(lines), fits
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    try:
+        recipe = load_recipe(a.recipe, a.overrides)
+        validate(recipe, source=a.recipe)
+        text, fits = plan(recipe, a.num_processes, a.gpu_gib)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if fits else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
