@@ -591,7 +591,7 @@ def chain_summary(recipe: Recipe, sft_dir: Path, rm_dir: Path, metrics: dict, to
             f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
             f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
             "",
-            "The ground-truth rates of the SFT and PPO models on held-out prompts are in the run's `report.md`.",
+            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
             "",
             "## Inference",
             "",

@@ -197,6 +197,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     images = plots(run_dir, out)
     (run_dir / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    add_to_card(ppo_dir / "README.md", result)
     (run_dir / "report.md").write_text(markdown(recipe, result, texts, answers, images), encoding="utf-8")
     print(
         f"[report] wrote {run_dir / 'report.md'}: "
@@ -204,6 +205,44 @@ def run(recipe: Recipe) -> dict[str, Any]:
         flush=True,
     )
     return result
+
+
+CARD_SECTION = "## Evaluation on held-out prompts"
+
+
+def add_to_card(card: Path, r: dict) -> None:
+    """Put the report's before/after figures into the PPO model card (replacing an earlier report's), atomically."""
+    text = card.read_text(encoding="utf-8")
+    if CARD_SECTION in text:
+        head, _, rest = text.partition(CARD_SECTION)
+        after = rest.split("\n## ", 1)
+        text = head + ("## " + after[1] if len(after) > 1 else "")
+    rows = [
+        f"| {label} | {r[f'sft_{key}']:.3f} | {r[f'ppo_{key}']:.3f} | {r[f'ppo_{key}'] - r[f'sft_{key}']:+.3f} |"
+        for key, label in (
+            ("accuracy", f"ground-truth rate ({r['ground_truth']})"),
+            ("arithmetic_accuracy", "arithmetic correct"),
+            ("rm_score", "reward-model score"),
+        )
+        if r.get(f"sft_{key}") is not None and r.get(f"ppo_{key}") is not None
+    ]
+    section = "\n".join(
+        [
+            CARD_SECTION,
+            "",
+            f"{r['heldout_prompts']} held-out prompts, {r['samples_per_prompt']} "
+            "sampled answers each; reward-model held-out accuracy "
+            f"{r['rm_accuracy']:.3f}; KL to the SFT model {r['ppo_kl']:.3f}.",
+            "",
+            "| measure | SFT | PPO | change |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    tmp = card.with_name(f".{card.name}.tmp")
+    tmp.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+    tmp.replace(card)
 
 
 def markdown(recipe: Recipe, r: dict, texts: list[str], answers: dict, images: list[str]) -> str:

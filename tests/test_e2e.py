@@ -45,6 +45,7 @@ def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
         assert missing_notices(ckpt) == [], ckpt
     card = (run / "ppo" / "final" / "README.md").read_text()
     assert "## How this model was made" in card and "eos_token_id=stop" in card
+    assert card.count("## Evaluation on held-out prompts") == 1 and "ground-truth rate" in card
 
     again = _make(tmp_path, "report")
     assert again.returncode == 0
