@@ -77,6 +77,38 @@ class Derivation:
     """More model-card sections (markdown), e.g. a stage summary."""
 
 
+def stage_derivation(
+    recipe,
+    stage: str,
+    method: str,
+    parent: str | Path,
+    datasets: list[str],
+    data_manifest: dict,
+    metrics: dict,
+    step: int | None,
+    pipeline_tag: str = "text-generation",
+) -> Derivation:
+    """A stage's Derivation, with everything that comes from the recipe filled in."""
+    from pipeline.config import recipe_hash, to_dict
+
+    return Derivation(
+        stage=stage,
+        method=method,
+        run_name=recipe.run.name,
+        base_model=recipe.model.name_or_path,
+        base_revision=recipe.model.revision,
+        parent=str(parent),
+        datasets=datasets,
+        recipe=to_dict(recipe),
+        recipe_hash=recipe_hash(recipe),
+        data_manifest=data_manifest,
+        metrics=metrics,
+        step=step,
+        terms_source=recipe.model.terms_of_use,
+        pipeline_tag=pipeline_tag,
+    )
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)

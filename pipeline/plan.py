@@ -54,25 +54,10 @@ KNOWN_CONFIGS = {
         num_key_value_heads=4,
         head_dim=256,
     ),
-    "beomi/gemma-ko-2b": dict(
-        vocab_size=256000,
-        hidden_size=2048,
-        intermediate_size=16384,
-        num_hidden_layers=18,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=256,
-    ),
-    "beomi/gemma-ko-7b": dict(
-        vocab_size=256000,
-        hidden_size=3072,
-        intermediate_size=24576,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        head_dim=256,
-    ),
 }
+# Korean continuations keep their base architecture.
+KNOWN_CONFIGS["beomi/gemma-ko-2b"] = KNOWN_CONFIGS["google/gemma-2b"]
+KNOWN_CONFIGS["beomi/gemma-ko-7b"] = KNOWN_CONFIGS["google/gemma-7b"]
 GIB = 1024**3
 
 

@@ -38,9 +38,9 @@ from torch import nn
 
 from pipeline import ppo_math as pm
 from pipeline.atomic import IncompleteError, is_complete, require_complete
-from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
+from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, to_yaml
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
-from pipeline.notices import Derivation
+from pipeline.notices import stage_derivation
 from pipeline.stage_callback import NonFiniteLossError
 
 STAGE = "ppo"
@@ -551,20 +551,8 @@ def _generate_with(s: Setup, ref: Any, queries: torch.Tensor) -> torch.Tensor:
 
 
 def derivation(recipe: Recipe, parent: Path, manifest: dict, metrics: dict, step: int | None, method: str):
-    return Derivation(
-        stage=STAGE,
-        method=method,
-        run_name=recipe.run.name,
-        base_model=recipe.model.name_or_path,
-        base_revision=recipe.model.revision,
-        parent=str(parent),
-        datasets=[s.path for s in recipe.data.prompts.train],
-        recipe=to_dict(recipe),
-        recipe_hash=recipe_hash(recipe),
-        data_manifest=manifest,
-        metrics=metrics,
-        step=step,
-        terms_source=recipe.model.terms_of_use,
+    return stage_derivation(
+        recipe, STAGE, method, parent, [s.path for s in recipe.data.prompts.train], manifest, metrics, step
     )
 
 

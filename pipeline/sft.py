@@ -18,30 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import IncompleteError, is_complete, require_complete
-from pipeline.config import ConfigError, Recipe, parse_cli, recipe_hash, to_dict, to_yaml
+from pipeline.config import ConfigError, Recipe, parse_cli, to_yaml
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
-from pipeline.notices import Derivation
+from pipeline.notices import Derivation, stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, stage_callback
 
 STAGE = "sft"
 
 
 def derivation(recipe: Recipe, data_manifest: dict, metrics: dict, step: int | None, method: str) -> Derivation:
-    datasets = [s.path for s in recipe.data.sft.train]
-    return Derivation(
-        stage=STAGE,
-        method=method,
-        run_name=recipe.run.name,
-        base_model=recipe.model.name_or_path,
-        base_revision=recipe.model.revision,
-        parent=recipe.model.name_or_path,
-        datasets=datasets,
-        recipe=to_dict(recipe),
-        recipe_hash=recipe_hash(recipe),
-        data_manifest=data_manifest,
-        metrics=metrics,
-        step=step,
-        terms_source=recipe.model.terms_of_use,
+    return stage_derivation(
+        recipe,
+        STAGE,
+        method,
+        recipe.model.name_or_path,
+        [s.path for s in recipe.data.sft.train],
+        data_manifest,
+        metrics,
+        step,
     )
 
 
