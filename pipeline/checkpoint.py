@@ -9,6 +9,7 @@ without its marker or its notices.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -104,6 +105,16 @@ def last_resumable(folder: str | Path) -> Path | None:
             shutil.rmtree(p, ignore_errors=True)
     _barrier()
     return max(found)[1] if found else None
+
+
+def training_done(ckpt: Path | None) -> bool:
+    """True when a resumable checkpoint already holds the run's last training step (the stage was killed after it,
+    e.g. while writing its final checkpoint). transformers' Trainer, resumed from such a checkpoint, counts one more
+    step without training; the stages then load the weights from the checkpoint and skip ``train()``."""
+    if ckpt is None:
+        return False
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
 
 
 def require_checkpoint(path: str | Path, what: str) -> Path:

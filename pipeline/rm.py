@@ -143,10 +143,10 @@ def check_gate(rm_dir: str | Path, min_accuracy: float, override: bool) -> float
 def run(recipe: Recipe) -> Path:
     import datasets
     from accelerate import PartialState
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.checkpoint import last_resumable, mark_intermediate, save_final
+    from pipeline.checkpoint import last_resumable, mark_intermediate, save_final, training_done
     from pipeline.consistency import check_inputs
     from pipeline.reward_stats import pair_metrics
     from pipeline.tracking import Tracker
@@ -218,12 +218,20 @@ def run(recipe: Recipe) -> Path:
         print(f"[rm] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}; from {parent}", flush=True)
 
     # 4. Model: a one-output sequence classifier from the SFT checkpoint, fresh reward head.
-    model = load_sequence_classifier(recipe.model, str(parent), dtype=prec["dtype"])
+    resume = last_resumable(stage_dir / "checkpoints")
+    done = training_done(resume)  # killed after the last step: the weights come from that checkpoint
+    from_ckpt = done and r.method == "full"
+    model = load_sequence_classifier(recipe.model, str(resume if from_ckpt else parent), dtype=prec["dtype"])
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
         raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
-    init_score_head(model)
+    if not done:
+        init_score_head(model)
     peft_config = None
-    if r.method == "lora":
+    if done and r.method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resume), is_trainable=True)
+    elif r.method == "lora":
         from peft import LoraConfig
 
         peft_config = LoraConfig(
@@ -252,10 +260,12 @@ def run(recipe: Recipe) -> Path:
     trainer.remove_callback(PrinterCallback)
 
     # 5. Resume from the last complete checkpoint, train.
-    resume = last_resumable(stage_dir / "checkpoints")
     if resume is not None and state.is_main_process:
-        print(f"[rm] resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        print(f"[rm] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
+    if done:
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # 6. Judge the reward model on the held-out pairs, scored at the final <end_of_turn> of each response.
     scorer = trainer.accelerator.unwrap_model(trainer.model_wrapped) if trainer.is_deepspeed_enabled else trainer.model

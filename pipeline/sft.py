@@ -94,10 +94,10 @@ def make_callback(recipe: Recipe, tracker: Any, tokenizer: Any, data_manifest: d
 def run(recipe: Recipe) -> Path:
     import datasets
     from accelerate import PartialState
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.checkpoint import last_resumable, save_final
+    from pipeline.checkpoint import last_resumable, save_final, training_done
     from pipeline.tracking import Tracker
 
     t_start = time.perf_counter()
@@ -169,9 +169,15 @@ def run(recipe: Recipe) -> Path:
 
     # 4. Model (and LoRA). Built after the training arguments: under ZeRO-3 those make from_pretrained
     #    load each rank's shard directly instead of a full copy per process.
-    model = load_causal_lm(recipe.model, dtype=prec["dtype"])
+    resume = last_resumable(stage_dir / "checkpoints")
+    done = training_done(resume)  # killed after the last step: the weights come from that checkpoint
+    model = load_causal_lm(recipe.model, str(resume) if done and s.method == "full" else None, dtype=prec["dtype"])
     peft_config = None
-    if s.method == "lora":
+    if done and s.method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resume), is_trainable=True)
+    elif s.method == "lora":
         from peft import LoraConfig
 
         peft_config = LoraConfig(
@@ -195,10 +201,12 @@ def run(recipe: Recipe) -> Path:
     trainer.remove_callback(PrinterCallback)  # our callback prints one line per log
 
     # 5. Resume from the last complete checkpoint, train.
-    resume = last_resumable(stage_dir / "checkpoints")
     if resume is not None and state.is_main_process:
-        print(f"[sft] resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        print(f"[sft] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
+    if done:
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics: dict[str, Any] = {}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
