@@ -107,6 +107,24 @@ def last_resumable(folder: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def finished_or_announce(recipe: Any, stage: str) -> Path | None:
+    """A stage's first step: its ``final/`` when already complete (the stage is skipped), else None after printing
+    the resolved recipe. Runs before the distributed state exists, so the launcher's RANK picks the printer."""
+    import os
+
+    from pipeline.config import to_yaml
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    final = recipe.run_dir / stage / "final"
+    if is_complete(final):
+        if rank0:
+            print(f"[{stage}] already finished: {final} (delete it to train again)", flush=True)
+        return final
+    if rank0:
+        print(f"[{stage}] resolved recipe:\n{to_yaml(recipe)}", flush=True)
+    return None
+
+
 def training_done(ckpt: Path | None) -> bool:
     """True when a resumable checkpoint already holds the run's last training step (the stage was killed after it,
     e.g. while writing its final checkpoint). transformers' Trainer, resumed from such a checkpoint, counts one more

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -37,8 +38,8 @@ import torch
 from torch import nn
 
 from pipeline import ppo_math as pm
-from pipeline.atomic import IncompleteError, is_complete, require_complete
-from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, to_yaml
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
 from pipeline.stage_callback import NonFiniteLossError
@@ -689,21 +690,22 @@ def run(recipe: Recipe) -> Path:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from pipeline.checkpoint import last_resumable, mark_intermediate, require_checkpoint, save_final
+    from pipeline.checkpoint import (
+        finished_or_announce,
+        last_resumable,
+        mark_intermediate,
+        require_checkpoint,
+        save_final,
+    )
     from pipeline.consistency import check_inputs
     from pipeline.rm import STATS_FILE, check_gate
     from pipeline.tracking import Tracker
 
     cfg = recipe.ppo
-    rank0 = os.environ.get("RANK", "0") == "0"
+    if (done_final := finished_or_announce(recipe, STAGE)) is not None:
+        return done_final
     stage_dir = recipe.run_dir / STAGE
     final = stage_dir / "final"
-    if is_complete(final):
-        if rank0:
-            print(f"[ppo] already finished: {final} (delete it to train again)", flush=True)
-        return final
-    if rank0:
-        print(f"[ppo] resolved recipe:\n{to_yaml(recipe)}", flush=True)
 
     # Inputs: SFT and reward model checkpoints (complete, with notices), the gate, prompts, tokenizer.
     sft_dir = require_checkpoint(recipe.run_dir / "sft" / "final", "the SFT checkpoint (run `make sft` first)")
@@ -792,8 +794,6 @@ def run(recipe: Recipe) -> Path:
             last = progress.history[-1] if progress.history else {}
             mark_intermediate(ckpt, derivation(recipe, sft_dir, manifest, last, update, method))
             for old in sorted(ckpt_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, is_complete, require_complete
-from pipeline.config import ConfigError, Recipe, parse_cli, to_yaml
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, Recipe, parse_cli
 from pipeline.consistency import ConsistencyError
 from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
@@ -146,22 +145,17 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.checkpoint import last_resumable, mark_intermediate, save_final, training_done
+    from pipeline.checkpoint import finished_or_announce, last_resumable, mark_intermediate, save_final, training_done
     from pipeline.consistency import check_inputs
     from pipeline.reward_stats import pair_metrics
     from pipeline.tracking import Tracker
 
     t_start = time.perf_counter()
-    # 1. Outputs; skip a finished stage (the launcher's RANK tells the main process until the state exists).
-    rank0 = os.environ.get("RANK", "0") == "0"
+    # 1. Outputs; skip a finished stage.
+    if (done_final := finished_or_announce(recipe, STAGE)) is not None:
+        return done_final
     stage_dir = recipe.run_dir / STAGE
     final = stage_dir / "final"
-    if is_complete(final):
-        if rank0:
-            print(f"[rm] already finished: {final} (delete it to train again)", flush=True)
-        return final
-    if rank0:
-        print(f"[rm] resolved recipe:\n{to_yaml(recipe)}", flush=True)
 
     # 2. Inputs: the SFT checkpoint, the data stage's pairs and tokenizer.
     parent = init_checkpoint(recipe)

@@ -11,14 +11,13 @@ one, and a finished stage is skipped. The finished model is ``runs/<run>/sft/fin
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, is_complete, require_complete
-from pipeline.config import ConfigError, Recipe, parse_cli, to_yaml
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, Recipe, parse_cli
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.notices import Derivation, stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, stage_callback
@@ -97,21 +96,16 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.checkpoint import last_resumable, save_final, training_done
+    from pipeline.checkpoint import finished_or_announce, last_resumable, save_final, training_done
     from pipeline.tracking import Tracker
 
     t_start = time.perf_counter()
     # 1. Outputs; skip a finished stage. (The distributed state is set up by the training arguments below, which
-    #    pick gloo on a CPU-only machine: until then the launcher's RANK tells the main process.)
-    rank0 = os.environ.get("RANK", "0") == "0"
+    #    pick gloo on a CPU-only machine.)
+    if (done_final := finished_or_announce(recipe, STAGE)) is not None:
+        return done_final
     stage_dir = recipe.run_dir / STAGE
     final = stage_dir / "final"
-    if is_complete(final):
-        if rank0:
-            print(f"[sft] already finished: {final} (delete it to train again)", flush=True)
-        return final
-    if rank0:
-        print(f"[sft] resolved recipe:\n{to_yaml(recipe)}", flush=True)
 
     # 2. Data and tokenizer from the data stage (the same tokenizer and chat template for every stage).
     import json
