@@ -35,7 +35,7 @@ from typing import Any
 from data_prep.formats import detect, map_columns, preference_pair, prompt_turns, sft_dialogue
 from data_prep.gemma_format import FORMATTER_VERSION, MODEL, USER, FormatError, GemmaEncoder, Turn
 from data_prep.readers import BadRow, DataError, iter_rows, source_files
-from pipeline.atomic import atomic_dir, clean_stale, is_complete
+from pipeline.atomic import atomic_dir, clean_stale, is_complete, storage_full, storage_full_message
 from pipeline.config import ConfigError, DatasetSpec, Recipe, StageData, parse_cli, recipe_hash, to_yaml
 from pipeline.loading import LoadError, load_tokenizer, tokenizer_fingerprint
 
@@ -415,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     except FormatError as e:
         print(f"error: tokenizer: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not storage_full(e):
+            raise
+        print(f"error: {storage_full_message(e, 'data')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,6 +7,7 @@ finished: ``require_complete`` refuses it with a clear message.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,6 +21,35 @@ MARKER = "COMPLETE"
 
 class IncompleteError(RuntimeError):
     """A stage output is missing or was never finished."""
+
+
+# Write failures that mean "no room": a full disk, a quota, a file-size limit. Libraries wrap them in their own
+# exception types (safetensors reports a Rust IoError as text), so the chain of causes is searched, text included.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "StorageFull")
+
+
+def storage_full(e: BaseException | None) -> bool:
+    """True when ``e`` (or an exception it was raised from) is a disk-full, quota or file-size-limit error."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(e) for t in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def storage_full_message(e: BaseException, stage: str) -> str:
+    """One line for a stage that ran out of space: what failed, and that nothing half-written counts as finished."""
+    where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (
+        f"{stage}: out of disk space{where} ({first}). Nothing half-written was marked {MARKER}: the last complete "
+        "checkpoint or output is kept. Free space and run the same command again to resume."
+    )
 
 
 def is_complete(path: str | Path) -> bool:

@@ -107,6 +107,19 @@ def last_resumable(folder: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def last_good_note(folder: str | Path) -> str:
+    """What a stopped stage leaves to resume from: its newest complete ``checkpoint-N``, or that there is none."""
+    folder = Path(folder)
+    done = [
+        (int(m.group(1)), p)
+        for p in (folder.iterdir() if folder.is_dir() else [])
+        if (m := _CKPT.match(p.name)) and is_complete(p)
+    ]
+    if not done:
+        return f"no checkpoint was saved yet in {folder} (a re-run starts the stage from its beginning)"
+    return f"the last good checkpoint, {max(done)[1]}, is kept (a re-run resumes from it)"
+
+
 def finished_or_announce(recipe: Any, stage: str) -> Path | None:
     """A stage's first step: its ``final/`` when already complete (the stage is skipped), else None after printing
     the resolved recipe. Runs before the distributed state exists, so the launcher's RANK picks the printer."""

@@ -636,6 +636,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         section, name = key.split(".")
         if getattr(getattr(recipe, section), name) < 0:
             err(key, "must not be negative")
+    for section in ("sft", "rm"):
+        if getattr(recipe, section).save_total_limit < 2:
+            # The Trainer deletes older checkpoints before the stage marks the newest one complete: with a limit of
+            # 1, a save that fails (disk full, a kill) would leave nothing to resume from.
+            err(f"{section}.save_total_limit", "must be at least 2 so a failed save keeps the previous checkpoint")
     p = recipe.ppo
     if p.temperature <= 0:
         err("ppo.temperature", "must be positive (sampling is required for PPO)")

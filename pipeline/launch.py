@@ -13,7 +13,7 @@ every machine with its ``--machine-rank``.
 from __future__ import annotations
 
 import argparse
-import os
+import subprocess
 import sys
 
 from pipeline.config import ConfigError, load_recipe, resolve_path, validate
@@ -55,14 +55,29 @@ def build_command(argv: list[str] | None = None) -> list[str]:
     return cmd + ["-m", f"pipeline.{a.stage}", "--recipe", a.recipe, *a.overrides]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     try:
         cmd = build_command(argv)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("[launch] " + " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)
+    # accelerate's launcher runs in this process so that a stage that fails (and has already printed its one-line
+    # error) ends with its own exit code, not with the launcher's traceback of the failed subprocess.
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_command(launch_command_parser().parse_args(cmd[3:]))
+    except subprocess.CalledProcessError as e:
+        return e.returncode if e.returncode > 0 else 1
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        module = cmd[cmd.index("-m", 3) + 1]
+        print(f"error: {module}: process {rank} exited with code {failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

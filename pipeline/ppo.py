@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from pipeline import ppo_math as pm
-from pipeline.atomic import IncompleteError, require_complete
+from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
 from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
-from pipeline.stage_callback import NonFiniteLossError
+from pipeline.stage_callback import NonFiniteLossError, poison_if_asked
 
 STAGE = "ppo"
 
@@ -379,15 +379,18 @@ class StepCounter:
 
 
 def train_on_rollout(
-    s: Setup, ro: Rollout, sizes: pm.BatchSizes, generator: torch.Generator, counter: StepCounter, where: str
+    s: Setup, ro: Rollout, sizes: pm.BatchSizes, generator: torch.Generator, counter: StepCounter, update: int
 ) -> dict:
-    """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch."""
+    """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch (PPO update ``update``,
+    counted from 1)."""
     cfg, acc = s.cfg, s.accelerator
+    where = f"update {update}"
+    poison_if_asked(STAGE, update, s.unwrapped)
     world = acc.num_processes
     grid: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")
     }
-    for _ in range(cfg.num_ppo_epochs):
+    for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
         for m in range(cfg.num_mini_batches):
             idx = order[m * sizes.local_mini_batch : (m + 1) * sizes.local_mini_batch]
@@ -411,13 +414,17 @@ def train_on_rollout(
                     loss = (pm.masked_sum(pg, am) / n_pg + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf) * scale
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
-                            f"non-finite PPO loss ({loss.item()}) at {where}; stopping. The "
-                            "last good checkpoint is kept"
+                            f"non-finite PPO loss ({loss.item()}) at {where}, epoch {epoch + 1}, minibatch {m + 1}"
                         )
                     acc.backward(loss)
                     if acc.sync_gradients:
                         if not acc.distributed_type == "DEEPSPEED":  # DeepSpeed clips by its config
-                            acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+                            norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+                            if norm is not None and not torch.isfinite(norm):  # the same on every process
+                                raise NonFiniteLossError(
+                                    f"non-finite gradient norm ({float(norm)}) at {where}, epoch {epoch + 1}, "
+                                    f"minibatch {m + 1} (the step was not taken)"
+                                )
                         counter.steps += 1
                     s.optimizer.step()
                     s.optimizer.zero_grad()
@@ -429,6 +436,10 @@ def train_on_rollout(
                     grid["vf_loss"].append(pm.masked_mean(vf, vm))
                     grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
                     grid["ratio"].append(pm.masked_mean(ratio, am))
+    # A finite loss and gradient can still step the weights to inf; the next rollout would then sample from NaN
+    # logits. (Under ZeRO-3 each process sees only its own shard here; the next loss check covers the rest.)
+    if not bool(torch.stack([torch.isfinite(p).all() for p in s.model.parameters()]).all()):
+        raise NonFiniteLossError(f"non-finite weights after the optimizer steps of {where}")
     mean = {k: torch.stack(v).mean() for k, v in grid.items()}
     return {
         "policy/approxkl_avg": mean["approxkl"],
@@ -692,6 +703,7 @@ def run(recipe: Recipe) -> Path:
 
     from pipeline.checkpoint import (
         finished_or_announce,
+        last_good_note,
         last_resumable,
         mark_intermediate,
         require_checkpoint,
@@ -819,7 +831,10 @@ def run(recipe: Recipe) -> Path:
         disable_dropout(s.unwrapped)
         t1 = time.perf_counter()
         gen = torch.Generator().manual_seed(local_seed * 7919 + update)
-        train_stats = train_on_rollout(s, ro, sizes, gen, counter, f"update {update + 1}")
+        try:
+            train_stats = train_on_rollout(s, ro, sizes, gen, counter, update + 1)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e}; stopping: {last_good_note(ckpt_root)}") from None
         t_train = time.perf_counter() - t1
         scheduler.step()
         # 9. Metrics, KL controller, safety, checkpoint, panel.
@@ -859,13 +874,11 @@ def run(recipe: Recipe) -> Path:
         if cfg.max_kl is not None and metrics["objective/kl_running_mean"] > cfg.max_kl:
             raise PPOStopError(
                 f"KL {metrics['objective/kl_running_mean']:.3f} (running mean) passed ppo.max_kl "
-                f"{cfg.max_kl} at update {progress.update}; stopping. The last good checkpoint is kept "
-                f"in {ckpt_root}"
+                f"{cfg.max_kl} at update {progress.update}; stopping: {last_good_note(ckpt_root)}"
             )
         if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("val/explained")):
             raise NonFiniteLossError(
-                f"non-finite metrics at update {progress.update}; stopping. The last good "
-                f"checkpoint is kept in {ckpt_root}"
+                f"non-finite metrics at update {progress.update}; stopping: {last_good_note(ckpt_root)}"
             )
         if cfg.panel_every and (progress.update % cfg.panel_every == 0 or progress.update == sizes.num_updates):
             s.model.eval()
@@ -943,6 +956,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NonFiniteLossError, PPOStopError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not storage_full(e):
+            raise
+        print(f"error: {storage_full_message(e, 'ppo')}", file=sys.stderr)
         return 1
     return 0
 

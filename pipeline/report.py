@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete
+from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
 from pipeline.config import ConfigError, Recipe, parse_cli
 
 
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IncompleteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not storage_full(e):
+            raise
+        print(f"error: {storage_full_message(e, 'report')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete
+from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
 from pipeline.config import ConfigError, Recipe, parse_cli
 from pipeline.consistency import ConsistencyError
 from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
@@ -334,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IncompleteError, LoadError, NonFiniteLossError, ConsistencyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except Exception as e:
+        if not storage_full(e):
+            raise
+        print(f"error: {storage_full_message(e, 'rm')}", file=sys.stderr)
+        return 1
     return 0
 
 

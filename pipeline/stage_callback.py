@@ -5,6 +5,7 @@ completion marker on every resumable checkpoint the Trainer saves."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -14,6 +15,24 @@ from typing import Any
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss, gradient norm or weight."""
+
+
+FAULT_ENV = "GEMMA_RLHF_INJECT_NAN"
+
+
+def poison_if_asked(stage: str, step: int, model: Any) -> None:
+    """Fault injection for the test suite: with ``GEMMA_RLHF_INJECT_NAN=<stage>:<step>`` one weight is set to NaN
+    just before that optimizer step (SFT, RM) or PPO update, so the stage's own non-finite checks, its exit code
+    and what it leaves behind are exercised end to end, through make."""
+    if os.environ.get(FAULT_ENV) != f"{stage}:{step}":
+        return
+    import torch
+
+    print(f"[{stage}] {FAULT_ENV}: setting one weight to NaN before step {step}", flush=True)
+    with torch.no_grad():
+        weight = next((p for p in model.parameters() if p.numel()), None)  # ZeRO-3: a rank may hold no shard
+        if weight is not None:
+            weight.view(-1)[0] = float("nan")
 
 
 def stage_callback(
@@ -32,6 +51,8 @@ def stage_callback(
     import torch
     from transformers import TrainerCallback
 
+    from pipeline.checkpoint import last_good_note
+
     class StageCallback(TrainerCallback):
         def __init__(self) -> None:
             self.last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log
@@ -42,8 +63,8 @@ def stage_callback(
                 value = logs.get(key)
                 if value is not None and not math.isfinite(value):
                     raise NonFiniteLossError(
-                        f"non-finite {key} ({value}) at step {state.global_step}; stopping. The last good "
-                        f"checkpoint is kept in {args.output_dir}"
+                        f"non-finite {key} ({value}) at step {state.global_step}; stopping: "
+                        f"{last_good_note(args.output_dir)}"
                     )
             now = time.perf_counter()
             if "num_tokens" in logs:
@@ -62,6 +83,10 @@ def stage_callback(
                 )
                 print(f"[{stage}] step {state.global_step}/{state.max_steps} {line}", flush=True)
 
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if model is not None:
+                poison_if_asked(stage, state.global_step + 1, model)
+
         def on_save(self, args, state, control, model=None, **kw):
             if not state.is_world_process_zero:
                 return
@@ -71,8 +96,7 @@ def stage_callback(
             if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
                 shutil.rmtree(ckpt, ignore_errors=True)
                 raise NonFiniteLossError(
-                    f"non-finite weights at step {state.global_step}; stopping. The last good checkpoint is kept "
-                    f"in {args.output_dir}"
+                    f"non-finite weights at step {state.global_step}; stopping: {last_good_note(args.output_dir)}"
                 )
             last = next((h for h in reversed(state.log_history) if "loss" in h), {})
             mark(ckpt, state.global_step, {"train/loss": last.get("loss")})

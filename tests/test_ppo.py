@@ -286,27 +286,37 @@ def test_resume_after_kill_continues_exactly(chain, tmp_path_factory):
     assert again.returncode == 0 and "already finished" in again.stdout
 
 
-def test_non_finite_loss_stops(chain, tmp_path, capsys):
+def test_non_finite_loss_stops_naming_the_update_and_keeps_the_last_good_checkpoint(
+    chain, tmp_path, capsys, monkeypatch
+):
+    from pipeline import ppo
+    from pipeline.stage_callback import FAULT_ENV
+
+    out = _fresh(chain, tmp_path)
+    ckpts = out / "tiny_ko" / "ppo" / "checkpoints"
+    monkeypatch.setenv(FAULT_ENV, "ppo:3")  # one weight becomes NaN just before update 3 trains
+    args = [*BASE, "ppo.total_episodes=320", "ppo.panel_every=0", "ppo.save_steps=1"]
+    rc = ppo.main(["--recipe", str(RECIPE), f"run.output_dir={out}", *args])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite PPO loss (nan) at update 3, epoch 1, minibatch 1" in err, err[-2000:]
+    assert f"the last good checkpoint, {ckpts / 'checkpoint-2'}, is kept" in err
+    assert (ckpts / "checkpoint-2" / "COMPLETE").is_file() and not (ckpts / "checkpoint-3").exists()
+    assert not (out / "tiny_ko" / "ppo" / "final").exists()
+    rows = [json.loads(x) for x in (out / "tiny_ko" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows] == [1, 2]
+
+
+def test_weights_stepped_to_inf_stop_before_the_next_rollout(chain, tmp_path, capsys):
     from pipeline import ppo
 
     out = _fresh(chain, tmp_path)
-    rc = ppo.main(
-        [
-            "--recipe",
-            str(RECIPE),
-            f"run.output_dir={out}",
-            *BASE,
-            "ppo.learning_rate=1e30",
-            "ppo.max_grad_norm=1e30",
-            "ppo.total_episodes=320",
-            "ppo.panel_every=0",
-            "ppo.save_steps=1",
-        ]
-    )
-    assert rc == 1
+    # An exploding learning rate: the loss and the clipped gradient stay finite, the step makes the weights inf.
+    args = [*BASE, "ppo.total_episodes=320", "ppo.panel_every=0", "ppo.learning_rate=1e30", "ppo.max_grad_norm=1e30"]
+    assert ppo.main(["--recipe", str(RECIPE), f"run.output_dir={out}", *args]) == 1
     err = capsys.readouterr().err
-    assert "non-finite" in err and "update" in err and "last good checkpoint" in err
-    assert not (out / "tiny_ko" / "ppo" / "final").exists()
+    assert "update 1" in err and "non-finite" in err and "no checkpoint was saved yet" in err, err[-2000:]
+    assert "Traceback" not in err and not (out / "tiny_ko" / "ppo" / "final").exists()
 
 
 def test_kl_limit_stops(chain, tmp_path, capsys):
