@@ -103,8 +103,30 @@ def load_sequence_classifier(model: ModelConfig, location: str, dtype: Any = Non
     return _load(AutoModelForSequenceClassification, model, location, dtype, num_labels=1)
 
 
+def _warn_pickle(loc: str) -> None:
+    """``model.allow_pickle`` is on: say so, and say when the weights about to load really are a pickle file."""
+    import sys
+    from pathlib import Path
+
+    folder = Path(loc)
+    if folder.is_dir():
+        if any(folder.glob("*.safetensors")) or not any(folder.glob("*.bin")):
+            return  # safetensors are preferred when present: nothing pickled is loaded
+        what = f"pickle (.bin) weights from {loc}"
+    else:
+        what = f"pickle (.bin) weights from {loc} if it has no safetensors"
+    print(
+        f"warning: model.allow_pickle is on: loading {what}. Unpickling can run arbitrary code; use it only for "
+        "checkpoints you trust, and convert them to safetensors.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, **kwargs: Any) -> Any:
     loc = location or model_location(model)
+    if model.allow_pickle:
+        _warn_pickle(loc)
     try:
         return cls.from_pretrained(
             loc,

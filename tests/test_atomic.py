@@ -51,3 +51,25 @@ def test_clean_stale_removes_temporaries_and_restores_a_swap_caught_midway(tmp_p
     os.makedirs(tmp_path / ".data.old-9-9")
     clean_stale(tmp_path)  # a complete "data" exists: the stale old copy is just removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_storage_full_is_recognised_through_library_wrappers():
+    import errno
+
+    from pipeline.atomic import storage_full, storage_full_message
+
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/run/x/model.safetensors")
+    assert storage_full(enospc) and storage_full(OSError(errno.EFBIG, "File too large"))
+    # safetensors reports the OS error as text inside its own exception type; others chain it as a cause
+    assert storage_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    try:
+        try:
+            raise enospc
+        except OSError as inner:
+            raise RuntimeError("checkpoint save failed") from inner
+    except RuntimeError as outer:
+        assert storage_full(outer)
+    assert not storage_full(PermissionError(errno.EACCES, "Permission denied")) and not storage_full(ValueError("x"))
+    msg = storage_full_message(enospc, "sft")
+    assert msg.startswith("sft: out of disk space writing /run/x/model.safetensors ([Errno 28] No space left")
+    assert "run the same command again" in msg

@@ -139,6 +139,7 @@ def test_apply_override_creates_missing_sections():
         ({"run": {"name": "a/b"}}, "plain folder name"),
         ({"launch": {"accelerate_config": "nope.yaml"}}, "launch.accelerate_config"),
         ({"ppo": {"temperature": 0}}, "ppo.temperature"),
+        ({"rm": {"save_total_limit": 1}}, "rm.save_total_limit': must be at least 2 so a failed save keeps"),
     ],
 )
 def test_validate_catches_before_anything_runs(tmp_path, patch, match):

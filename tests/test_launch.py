@@ -163,3 +163,22 @@ def test_ppo_two_processes(data_root, config, kind):
     base_sd = AutoModelForCausalLM.from_pretrained(base / "sft" / "final").state_dict()
     saved = AutoModelForCausalLM.from_pretrained(final).state_dict()
     assert {k: v.shape for k, v in base_sd.items()} == {k: v.shape for k, v in saved.items()}
+
+
+@pytest.mark.slow
+def test_a_stage_failing_on_two_processes_exits_with_its_code_in_one_line(data_root):
+    from pipeline.stage_callback import FAULT_ENV
+
+    cmd = [sys.executable, "-m", "pipeline.launch", "sft", "--recipe", str(RECIPE), "--num-processes", "2"]
+    cmd += ["--config-file", "configs/accelerate/ddp.yaml", f"run.output_dir={data_root}", "run.name=fail"]
+    cmd += ["tracking.mode=disabled", "sft.max_steps=10", "sft.logging_steps=1", "sft.save_steps=2"]
+    shutil.copytree(data_root / "tiny_ko" / "data", data_root / "fail" / "data")
+    env = {**os.environ, FAULT_ENV: "sft:3"}  # NaN weights on every process before step 3
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    ckpts = data_root / "fail" / "sft" / "checkpoints"
+    assert (
+        f"non-finite loss (nan) at step 3; stopping: the last good checkpoint, {ckpts / 'checkpoint-2'}" in res.stderr
+    )
+    assert "error: pipeline.sft: process 0 exited with code 1" in res.stderr and "Traceback" not in res.stderr
+    assert (ckpts / "checkpoint-2" / "COMPLETE").is_file() and not (data_root / "fail" / "sft" / "final").exists()

@@ -49,7 +49,7 @@ def test_tokens_in_the_environment_never_reach_run_files(tmp_path, monkeypatch):
     assert list((tmp_path / "tiny_ko" / "wandb").rglob("*.wandb"))
 
 
-def test_pickle_weights_are_refused_unless_the_recipe_opts_in(tmp_path, tiny_dir):
+def test_pickle_weights_are_refused_unless_the_recipe_opts_in_with_a_warning(tmp_path, tiny_dir, capsys):
     from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "pickled"
@@ -59,8 +59,14 @@ def test_pickle_weights_are_refused_unless_the_recipe_opts_in(tmp_path, tiny_dir
     torch.save(model.state_dict(), model_dir / "pytorch_model.bin")
     with pytest.raises(LoadError, match="only safetensors weights are loaded unless model.allow_pickle: true"):
         load_causal_lm(ModelConfig(name_or_path=str(model_dir)))
+    assert "allow_pickle" not in capsys.readouterr().err
     loaded = load_causal_lm(ModelConfig(name_or_path=str(model_dir), allow_pickle=True))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    assert (
+        f"warning: model.allow_pickle is on: loading pickle (.bin) weights from {model_dir}" in capsys.readouterr().err
+    )
+    load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), allow_pickle=True))  # safetensors there: no warning
+    assert "allow_pickle" not in capsys.readouterr().err
 
 
 def test_remote_code_is_off_by_default():
