@@ -120,6 +120,45 @@ def last_good_note(folder: str | Path) -> str:
     return f"the last good checkpoint, {max(done)[1]}, is kept (a re-run resumes from it)"
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def changed_since(ckpt: str | Path, recipe: Any, sections: tuple[str, ...]) -> list[str]:
+    """``key: old -> new`` for the recipe keys under ``sections`` whose value differs from the recipe the checkpoint
+    was written with (its lineage), e.g. a learning rate lowered after a NaN."""
+    from pipeline.config import to_dict
+
+    lineage = Path(ckpt) / "lineage.json"
+    if not lineage.is_file():
+        return []
+    old = _flat(json.loads(lineage.read_text(encoding="utf-8")).get("recipe") or {})
+    new = _flat(to_dict(recipe))
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k.split(".", 1)[0] in sections and old.get(k) != new.get(k)
+    ]
+
+
+def warn_if_changed(stage: str, ckpt: Path, recipe: Any, sections: tuple[str, ...]) -> None:
+    """Resuming continues the saved optimizer, learning-rate schedule and data order, so a changed setting among
+    those silently does nothing; say which settings changed and how to start over instead."""
+    changes = changed_since(ckpt, recipe, sections)
+    if changes and _is_main():
+        print(
+            f"[{stage}] warning: resuming from {ckpt}, which was written with other settings: {'; '.join(changes)}. "
+            "The optimizer, learning-rate schedule and data order continue from the checkpoint, so changes to "
+            f"them do not take effect; delete {ckpt.parent} to train the stage again with the new settings.",
+            flush=True,
+        )
+
+
 def finished_or_announce(recipe: Any, stage: str) -> Path | None:
     """A stage's first step: its ``final/`` when already complete (the stage is skipped), else None after printing
     the resolved recipe. Runs before the distributed state exists, so the launcher's RANK picks the printer."""

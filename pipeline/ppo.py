@@ -708,6 +708,7 @@ def run(recipe: Recipe) -> Path:
         mark_intermediate,
         require_checkpoint,
         save_final,
+        warn_if_changed,
     )
     from pipeline.consistency import check_inputs
     from pipeline.rm import STATS_FILE, check_gate
@@ -797,6 +798,7 @@ def run(recipe: Recipe) -> Path:
         accelerator.load_state(str(resume))
         if accelerator.is_main_process:
             print(f"[ppo] resuming from {resume} (update {progress.update})", flush=True)
+            warn_if_changed("ppo", resume, recipe, ("ppo", "model", "data"))
 
     def save_checkpoint(update: int) -> None:
         ckpt = ckpt_root / f"checkpoint-{update}"

@@ -15,6 +15,7 @@ reward model below ``rm.min_accuracy`` (``check_gate``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -78,21 +79,22 @@ def pairs_dataset(path: Path, use_margin: bool):
     return datasets.Dataset.from_dict(cols), [len(c) for c in ds["chosen_ids"]], [len(r) for r in ds["rejected_ids"]]
 
 
-def init_score_head(model: Any) -> None:
-    """Reward head ~ N(0, 1/sqrt(d_model + 1)), as in the reference RLHF implementations (N+ detail 11)."""
+def init_score_head(model: Any, seed: int) -> None:
+    """Reward head ~ N(0, 1/sqrt(d_model + 1)), as in the reference RLHF implementations (N+ detail 11), drawn from
+    the recipe's seed so the same recipe gives the same reward model."""
     import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     head = model.score.weight
     std = 1.0 / math.sqrt(model.config.hidden_size + 1)
+    gathered = contextlib.nullcontext()
     if is_deepspeed_zero3_enabled():
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([head], modifier_rank=0), torch.no_grad():
-            head.normal_(0.0, std)
-    else:
-        with torch.no_grad():
-            head.normal_(0.0, std)
+        gathered = deepspeed.zero.GatheredParameters([head], modifier_rank=0)
+    with gathered, torch.no_grad():
+        gen = torch.Generator(device=head.device).manual_seed(seed)
+        head.copy_(torch.randn(head.shape, generator=gen, device=head.device, dtype=torch.float32) * std)
 
 
 def score_sequences(model: Any, sequences: list[list[int]], pad_id: int, batch_size: int, accelerator: Any) -> list:
@@ -145,7 +147,14 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.checkpoint import finished_or_announce, last_resumable, mark_intermediate, save_final, training_done
+    from pipeline.checkpoint import (
+        finished_or_announce,
+        last_resumable,
+        mark_intermediate,
+        save_final,
+        training_done,
+        warn_if_changed,
+    )
     from pipeline.consistency import check_inputs
     from pipeline.reward_stats import pair_metrics
     from pipeline.tracking import Tracker
@@ -219,7 +228,7 @@ def run(recipe: Recipe) -> Path:
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
         raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
     if not done:
-        init_score_head(model)
+        init_score_head(model, recipe.run.seed)
     peft_config = None
     if done and r.method == "lora":
         from peft import PeftModel
@@ -256,6 +265,7 @@ def run(recipe: Recipe) -> Path:
     # 5. Resume from the last complete checkpoint, train.
     if resume is not None and state.is_main_process:
         print(f"[rm] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
+        warn_if_changed("rm", resume, recipe, ("rm", "model", "data"))
     if done:
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
     else:

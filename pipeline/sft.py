@@ -96,7 +96,13 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer, PrinterCallback, TrainerState
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.checkpoint import finished_or_announce, last_resumable, save_final, training_done
+    from pipeline.checkpoint import (
+        finished_or_announce,
+        last_resumable,
+        save_final,
+        training_done,
+        warn_if_changed,
+    )
     from pipeline.tracking import Tracker
 
     t_start = time.perf_counter()
@@ -197,6 +203,7 @@ def run(recipe: Recipe) -> Path:
     # 5. Resume from the last complete checkpoint, train.
     if resume is not None and state.is_main_process:
         print(f"[sft] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
+        warn_if_changed("sft", resume, recipe, ("sft", "model", "data"))
     if done:
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
     else:

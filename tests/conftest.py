@@ -62,11 +62,16 @@ def write_recipe(tmp_path: Path, data: dict, name: str = "t", extra: dict | None
 
 def kill_and_resume(stage: str, out: Path, overrides: list[str], kill_at: int, final_step: int) -> None:
     """Run ``stage`` as a subprocess, SIGKILL it once checkpoint ``kill_at`` is complete, run the same command
-    again and check it resumes and ends at ``final_step``; a third run must skip the finished stage."""
+    again and check it resumes and ends at ``final_step``; a third run must skip the finished stage. The same
+    command, uninterrupted, on a copy of the run folder must log the same losses and end with identical weights
+    (same data position and RNG streams after the resume)."""
+    import shutil
     import signal
     import subprocess
     import sys
     import time
+
+    from safetensors.torch import load_file
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [
@@ -80,6 +85,8 @@ def kill_and_resume(stage: str, out: Path, overrides: list[str], kill_at: int, f
         *overrides,
     ]
     ckpts = out / "tiny_ko" / stage / "checkpoints"
+    ref = out.parent / f"{out.name}-uninterrupted"
+    shutil.copytree(out / "tiny_ko", ref / "tiny_ko")  # the inputs: data (and the SFT model for the RM)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (ckpts / f"checkpoint-{kill_at}" / "COMPLETE").exists():
@@ -97,3 +104,25 @@ def kill_and_resume(stage: str, out: Path, overrides: list[str], kill_at: int, f
     assert lineage["metrics"]["steps"] == final_step
     third = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "already finished" in third.stdout
+
+    plain = subprocess.run(
+        [a.replace(f"run.output_dir={out}", f"run.output_dir={ref}") for a in cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    def history(root: Path) -> list:
+        state = json.loads(
+            (root / "tiny_ko" / stage / "checkpoints" / f"checkpoint-{final_step}" / "trainer_state.json").read_text()
+        )
+        return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+    assert history(out) == history(ref) and len(history(out)) > 1
+    resumed = load_file(out / "tiny_ko" / stage / "final" / "model.safetensors")
+    uninterrupted = load_file(ref / "tiny_ko" / stage / "final" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(bool((resumed[k] == uninterrupted[k]).all()) for k in resumed), "resumed weights differ"

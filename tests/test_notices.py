@@ -111,3 +111,22 @@ def test_next_stage_refuses_incomplete_or_unmarked(tmp_path, tiny_dir):
     (ckpt / "COMPLETE").write_text("{}")
     with pytest.raises(IncompleteError, match="lacks its Gemma derivative notices: NOTICE"):
         require_checkpoint(ckpt, "the SFT checkpoint")
+
+
+def test_resuming_with_changed_settings_names_each_change(tmp_path, capsys):
+    from pipeline.checkpoint import changed_since, warn_if_changed
+    from pipeline.config import load_recipe, to_dict
+    from tests.conftest import REPO
+
+    recipe_file = REPO / "recipes" / "tiny_ko.yaml"
+    ckpt = tmp_path / "checkpoints" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "lineage.json").write_text(json.dumps({"recipe": to_dict(load_recipe(recipe_file))}))
+    same = load_recipe(recipe_file, ["run.output_dir=/elsewhere", "tracking.mode=disabled"])
+    assert changed_since(ckpt, same, ("sft", "model", "data")) == []
+    lowered = load_recipe(recipe_file, ["sft.learning_rate=1e-4", "ppo.kl_coef=0.5"])
+    old_lr = load_recipe(recipe_file).sft.learning_rate
+    assert changed_since(ckpt, lowered, ("sft", "model", "data")) == [f"sft.learning_rate: {old_lr!r} -> 0.0001"]
+    warn_if_changed("sft", ckpt, lowered, ("sft",))
+    out = capsys.readouterr().out
+    assert "[sft] warning: resuming from" in out and "sft.learning_rate" in out and "do not take effect" in out
