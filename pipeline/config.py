@@ -13,7 +13,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -652,6 +654,16 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     acc = resolve_path(recipe.launch.accelerate_config)
     if not acc.is_file():
         err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
+
+
+def print_error(message: object) -> None:
+    """``error: <message>`` on stderr in one write, prefixed by the rank in a multi-process run (its processes share
+    the stream, and each may fail for its own reason)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if world > 1 and rank is not None else ""
+    sys.stderr.write(f"{prefix}error: {message}\n")
+    sys.stderr.flush()
 
 
 def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Path]:

@@ -39,7 +39,7 @@ from torch import nn
 
 from pipeline import ppo_math as pm
 from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli
+from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, print_error
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, poison_if_asked
@@ -954,15 +954,15 @@ def main(argv: list[str] | None = None) -> int:
         recipe, _ = parse_cli(argv, "PPO against the reward model.")
         run(recipe)
     except (ConfigError, IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     except (NonFiniteLossError, PPOStopError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     except Exception as e:
         if not storage_full(e):
             raise
-        print(f"error: {storage_full_message(e, 'ppo')}", file=sys.stderr)
+        print_error(storage_full_message(e, "ppo"))
         return 1
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, Recipe, parse_cli
+from pipeline.config import ConfigError, Recipe, parse_cli, print_error
 from pipeline.consistency import ConsistencyError
 from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
@@ -342,12 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe, _ = parse_cli(argv, "Train the reward model on the data stage's preference pairs.")
         run(recipe)
     except (ConfigError, IncompleteError, LoadError, NonFiniteLossError, ConsistencyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1 if isinstance(e, NonFiniteLossError) else 2
     except Exception as e:
         if not storage_full(e):
             raise
-        print(f"error: {storage_full_message(e, 'rm')}", file=sys.stderr)
+        print_error(storage_full_message(e, "rm"))
         return 1
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, Recipe, parse_cli
+from pipeline.config import ConfigError, Recipe, parse_cli, print_error
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.notices import Derivation, stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, stage_callback
@@ -263,12 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe, _ = parse_cli(argv, "Supervised fine-tuning on the data stage's dialogues.")
         run(recipe)
     except (ConfigError, IncompleteError, LoadError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1 if isinstance(e, NonFiniteLossError) else 2
     except Exception as e:
         if not storage_full(e):
             raise
-        print(f"error: {storage_full_message(e, 'sft')}", file=sys.stderr)
+        print_error(storage_full_message(e, "sft"))
         return 1
     return 0
 

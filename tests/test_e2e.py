@@ -12,11 +12,18 @@ import pytest
 from pipeline.notices import missing_notices
 from tests.conftest import REPO
 
+# Fake tokens in the environment of the whole chain: none may reach a file the run writes or its console output.
+SECRETS = {
+    "WANDB_API_KEY": "fake-wandb-secret-e2e-41d7",
+    "HF_TOKEN": "hf_fakeHubTokenSecretE2E",
+    "HUGGING_FACE_HUB_TOKEN": "hf_fakeHubTokenSecretE2E2",
+}
 
-def _make(out, target: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+def _make(out, target: str, tracking: str = "disabled") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **SECRETS}
     return subprocess.run(
-        ["make", target, "RECIPE=recipes/tiny_ko.yaml", f"OVERRIDES=run.output_dir={out} tracking.mode=disabled"],
+        ["make", target, "RECIPE=recipes/tiny_ko.yaml", f"OVERRIDES=run.output_dir={out} tracking.mode={tracking}"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -27,9 +34,14 @@ def _make(out, target: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
-    res = _make(tmp_path, "report")
+    res = _make(tmp_path, "report", tracking="offline")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     run = tmp_path / "tiny_ko"
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert len(list(run.rglob("*.wandb"))) >= 3, "each training stage keeps its W&B offline run"
+    for blob, where in [(p.read_bytes(), str(p)) for p in files] + [((res.stdout + res.stderr).encode(), "console")]:
+        for secret in SECRETS.values():
+            assert secret.encode() not in blob, f"a token from the environment reached {where}"
     report = json.loads((run / "report.json").read_text())
     assert report["rm_accuracy"] >= 0.9
     assert report["ppo_accuracy"] >= report["sft_accuracy"] + 0.15, report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,5 +181,6 @@ def test_a_stage_failing_on_two_processes_exits_with_its_code_in_one_line(data_r
     assert (
         f"non-finite loss (nan) at step 3; stopping: the last good checkpoint, {ckpts / 'checkpoint-2'}" in res.stderr
     )
-    assert "error: pipeline.sft: process 0 exited with code 1" in res.stderr and "Traceback" not in res.stderr
+    assert re.search(r"error: pipeline\.sft: process [01] exited with code 1", res.stderr), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
     assert (ckpts / "checkpoint-2" / "COMPLETE").is_file() and not (data_root / "fail" / "sft" / "final").exists()
