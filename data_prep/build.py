@@ -35,8 +35,8 @@ from typing import Any
 from data_prep.formats import detect, map_columns, preference_pair, prompt_turns, sft_dialogue
 from data_prep.gemma_format import FORMATTER_VERSION, MODEL, USER, FormatError, GemmaEncoder, Turn
 from data_prep.readers import BadRow, DataError, iter_rows, source_files
-from pipeline.atomic import atomic_dir, clean_stale, is_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, DatasetSpec, Recipe, StageData, parse_cli, recipe_hash, to_yaml
+from pipeline.atomic import atomic_dir, clean_stale, is_complete
+from pipeline.config import ConfigError, DatasetSpec, Recipe, StageData, recipe_hash, run_cli, to_yaml
 from pipeline.loading import LoadError, load_tokenizer, tokenizer_fingerprint
 
 STAGES = ("sft", "preference", "prompts")
@@ -404,23 +404,22 @@ def run(recipe: Recipe) -> Path:
     return data_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+def _announce_and_run(recipe: Recipe) -> None:
+    print(f"[data] resolved recipe:\n{to_yaml(recipe)}", flush=True)
     try:
-        recipe, _ = parse_cli(argv, "Format the recipe's datasets into Gemma control-token ids and loss masks.")
-        print(f"[data] resolved recipe:\n{to_yaml(recipe)}", flush=True)
         run(recipe)
-    except (ConfigError, DataError, LoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FormatError as e:
-        print(f"error: tokenizer: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print(f"error: {storage_full_message(e, 'data')}", file=sys.stderr)
-        return 1
-    return 0
+    except FormatError as e:  # the tokenizer cannot write Gemma's format at all (not one row)
+        raise DataError(f"tokenizer: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(
+        "data",
+        "Format the recipe's datasets into Gemma control-token ids and loss masks.",
+        _announce_and_run,
+        argv,
+        input_errors=(DataError, LoadError),
+    )
 
 
 if __name__ == "__main__":

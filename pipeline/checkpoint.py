@@ -88,36 +88,35 @@ def mark_intermediate(ckpt: str | Path, derivation: Derivation) -> None:
     write_marker(ckpt, {"stage": derivation.stage, "kind": "intermediate", "step": derivation.step})
 
 
-def last_resumable(folder: str | Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``folder``; incomplete ones (killed mid-save) are removed."""
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` directories in ``folder``, complete or not, oldest (smallest N) first."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def last_resumable(folder: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``folder``; incomplete ones (killed mid-save) are removed."""
     found = []
-    for p in folder.iterdir():
-        m = _CKPT.match(p.name)
-        if not (m and p.is_dir()):
-            continue
+    for p in checkpoints(folder):
         if is_complete(p):
-            found.append((int(m.group(1)), p))
+            found.append(p)
         elif _is_main():
             print(f"[resume] removing incomplete checkpoint {p} (no {MARKER} marker)", flush=True)
             shutil.rmtree(p, ignore_errors=True)
-    _barrier()
-    return max(found)[1] if found else None
+    if Path(folder).is_dir():
+        _barrier()
+    return found[-1] if found else None
 
 
 def last_good_note(folder: str | Path) -> str:
     """What a stopped stage leaves to resume from: its newest complete ``checkpoint-N``, or that there is none."""
-    folder = Path(folder)
-    done = [
-        (int(m.group(1)), p)
-        for p in (folder.iterdir() if folder.is_dir() else [])
-        if (m := _CKPT.match(p.name)) and is_complete(p)
-    ]
+    done = [p for p in checkpoints(folder) if is_complete(p)]
     if not done:
         return f"no checkpoint was saved yet in {folder} (a re-run starts the stage from its beginning)"
-    return f"the last good checkpoint, {max(done)[1]}, is kept (a re-run resumes from it)"
+    return f"the last good checkpoint, {done[-1]}, is kept (a re-run resumes from it)"
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

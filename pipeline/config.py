@@ -677,6 +677,36 @@ def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Rec
     return recipe, Path(args.recipe)
 
 
+def run_cli(
+    stage: str,
+    description: str,
+    run: typing.Callable[[Recipe], object],
+    argv: list[str] | None,
+    input_errors: tuple[type[BaseException], ...] = (),
+    run_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Every stage's command line: parse and validate the recipe, run the stage, and turn a known failure into one
+    ``error:`` line and an exit code: 2 for a bad recipe or input (``ConfigError`` and ``input_errors``), 1 for a
+    failure while running (``run_errors``, or the disk filling up). Anything else keeps its traceback."""
+    from pipeline.atomic import storage_full, storage_full_message
+
+    try:
+        recipe, _ = parse_cli(argv, description)
+        run(recipe)
+    except (ConfigError, *input_errors) as e:
+        print_error(e)
+        return 2
+    except run_errors as e:
+        print_error(e)
+        return 1
+    except Exception as e:
+        if not storage_full(e):
+            raise
+        print_error(storage_full_message(e, stage))
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         recipe, _ = parse_cli(argv, "Print the resolved recipe.")

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from pipeline import ppo_math as pm
-from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, PPOConfig, Recipe, parse_cli, print_error
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, PPOConfig, Recipe, run_cli
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, poison_if_asked
@@ -702,6 +702,7 @@ def run(recipe: Recipe) -> Path:
     from transformers import AutoTokenizer
 
     from pipeline.checkpoint import (
+        checkpoints,
         finished_or_announce,
         last_good_note,
         last_resumable,
@@ -807,7 +808,7 @@ def run(recipe: Recipe) -> Path:
         if accelerator.is_main_process:
             last = progress.history[-1] if progress.history else {}
             mark_intermediate(ckpt, derivation(recipe, sft_dir, manifest, last, update, method))
-            for old in sorted(ckpt_root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+            for old in checkpoints(ckpt_root)[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -950,21 +951,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.consistency import ConsistencyError
     from pipeline.rm import RewardModelGateError
 
-    try:
-        recipe, _ = parse_cli(argv, "PPO against the reward model.")
-        run(recipe)
-    except (ConfigError, IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError) as e:
-        print_error(e)
-        return 2
-    except (NonFiniteLossError, PPOStopError) as e:
-        print_error(e)
-        return 1
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print_error(storage_full_message(e, "ppo"))
-        return 1
-    return 0
+    return run_cli(
+        STAGE,
+        "PPO against the reward model.",
+        run,
+        argv,
+        input_errors=(IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError),
+        run_errors=(NonFiniteLossError, PPOStopError),
+    )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, Recipe, parse_cli
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, Recipe, run_cli
 
 
 def _trainer_history(stage_dir: Path) -> list[dict]:
     """The Trainer log history of a stage (from its newest resumable checkpoint)."""
-    ckpts = sorted(stage_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    from pipeline.checkpoint import checkpoints
+
+    ckpts = checkpoints(stage_dir / "checkpoints")
     if not ckpts:
         return []
     return json.loads((ckpts[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
@@ -283,18 +285,7 @@ def markdown(recipe: Recipe, r: dict, texts: list[str], answers: dict, images: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        recipe, _ = parse_cli(argv, "Write the run report.")
-        run(recipe)
-    except (ConfigError, IncompleteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print(f"error: {storage_full_message(e, 'report')}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli("report", "Write the run report.", run, argv, input_errors=(IncompleteError,))
 
 
 if __name__ == "__main__":

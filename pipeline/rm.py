@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, Recipe, parse_cli, print_error
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, Recipe, run_cli
 from pipeline.consistency import ConsistencyError
 from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
 from pipeline.notices import stage_derivation
@@ -338,18 +338,14 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        recipe, _ = parse_cli(argv, "Train the reward model on the data stage's preference pairs.")
-        run(recipe)
-    except (ConfigError, IncompleteError, LoadError, NonFiniteLossError, ConsistencyError) as e:
-        print_error(e)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print_error(storage_full_message(e, "rm"))
-        return 1
-    return 0
+    return run_cli(
+        STAGE,
+        "Train the reward model on the data stage's preference pairs.",
+        run,
+        argv,
+        input_errors=(IncompleteError, LoadError, ConsistencyError),
+        run_errors=(NonFiniteLossError,),
+    )
 
 
 if __name__ == "__main__":

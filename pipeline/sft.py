@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete, storage_full, storage_full_message
-from pipeline.config import ConfigError, Recipe, parse_cli, print_error
+from pipeline.atomic import IncompleteError, require_complete
+from pipeline.config import ConfigError, Recipe, run_cli
 from pipeline.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.notices import Derivation, stage_derivation
 from pipeline.stage_callback import NonFiniteLossError, stage_callback
@@ -259,18 +259,14 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        recipe, _ = parse_cli(argv, "Supervised fine-tuning on the data stage's dialogues.")
-        run(recipe)
-    except (ConfigError, IncompleteError, LoadError, NonFiniteLossError) as e:
-        print_error(e)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print_error(storage_full_message(e, "sft"))
-        return 1
-    return 0
+    return run_cli(
+        STAGE,
+        "Supervised fine-tuning on the data stage's dialogues.",
+        run,
+        argv,
+        input_errors=(IncompleteError, LoadError),
+        run_errors=(NonFiniteLossError,),
+    )
 
 
 if __name__ == "__main__":

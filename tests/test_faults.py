@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.checkpoint import checkpoints
 from pipeline.notices import missing_notices
 from tests.conftest import REPO
 
@@ -36,22 +37,35 @@ def _cmd(out, extra=""):
     return ["make", "ppo", "RECIPE=recipes/tiny_ko.yaml", f"OVERRIDES=run.output_dir={out} {SMALL} {extra}"]
 
 
-def _kill_when(out, ready, timeout=300):
-    """Start the chain, SIGKILL its process group as soon as ``ready(run_dir)`` holds; True if it was killed."""
-    proc = subprocess.Popen(
-        _cmd(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+def _start_chain(out, logs):
+    """``make ppo`` in its own process group, its output into files under ``logs`` (a pipe nobody reads while the
+    chain runs could fill up and stall it)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "w") as so, open(logs / "stderr", "w") as se:
+        return subprocess.Popen(_cmd(out), cwd=REPO, stdout=so, stderr=se, start_new_session=True)
+
+
+def _reaches(proc, out, ready, timeout=300) -> bool:
+    """Wait until ``ready(run_dir)`` holds (True) or the chain ends first (False)."""
     deadline = time.time() + timeout
     while proc.poll() is None:
         if ready(out / "tiny_ko"):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             return True
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("the kill point never came")
+            raise AssertionError("the fault point never came")
         time.sleep(0.02)
     return False
+
+
+def _kill_when(out, ready):
+    """Start the chain, SIGKILL its process group as soon as ``ready(run_dir)`` holds; True if it was killed."""
+    proc = _start_chain(out, out / "logs")
+    if not _reaches(proc, out, ready):
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
 
 
 def _staging(run, stage):
@@ -94,7 +108,7 @@ def _finishes_like_an_uninterrupted_run(out):
 
 
 def _complete_checkpoints(run, stage):
-    return sorted(p.name for p in (run / stage / "checkpoints").glob("checkpoint-*") if (p / "COMPLETE").is_file())
+    return [p.name for p in checkpoints(run / stage / "checkpoints") if (p / "COMPLETE").is_file()]
 
 
 @pytest.mark.slow
@@ -175,19 +189,14 @@ def _group(pgid):
 def _fill_disk_when(out, disk, ready, timeout=300):
     """Start the chain; when ``ready(run_dir)`` holds, pause its process group, fill the disk, let it go on, and
     return how it ended."""
-    proc = subprocess.Popen(
-        _cmd(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.time() + timeout
-    while proc.poll() is None and not ready(out / "tiny_ko"):
-        assert time.time() < deadline, "the fault point never came"
-        time.sleep(0.02)
-    assert proc.poll() is None, "the chain ended before the fault point"
+    logs = out.parent / "logs"  # beside the disk that fills up, not on it
+    proc = _start_chain(out, logs)
+    assert _reaches(proc, out, ready, timeout), "the chain ended before the fault point"
     os.killpg(proc.pid, signal.SIGSTOP)
     disk.fill(proc.pid)
     os.killpg(proc.pid, signal.SIGCONT)
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return proc.returncode, stdout, stderr
+    proc.wait(timeout=timeout)
+    return proc.returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text()
 
 
 @pytest.mark.slow
