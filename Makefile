@@ -26,7 +26,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sft rm ppo report plan demo test bench lint embedded
+.PHONY: help setup recipe data sft rm ppo report plan demo test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -54,11 +54,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed  ## create .venv and install everything (idempotent)
 
+recipe: setup  ## print RECIPE resolved (defaults, the YAML, then OVERRIDES), validated; nothing runs
+	$(PY) -m pipeline.core.cli --recipe $(RECIPE) $(OVERRIDES)
+
 embedded: setup  ## build the embedded tiny model and tokenizer into build/embedded/
-	$(PY) -m pipeline.embedded tiny-gemma-ko
+	$(PY) -m pipeline.core.embedded tiny-gemma-ko
 
 data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unchanged)
-	$(PY) -m data_prep.build --recipe $(RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.data --recipe $(RECIPE) $(OVERRIDES)
 
 sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
@@ -78,8 +81,8 @@ report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs P
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)
 
 demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, report
-	$(PY) -m data_prep.build --recipe recipes/tiny_ko.yaml $(OVERRIDES)
-	$(PY) -m data_prep.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
+	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m pipeline.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
@@ -94,7 +97,7 @@ BENCH_ITERS ?= 4
 
 bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer (ratios, same machine)
 	$(PY) -m pipeline.bench data
-	$(PY) -m pipeline.embedded bench-gemma-32k > /dev/null
+	$(PY) -m pipeline.core.embedded bench-gemma-32k > /dev/null
 	@mkdir -p build/bench
 	$(PY) -m pipeline.bench ppo --model-dir build/embedded/bench-gemma-32k --batch 16 --response-length 48 \
 		--epochs 2 --minibatches 2 --iters $(BENCH_ITERS) | tail -n 1 > build/bench/ppo_ours.json

@@ -1,4 +1,5 @@
-"""Raw rows -> canonical Gemma dialogues -> control-token ids and loss masks.
+"""Raw rows -> canonical Gemma dialogues -> control-token ids and loss masks: a library with no knowledge of recipes,
+run directories or training (the data stage, ``pipeline.data``, drives it).
 
 ``render(messages, add_generation_prompt=False)`` returns the exact Gemma-format text of OpenAI-style messages.
 """

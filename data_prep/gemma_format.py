@@ -23,7 +23,7 @@ from typing import Any
 
 FORMATTER_VERSION = "gemma-format-1"
 
-BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 USER, MODEL = "user", "model"
 GENERATION_PROMPT = f"{START_OF_TURN}{MODEL}\n"
@@ -201,7 +201,7 @@ class GemmaEncoder:
     def _single_id(self, text: str, attr: str | None = None) -> int:
         tok_id = self.tokenizer.convert_tokens_to_ids(text)
         unk = getattr(self.tokenizer, "unk_token_id", None)
-        if tok_id is None or (tok_id == unk and text != "<unk>"):
+        if tok_id is None or (tok_id == unk and text != UNK):
             raise FormatError(f"the tokenizer has no {text} token (not a Gemma tokenizer?)")
         if attr is not None and getattr(self.tokenizer, attr, None) != tok_id:
             raise FormatError(
@@ -312,3 +312,9 @@ def install_chat_template(tokenizer: Any) -> Any:
     GemmaEncoder(tokenizer)  # raises FormatError when control tokens are missing or pad == eos
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids a model turn may end on: ``<end_of_turn>`` (what training teaches), then ``<eos>``. Generation stops
+    at either; the reward is read at the stop token."""
+    return [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]

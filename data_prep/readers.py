@@ -3,21 +3,33 @@
 Local files are read here, line by line, rather than through ``datasets``' loaders, so that a broken line, invalid
 UTF-8 or a non-object row becomes an error naming the file and the line instead of a traceback from inside a
 library, and so that ``on_invalid: skip`` can step over it. Hub datasets go through ``datasets.load_dataset``.
+
+Which recipe paths are local is the caller's decision (``pipeline.core.locations``): a dataset is read from the
+files ``data_files`` lists for its local path, or from the hub when it has none.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pipeline.config import DatasetSpec, looks_local, resolve_path
+from typing import Any, Protocol
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class DatasetRef(Protocol):
+    """What the readers need of a recipe's dataset entry (``pipeline.core.config.DatasetSpec``)."""
+
+    path: str
+    name: str | None
+    split: str
+    revision: str | None
+    max_rows: int | None
 
 
 class DataError(ValueError):
@@ -34,26 +46,39 @@ class BadRow:
 Row = tuple[str, "dict[str, Any] | BadRow"]  # (location, row)
 
 
-def source_files(spec: DatasetSpec) -> list[Path]:
-    """The local files a spec names (a file, or every data file in a folder), or [] for a hub id."""
-    if not looks_local(spec.path):
-        return []
-    p = resolve_path(spec.path)
-    if not p.exists():
-        raise DataError(f"{spec.path}: no such file or folder")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+def data_files(path: Path, label: str) -> list[Path]:
+    """The data files at a local ``path``: the file itself, or every data file in a folder (``label``: the path as
+    the recipe wrote it, for messages)."""
+    if not path.exists():
+        raise DataError(f"{label}: no such file or folder")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
         if not files:
-            raise DataError(f"{spec.path}: folder has no {'/'.join(SUFFIXES)} files")
+            raise DataError(f"{label}: folder has no {'/'.join(SUFFIXES)} files")
         return files
-    if p.suffix.lower() not in SUFFIXES:
-        raise DataError(f"{spec.path}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIXES)})")
-    return [p]
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{label}: unsupported file type {path.suffix!r} (use {', '.join(SUFFIXES)})")
+    return [path]
 
 
-def iter_rows(spec: DatasetSpec) -> Iterator[Row]:
-    """Every row of a dataset spec, in order, with a location string like ``file.jsonl:12``."""
-    files = source_files(spec)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_identity(spec: DatasetRef, files: Sequence[Path]) -> dict:
+    """What identifies a dataset's content: each local file's sha256, or the hub id, subset, split and revision."""
+    if files:
+        return {"files": {str(f): _sha256(f) for f in files}}
+    return {"hub": {"id": spec.path, "name": spec.name, "split": spec.split, "revision": spec.revision}}
+
+
+def iter_rows(spec: DatasetRef, files: Sequence[Path]) -> Iterator[Row]:
+    """Every row of a dataset, in order, with a location string like ``file.jsonl:12``: of its local ``files``, or of
+    the hub dataset ``spec`` names when there are none."""
     count = 0
     rows: Iterator[Row]
     rows = (row for f in files for row in _iter_file(f)) if files else _iter_hub(spec)
@@ -176,7 +201,7 @@ def _iter_csv(path: Path, name: str) -> Iterator[Row]:
         raise DataError(f"{name}:{reader.line_num}: broken CSV: {e}") from None
 
 
-def _iter_hub(spec: DatasetSpec) -> Iterator[Row]:
+def _iter_hub(spec: DatasetRef) -> Iterator[Row]:
     import datasets
 
     label = f"hub:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"

@@ -1,0 +1,18 @@
+"""The RLHF pipeline for Gemma-family models: stages and tools over a shared core.
+
+    pipeline/                 what a user runs, one module each (``python -m pipeline.<name>``)
+      data sft rm ppo report  the stages, chained through the run directory: each reads only what an earlier stage
+                              wrote there, through ``pipeline.core.rundir``; no stage imports another
+      launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
+      bench                   benchmark (bench drives the PPO stage's loop)
+    pipeline/core/            what the stages share: the recipe (config, cli, locations), the run directory (rundir,
+                              atomic, checkpoint, notices), models (loading, embedded), the Trainer stages' glue
+                              (trainer_stage, faults), generating and scoring (sampling), and pure math (ppo_math,
+                              reward_stats); it never imports a stage or a tool
+    data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
+
+Imports run one way, ``data_prep`` <- ``pipeline.core`` <- stages and tools, because each layer is the vocabulary of
+the one above it: the chat format and row formats know nothing of recipes or run directories, the core knows nothing
+of what a stage does with it, and a stage knows other stages only by the files they leave.
+``tests/test_architecture.py`` checks this on every test run.
+"""

@@ -29,16 +29,16 @@ from pathlib import Path
 def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
     import datasets
 
-    from data_prep.build import Rejects, drop_overlong, encode_records, read_records
+    from data_prep.encode import Rejects, drop_overlong, encode_records, read_records
     from data_prep.formats import sft_dialogue
     from data_prep.gemma_format import GemmaEncoder, render
-    from pipeline.config import DatasetSpec, ModelConfig
-    from pipeline.embedded import TINY_DATA
-    from pipeline.loading import load_tokenizer
+    from data_prep.tiny_ko import DATA_DIR
+    from pipeline.core.config import DatasetSpec, ModelConfig
+    from pipeline.core.loading import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(ModelConfig(name_or_path="embedded:tiny-gemma-ko"))
-    with open(TINY_DATA / "sft.jsonl", encoding="utf-8") as fh:
+    with open(DATA_DIR / "sft.jsonl", encoding="utf-8") as fh:
         base = [json.loads(line) for line in fh]
     # Distinct dialogues: a row number in the last user turn defeats any cache keyed on whole texts.
     dialogues = []
@@ -80,7 +80,7 @@ def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
             fh.write(json.dumps({"messages": d}, ensure_ascii=False) + "\n")
 
     def end_to_end() -> None:  # plus reading the JSONL file and writing Parquet
-        recs = read_records("sft", [DatasetSpec(path=str(src))], encoder, Rejects("error"), [])
+        recs = read_records("sft", [(DatasetSpec(path=str(src)), [src])], encoder, Rejects("error"), [])
         ds = encode_records("sft", recs, encoder, num_proc)
         ds = drop_overlong("sft", ds, 1 << 20, "max_length", "drop", Rejects("error"))
         ds.to_parquet(str(Path(tmp.name) / "out.parquet"))
@@ -134,8 +134,8 @@ def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, min
     from transformers import AutoTokenizer
 
     from data_prep.gemma_format import GemmaEncoder
-    from pipeline import ppo_math as pm
-    from pipeline.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
+    from pipeline.core import ppo_math as pm
+    from pipeline.core.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
     from pipeline.ppo import StepCounter, build_setup, rollout, train_on_rollout
 
     torch.manual_seed(0)

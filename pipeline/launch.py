@@ -16,25 +16,24 @@ import argparse
 import subprocess
 import sys
 
-from pipeline.config import ConfigError, load_recipe, resolve_path, validate
-
-STAGES = ("sft", "rm", "ppo")
+from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.config import ConfigError
+from pipeline.core.locations import resolve_path
+from pipeline.core.rundir import TRAINING_STAGES
 
 
 def build_command(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=STAGES)
-    ap.add_argument("--recipe", required=True)
+    ap.add_argument("stage", choices=TRAINING_STAGES)
+    add_recipe_arguments(ap)
     ap.add_argument("--config-file", default=None, help="accelerate config (default: the recipe's launch section)")
     ap.add_argument("--num-processes", type=int, default=None, help="processes in total, over all machines")
     ap.add_argument("--num-machines", type=int, default=None)
     ap.add_argument("--machine-rank", type=int, default=None)
     ap.add_argument("--main-process-ip", default=None)
     ap.add_argument("--main-process-port", type=int, default=None)
-    ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args(argv)
-    recipe = load_recipe(a.recipe, a.overrides)
-    validate(recipe, source=a.recipe)
+    recipe = recipe_from(a)
     config = resolve_path(a.config_file or recipe.launch.accelerate_config)
     if not config.is_file():
         raise ConfigError(f"accelerate config {config} does not exist")
@@ -59,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd = build_command(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print_error(e)
+        return EXIT_INPUT
     print("[launch] " + " ".join(cmd), flush=True)
     # accelerate's launcher runs in this process so that a stage that fails (and has already printed its one-line
     # error) ends with its own exit code, not with the launcher's traceback of the failed subprocess.

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 import yaml
 
-from pipeline.config import EMBEDDED_PREFIX, ConfigError, Recipe, load_recipe, resolve_path, validate
+from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.embedded import EMBEDDED_MODELS
+from pipeline.core.locations import EMBEDDED_PREFIX, resolve_path
+from pipeline.core.ppo_math import batch_sizes
+from pipeline.core.rundir import MODEL_CONFIG, RunDir, is_complete, read_manifest
 
 # Architectures of public Gemma checkpoints (from their config.json), so that hub recipes plan offline.
 KNOWN_CONFIGS = {
@@ -82,8 +87,6 @@ class Arch:
 def architecture(recipe: Recipe) -> tuple[Arch, str]:
     name = recipe.model.name_or_path
     if name.startswith(EMBEDDED_PREFIX):
-        from pipeline.embedded import EMBEDDED_MODELS
-
         spec = EMBEDDED_MODELS[name[len(EMBEDDED_PREFIX) :]]
         vocab = spec.model_vocab_size or -(-spec.vocab_size // 64) * 64
         return Arch(
@@ -95,7 +98,7 @@ def architecture(recipe: Recipe) -> tuple[Arch, str]:
             spec.num_key_value_heads,
             spec.head_dim,
         ), "embedded spec"
-    local = resolve_path(name) / "config.json"
+    local = resolve_path(name) / MODEL_CONFIG
     if local.is_file():
         cfg = json.loads(local.read_text(encoding="utf-8"))
         fields = Arch.__dataclass_fields__
@@ -139,10 +142,8 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     world, stage, offload = launch_settings(recipe, num_processes)
     n = a.parameters()
     d = recipe.data
-    counts = {}
-    manifest = recipe.run_dir / "data" / "manifest.json"
-    if manifest.is_file():
-        counts = json.loads(manifest.read_text(encoding="utf-8"))["counts"]
+    data = RunDir.of(recipe).data
+    counts = read_manifest(data).counts if is_complete(data) else {}
     lines = [
         f"plan for {recipe.run.name}: {recipe.model.name_or_path} ({n / 1e9:.3f}B parameters, architecture from "
         f"{source})",
@@ -210,8 +211,6 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     tokens = 2 * r.per_device_train_batch_size * d.max_length  # chosen and rejected
     memory("rm", [n], [], activation_bytes(a, tokens, r.gradient_checkpointing), 0.0)
     p = recipe.ppo
-    from pipeline.ppo_math import batch_sizes
-
     sizes = batch_sizes(
         p.per_device_train_batch_size,
         p.gradient_accumulation_steps,
@@ -255,18 +254,15 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True)
+    add_recipe_arguments(ap)
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
-    ap.add_argument("overrides", nargs="*")
     a = ap.parse_intermixed_args(argv)
     try:
-        recipe = load_recipe(a.recipe, a.overrides)
-        validate(recipe, source=a.recipe)
-        text, fits = plan(recipe, a.num_processes, a.gpu_gib)
+        text, fits = plan(recipe_from(a), a.num_processes, a.gpu_gib)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print_error(e)
+        return EXIT_INPUT
     print(text)
     return 0 if fits else 3
 

@@ -31,18 +31,46 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline import ppo_math as pm
-from pipeline.atomic import IncompleteError, require_complete
-from pipeline.config import ConfigError, PPOConfig, Recipe, run_cli
-from pipeline.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
-from pipeline.notices import stage_derivation
-from pipeline.stage_callback import NonFiniteLossError, poison_if_asked
+from data_prep.gemma_format import stop_token_ids
+from pipeline.core import ppo_math as pm
+from pipeline.core.checkpoint import (
+    finished_or_announce,
+    last_good_note,
+    last_resumable,
+    mark_intermediate,
+    require_checkpoint,
+    save_final,
+    warn_if_changed,
+)
+from pipeline.core.cli import run_cli
+from pipeline.core.config import ConfigError, PPOConfig, Recipe
+from pipeline.core.consistency import ConsistencyError, check_inputs
+from pipeline.core.faults import NonFiniteLossError, poison_if_asked
+from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
+from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
+from pipeline.core.rundir import (
+    ADAPTER,
+    VALUE,
+    DataOutput,
+    IncompleteError,
+    RewardModelGateError,
+    RewardStats,
+    RunDir,
+    StageDir,
+    append_metrics,
+    check_gate,
+    checkpoints,
+    data_output,
+    keep_metrics_until,
+)
+from pipeline.core.sampling import Generation, chunks, generate, left_pad, score, token_values
 
 STAGE = "ppo"
 
@@ -84,15 +112,6 @@ class PolicyAndValue(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-
-def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """The sequence classifier's head applied at every position, (B, T): per-token values or rewards."""
-    backbone = getattr(seq_cls, seq_cls.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return seq_cls.score(hidden).squeeze(-1).float()
 
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # rows of logits computed at once: about 16 MB in fp32, whatever the vocabulary
@@ -152,12 +171,6 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """position_ids for left-padded rows: the first real token is 0 (pads get 0 too)."""
-    mask = mask.long()
-    return mask.cumsum(1) - mask
-
-
 @dataclass
 class Setup:
     """Everything the rollout and update functions need."""
@@ -184,63 +197,11 @@ class Setup:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    width = max(len(p) for p in prompts)
-    out = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        out[i, width - len(p) :] = torch.tensor(p)
-    return out.to(device)
-
-
-def generate(s: Setup, queries: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-    """Responses (B, L) sampled from the policy, right-padded with pad to the full response length.
-
-    Under ZeRO-3 the parameters are gathered once for the whole rollout, not per generated token (pitfall P12).
-    """
-    from transformers import GenerationConfig
-
-    cfg = s.cfg
-    L = cfg.response_length
-    # A complete GenerationConfig: nothing from the model's own generation defaults (top_k 50...) can merge in.
-    gen = GenerationConfig(
-        max_new_tokens=L,
-        do_sample=not greedy,
-        temperature=cfg.temperature if not greedy else None,
-        top_k=0 if not greedy else None,
-        top_p=1.0 if not greedy else None,
-        eos_token_id=s.stop_ids or None,
-        pad_token_id=s.pad_id,
-        bos_token_id=None,
-        use_cache=True,
-    )
-    chunks = []
-    with unwrapped_for_generation(s) as unwrapped:
-        policy = unwrapped.policy
-        was_training = policy.training
-        policy.eval()
-        # No stop ids: sample the full length. The model's own eos must not merge in (nor a min_new_tokens
-        # processor, which would change the sampling distribution away from the policy's: pitfall P5).
-        saved_eos = policy.generation_config.eos_token_id
-        if not s.stop_ids:
-            policy.generation_config.eos_token_id = None
-        for i in range(0, queries.size(0), cfg.local_rollout_forward_batch_size):
-            q = queries[i : i + cfg.local_rollout_forward_batch_size]
-            with torch.no_grad():
-                out = policy.generate(input_ids=q, attention_mask=(q != s.pad_id).long(), generation_config=gen)
-            resp = out[:, q.size(1) :]
-            if resp.size(1) < L:
-                resp = nn.functional.pad(resp, (0, L - resp.size(1)), value=s.pad_id)
-            chunks.append(resp)
-        policy.generation_config.eos_token_id = saved_eos
-        if was_training:
-            policy.train()
-    return torch.cat(chunks)
-
-
 @contextmanager
 def unwrapped_for_generation(s: Setup):
-    """The bare PolicyAndValue for generate(); under ZeRO-3 with its parameters gathered once for the whole
-    rollout (TRL's helper). TRL is imported only then: importing it costs about 190 MB of resident memory."""
+    """The bare PolicyAndValue for generate(); under ZeRO-3 with its parameters gathered once for the whole rollout,
+    not per generated token (P12; TRL's helper). TRL is imported only then: importing it costs about 190 MB of
+    resident memory."""
     if s.zero3:
         from trl.models.utils import unwrap_model_for_generation
 
@@ -250,15 +211,41 @@ def unwrapped_for_generation(s: Setup):
         yield s.unwrapped
 
 
-def _chunked(n: int, size: int):
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+@contextmanager
+def gathered(s: Setup, module: nn.Module):
+    """A frozen DeepSpeed-inference model with its ZeRO-3 shards gathered (for generating from it)."""
+    if s.zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            yield module
+    else:
+        yield module
+
+
+def sample(s: Setup, queries: torch.Tensor, greedy: bool = False, model: nn.Module | None = None) -> Generation:
+    """Responses of the policy (or of ``model``, a frozen one) to the left-padded ``queries``, truncated after the
+    stop token: sampled at the PPO temperature, or greedy."""
+    kwargs = dict(
+        pad_id=s.pad_id,
+        stop_ids=s.stop_ids,
+        max_new_tokens=s.cfg.response_length,
+        temperature=None if greedy else s.cfg.temperature,
+        chunk=s.cfg.local_rollout_forward_batch_size,
+    )
+    if model is not None:
+        module = model.module if hasattr(model, "module") else model  # a DeepSpeed inference engine's model
+        with gathered(s, module):
+            return generate(module, queries, **kwargs)
+    with unwrapped_for_generation(s) as unwrapped:
+        return generate(unwrapped.policy, queries, **kwargs)
 
 
 @torch.no_grad()
 def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: bool = False):
     """Rollout log-probs and values from the same forward the update uses; (B, L) each (and the entropy)."""
     lps, vals, ents = [], [], []
-    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+    for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
         lp, values, ent = s.model(seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy)
         lps.append(lp)
         vals.append(values.float())
@@ -269,7 +256,7 @@ def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: boo
 @torch.no_grad()
 def ref_logprobs(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
     out = []
-    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+    for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
         args = (seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature)
         if s.ref is None:  # LoRA: the reference is the same base with the adapter disabled
             policy = s.unwrapped.policy
@@ -278,16 +265,6 @@ def ref_logprobs(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
         else:
             ref = s.ref.module if hasattr(s.ref, "module") else s.ref  # a DeepSpeed inference engine's model
             out.append(response_logprobs(ref, *args)[0])
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def reward_scores(s: Setup, seq, mask, pos, index) -> torch.Tensor:
-    """The reward model's score read at ``index`` (the stop token) of each row."""
-    out = []
-    for a, b in _chunked(seq.size(0), s.cfg.local_rollout_forward_batch_size):
-        per_token = token_values(s.reward, seq[a:b], mask[a:b], pos[a:b])
-        out.append(per_token.gather(1, index[a:b].unsqueeze(1)).squeeze(1))
     return torch.cat(out)
 
 
@@ -308,24 +285,19 @@ class Rollout:
 
 def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     cfg = s.cfg
-    dev = s.accelerator.device
     t0 = time.perf_counter()
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
-    queries = left_pad(prompts, s.pad_id, dev)
-    C, L = queries.size(1), cfg.response_length
-    raw = generate(s, queries)
-    responses, seq_len, stopped = pm.truncate_after_stop(raw, s.stop_ids, s.pad_id)
+    g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
+    responses, seq_len, stopped = g.responses, g.seq_len, g.stopped
+    L = cfg.response_length
     t_gen = time.perf_counter() - t0
-    seq = torch.cat([queries, responses], 1)
-    mask = (seq != s.pad_id).long()
-    mask[:, C:] = pm.valid_mask(seq_len, L).long()  # pad ids inside a response are never generated before the stop
-    pos = positions(mask)
+    seq, mask, pos = g.inputs()  # pad ids inside a response are never generated before the stop
     # 3-5. Log-probs under the policy (same forward as training) and the reference; values.
     t1 = time.perf_counter()
     logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, entropy=True)
     ref_lp = ref_logprobs(s, seq, mask, pos, responses)
     # 6. Score at the stop token (or the last token when the response never stopped).
-    scores = reward_scores(s, seq, mask, pos, C + seq_len)
+    scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
     raw_scores = scores.clone()
     if cfg.normalize_reward:
         scores = (scores - s.reward_mean) / max(s.reward_std, 1e-8)
@@ -355,15 +327,14 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         "objective/scores": scores.mean(),
         "objective/raw_scores": raw_scores.mean(),
         "val/num_eos_tokens": stopped.float().sum(),
+        "val/explained_variance": torch.tensor(pm.explained_variance(values, returns, value_mask)),
         "ppo/response_length": (seq_len + 1).float().mean(),
         "ppo/no_stop_rate": (~stopped).float().mean(),
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
     }
-    ro = Rollout(seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats)
-    ro.stats["_explained_variance"] = (values, returns, value_mask)
-    return ro
+    return Rollout(seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,15 +427,13 @@ def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
     """Means over processes (sums for counts), as plain floats."""
     out = {}
     for k, v in stats.items():
-        if k.startswith("_"):
-            continue
         v = torch.as_tensor(v, dtype=torch.float32, device=acc.device)
         out[k] = float(acc.reduce(v, reduction="sum" if k == "val/num_eos_tokens" else "mean"))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data order, checkpoints, the panel
+# Data order, progress, the panel
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -501,113 +470,95 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
     if not prompts:
         return []
     queries = left_pad([p for _, p in prompts], s.pad_id, s.accelerator.device)
-    C = queries.size(1)
-    current = generate(s, queries, greedy=True)
+    current = sample(s, queries, greedy=True)
     if s.ref is None:
         with s.unwrapped.policy.disable_adapter():
-            sft = generate(s, queries, greedy=True)
+            sft = sample(s, queries, greedy=True)
     else:
-        sft = _generate_with(s, s.ref, queries)
+        sft = sample(s, queries, greedy=True, model=s.ref)
     rows_out = []
-    for resp in (sft, current):
-        resp, seq_len, stopped = pm.truncate_after_stop(resp, s.stop_ids, s.pad_id)
-        seq = torch.cat([queries, resp], 1)
-        mask = (seq != s.pad_id).long()
-        mask[:, C:] = pm.valid_mask(seq_len, resp.size(1)).long()
-        pos = positions(mask)
-        score = reward_scores(s, seq, mask, pos, C + seq_len)
-        lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, resp)
-        ref = ref_logprobs(s, seq, mask, pos, resp)
-        am = pm.valid_mask(seq_len, resp.size(1))
-        kl = pm.masked_sum(lp - ref, am, 1)
-        texts = [
-            tokenizer.decode(r[: int(n) + (0 if st else 1)].tolist(), skip_special_tokens=True)
-            for r, n, st in zip(resp, seq_len, stopped)
-        ]
-        rows_out.append((texts, score.tolist(), kl.tolist()))
+    for g in (sft, current):
+        seq, mask, pos = g.inputs()
+        lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, g.responses)
+        ref = ref_logprobs(s, seq, mask, pos, g.responses)
+        kl = pm.masked_sum(lp - ref, pm.valid_mask(g.seq_len, g.responses.size(1)), 1)
+        rows_out.append((g.texts(tokenizer), score(s.reward, g, s.cfg.local_rollout_forward_batch_size).tolist(), kl))
     (sft_t, sft_s, _), (cur_t, cur_s, cur_kl) = rows_out
     return [
         [step, p, a, float(b), c, float(d), float(e)]
-        for (p, _), a, b, c, d, e in zip(prompts, sft_t, sft_s, cur_t, cur_s, cur_kl)
+        for (p, _), a, b, c, d, e in zip(prompts, sft_t, sft_s, cur_t, cur_s, cur_kl.tolist())
     ]
 
 
-def _generate_with(s: Setup, ref: Any, queries: torch.Tensor) -> torch.Tensor:
-    """Greedy answers of the frozen reference (the SFT model)."""
-    from transformers import GenerationConfig
-
-    L = s.cfg.response_length
-    gen = GenerationConfig(
-        max_new_tokens=L, do_sample=False, eos_token_id=s.stop_ids or None, pad_token_id=s.pad_id, bos_token_id=None
-    )
-    module = ref.module if hasattr(ref, "module") else ref
-    if s.zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters())), torch.no_grad():
-            out = module.generate(
-                input_ids=queries, attention_mask=(queries != s.pad_id).long(), generation_config=gen
-            )
-    else:
-        with torch.no_grad():
-            out = module.generate(
-                input_ids=queries, attention_mask=(queries != s.pad_id).long(), generation_config=gen
-            )
-    resp = out[:, queries.size(1) :]
-    return nn.functional.pad(resp, (0, L - resp.size(1)), value=s.pad_id) if resp.size(1) < L else resp
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The stage
+# The stage: inputs, setup, the loop, the save
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def derivation(recipe: Recipe, parent: Path, manifest: dict, metrics: dict, step: int | None, method: str):
+def derivation(recipe: Recipe, parent: Path, manifest: dict, method: str, step: int | None, metrics: dict):
     return stage_derivation(
         recipe, STAGE, method, parent, [s.path for s in recipe.data.prompts.train], manifest, metrics, step
     )
 
 
-def chain_summary(recipe: Recipe, sft_dir: Path, rm_dir: Path, metrics: dict, tokenizer: Any) -> str:
-    """The final model card's account of all three stages, and how to run the model with the right stop token."""
-    sft_m = json.loads((sft_dir / "lineage.json").read_text(encoding="utf-8"))["metrics"]
-    rm_m = json.loads((rm_dir / "lineage.json").read_text(encoding="utf-8"))["metrics"]
+@dataclass
+class Inputs:
+    """What PPO starts from: the SFT and reward-model checkpoints (complete, with notices, past the gate), the data
+    stage's prompts and tokenizer, and the panel's prompts."""
 
-    def f(v):
-        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+    sft: Path
+    rm: Path
+    rm_accuracy: float
+    reward_stats: RewardStats
+    data: DataOutput
+    tokenizer: Any
+    prompts: list[list[int]]
+    panel: list[tuple[str, list[int]]]
 
-    data = recipe.data
-    return "\n".join(
-        [
-            "## How this model was made",
-            "",
-            "| stage | data | result |",
-            "|---|---|---|",
-            f"| SFT | {', '.join(f'`{s.path}`' for s in data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
-            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
-            f"| reward model | {', '.join(f'`{s.path}`' for s in data.preference.train)} | held-out pairwise accuracy "
-            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
-            f"| PPO | {', '.join(f'`{s.path}`' for s in data.prompts.train)} | {metrics['updates']} updates; score "
-            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
-            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
-            "",
-            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
-            "",
-            "## Inference",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            'tok = AutoTokenizer.from_pretrained("PATH")',
-            'model = AutoModelForCausalLM.from_pretrained("PATH")',
-            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
-            '                              return_tensors="pt", return_dict=True)',
-            'stop = [tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id]  # a model turn ends with <end_of_turn>',
-            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
-            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
-            "```",
-        ]
-    )
+
+def read_inputs(recipe: Recipe) -> Inputs:
+    import datasets
+    from transformers import AutoTokenizer
+
+    run_dir = RunDir.of(recipe)
+    sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint (run `make sft` first)")
+    rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model (run `make rm` first)")
+    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, recipe.ppo.ignore_rm_gate)
+    data = data_output(run_dir)
+    check_inputs(data.path, {"the SFT checkpoint": sft_dir, "the reward model": rm_dir})
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    datasets.disable_progress_bars()
+    train_path = data.split("prompts", "train")
+    if train_path is None:
+        raise ConfigError("the recipe has no PPO prompts (data.prompts.train)")
+    prompts = list(datasets.Dataset.from_parquet(str(train_path))["prompt_ids"])
+    panel_source = datasets.Dataset.from_parquet(str(data.split("prompts", "eval") or train_path))
+    panel = [
+        (json.loads(m)[-1]["content"], ids)
+        for m, ids in zip(panel_source["messages"][:4], panel_source["prompt_ids"][:4])
+    ]
+    return Inputs(sft_dir, rm_dir, rm_accuracy, RewardStats.read(rm_dir), data, tokenizer, prompts, panel)
+
+
+@dataclass
+class PPORun:
+    """One PPO run in progress: the models and optimizer, the schedules, the counters, where it writes."""
+
+    recipe: Recipe
+    inputs: Inputs
+    s: Setup
+    scheduler: Any
+    kl_ctl: Any
+    sizes: pm.BatchSizes
+    stage: StageDir
+    tracker: Any
+    local_seed: int
+    progress: Progress = field(default_factory=Progress)
+    counter: StepCounter = field(default_factory=StepCounter)
+
+    @property
+    def accelerator(self) -> Any:
+        return self.s.accelerator
 
 
 def build_setup(
@@ -668,7 +619,6 @@ def build_setup(
     else:
         reward = reward.to(accelerator.device)
         ref = ref.to(accelerator.device) if ref is not None else None
-    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     setup = Setup(
         accelerator=accelerator,
         model=model,
@@ -677,7 +627,7 @@ def build_setup(
         reward=reward,
         cfg=cfg,
         pad_id=tokenizer.pad_token_id,
-        stop_ids=[eot, tokenizer.eos_token_id],
+        stop_ids=stop_token_ids(tokenizer),
         zero3=zero3,
     )
     return setup, scheduler
@@ -695,56 +645,30 @@ def configure_deepspeed(accelerator_kwargs: dict, cfg: PPOConfig, micro_per_mini
     accelerator_kwargs["deepspeed_plugin"] = plugin
 
 
-def run(recipe: Recipe) -> Path:
-    import datasets
+def make_accelerator(cfg: PPOConfig, sizes: pm.BatchSizes, prec: dict) -> Any:
+    """gloo on a CPU-only machine; bf16 mixed precision on a bf16 GPU; DeepSpeed sized from the batch arithmetic."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
-    from pipeline.checkpoint import (
-        checkpoints,
-        finished_or_announce,
-        last_good_note,
-        last_resumable,
-        mark_intermediate,
-        require_checkpoint,
-        save_final,
-        warn_if_changed,
-    )
-    from pipeline.consistency import check_inputs
-    from pipeline.rm import STATS_FILE, check_gate
-    from pipeline.tracking import Tracker
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": sizes.micro_per_mini}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini)
+    if prec["use_cpu"]:
+        # On a CPU-only machine the process group is gloo; set up first (as transformers' Trainer does with
+        # use_cpu), the Accelerator below keeps the launcher's DeepSpeed settings on top of it.
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
+    return Accelerator(mixed_precision="bf16" if prec["bf16"] else "no", **kwargs)
+
+
+def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
+    """Accelerator, seeds, tracker, the four models, optimizer, LR schedule, KL controller; registered for
+    checkpointing."""
+    from accelerate.utils import set_seed
+
+    from pipeline.core.tracking import Tracker
 
     cfg = recipe.ppo
-    if (done_final := finished_or_announce(recipe, STAGE)) is not None:
-        return done_final
-    stage_dir = recipe.run_dir / STAGE
-    final = stage_dir / "final"
-
-    # Inputs: SFT and reward model checkpoints (complete, with notices), the gate, prompts, tokenizer.
-    sft_dir = require_checkpoint(recipe.run_dir / "sft" / "final", "the SFT checkpoint (run `make sft` first)")
-    rm_dir = require_checkpoint(recipe.run_dir / "rm" / "final", "the reward model (run `make rm` first)")
-    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, cfg.ignore_rm_gate)
-    stats = json.loads((rm_dir / STATS_FILE).read_text(encoding="utf-8"))
-    data_dir = require_complete(recipe.run_dir / "data", "the data stage output (run `make data` first)")
-    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-    check_inputs(data_dir, {"the SFT checkpoint": sft_dir, "the reward model": rm_dir})
-    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
-    datasets.disable_progress_bars()
-    train_path = data_dir / "prompts" / "train.parquet"
-    if not train_path.is_file():
-        raise ConfigError("the recipe has no PPO prompts (data.prompts.train)")
-    prompts = list(datasets.Dataset.from_parquet(str(train_path))["prompt_ids"])
-    eval_path = data_dir / "prompts" / "eval.parquet"
-    panel_source = datasets.Dataset.from_parquet(str(eval_path if eval_path.is_file() else train_path))
-    panel = [
-        (json.loads(m)[-1]["content"], ids)
-        for m, ids in zip(panel_source["messages"][:4], panel_source["prompt_ids"][:4])
-    ]
-    if cfg.temperature <= 0:
-        raise ConfigError("ppo.temperature must be positive")
-
-    # Accelerator: gloo on a CPU-only machine; DeepSpeed sizes from the batch arithmetic.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sizes = pm.batch_sizes(
         cfg.per_device_train_batch_size,
@@ -754,203 +678,230 @@ def run(recipe: Recipe) -> Path:
         cfg.total_episodes,
         cfg.num_ppo_epochs,
     )
-    kwargs: dict[str, Any] = {"gradient_accumulation_steps": sizes.micro_per_mini}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini)
     prec = precision()
-    if prec["use_cpu"]:
-        # On a CPU-only machine the process group is gloo; set up first (as transformers' Trainer does with
-        # use_cpu), the Accelerator below keeps the launcher's DeepSpeed settings on top of it.
-        from accelerate import PartialState
-
-        PartialState(cpu=True)
-    accelerator = Accelerator(mixed_precision="bf16" if prec["bf16"] else "no", **kwargs)
+    accelerator = make_accelerator(cfg, sizes, prec)
     if cfg.method == "lora" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError("ppo.method: lora is not supported under DeepSpeed ZeRO-3 (use ZeRO-2 or full)")
     local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
     set_seed(local_seed)
-    tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": rm_accuracy})
+    tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": inputs.rm_accuracy})
     if accelerator.is_main_process:
         print(
             f"[ppo] {describe_processes(accelerator.state)}; {'bf16' if prec['bf16'] else 'fp32'}; "
             f"{sizes.num_updates} updates of {sizes.batch} rollouts, {sizes.optimizer_steps_per_update} optimizer "
-            f"steps each; reward model accuracy {rm_accuracy:.3f}",
+            f"steps each; reward model accuracy {inputs.rm_accuracy:.3f}",
             flush=True,
         )
-
-    value_dir = rm_dir if cfg.value_init == "rm" else sft_dir
-    s, scheduler = build_setup(recipe, accelerator, sft_dir, rm_dir, value_dir, tokenizer, sizes.num_updates)
-    s.reward_mean, s.reward_std = stats["mean"], stats["std"]
+    value_dir = inputs.rm if cfg.value_init == "rm" else inputs.sft
+    s, scheduler = build_setup(
+        recipe, accelerator, inputs.sft, inputs.rm, value_dir, inputs.tokenizer, sizes.num_updates
+    )
+    s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std
     kl_ctl = (
         pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.kl_target
         else pm.FixedKLController(cfg.kl_coef)
     )
-    progress = Progress()
-    for obj in (scheduler, kl_ctl, progress):
+    ppo = PPORun(recipe, inputs, s, scheduler, kl_ctl, sizes, RunDir.of(recipe).stage(STAGE), tracker, local_seed)
+    for obj in (scheduler, kl_ctl, ppo.progress):
         accelerator.register_for_checkpointing(obj)
-    counter = StepCounter()
-    method = "lora" if cfg.method == "lora" else "full"
+    return ppo
 
-    # Resume: model, optimizer, scheduler, KL controller, progress and every RNG state from the last checkpoint.
-    ckpt_root = stage_dir / "checkpoints"
-    resume = last_resumable(ckpt_root)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        if accelerator.is_main_process:
-            print(f"[ppo] resuming from {resume} (update {progress.update})", flush=True)
-            warn_if_changed("ppo", resume, recipe, ("ppo", "model", "data"))
 
-    def save_checkpoint(update: int) -> None:
-        ckpt = ckpt_root / f"checkpoint-{update}"
-        accelerator.save_state(str(ckpt))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            last = progress.history[-1] if progress.history else {}
-            mark_intermediate(ckpt, derivation(recipe, sft_dir, manifest, last, update, method))
-            for old in checkpoints(ckpt_root)[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+def resume(ppo: PPORun) -> None:
+    """Model, optimizer, scheduler, KL controller, progress and every RNG state from the newest complete checkpoint;
+    the metrics lines the killed run wrote after it are dropped."""
+    acc = ppo.accelerator
+    ckpt = last_resumable(ppo.stage.checkpoints)
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        if acc.is_main_process:
+            print(f"[ppo] resuming from {ckpt} (update {ppo.progress.update})", flush=True)
+            warn_if_changed(STAGE, ckpt, ppo.recipe, (STAGE, "model", "data"))
+    if acc.is_main_process:
+        keep_metrics_until(ppo.stage, ppo.progress.update)
 
-    if accelerator.is_main_process:  # lines past the resumed update belong to the killed run: drop them
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        log = stage_dir / "metrics.jsonl"
-        kept = [
-            ln
-            for ln in (log.read_text(encoding="utf-8").splitlines() if log.exists() else [])
-            if json.loads(ln)["update"] <= progress.update
-        ]
-        log.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    t_start = time.perf_counter()
-    while progress.update < sizes.num_updates:
-        update = progress.update
-        t0 = time.perf_counter()
-        # 1-7. Rollout.
-        batch = batch_prompts(prompts, update, sizes, accelerator.process_index, recipe.run.seed)
-        s.model.eval()
-        ro = rollout(s, batch, kl_ctl.value)
-        # 8. PPO epochs over minibatches.
-        s.model.train()
-        disable_dropout(s.unwrapped)
-        t1 = time.perf_counter()
-        gen = torch.Generator().manual_seed(local_seed * 7919 + update)
-        try:
-            train_stats = train_on_rollout(s, ro, sizes, gen, counter, update + 1)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e}; stopping: {last_good_note(ckpt_root)}") from None
-        t_train = time.perf_counter() - t1
-        scheduler.step()
-        # 9. Metrics, KL controller, safety, checkpoint, panel.
-        values, returns, vmask = ro.stats["_explained_variance"]
-        ro.stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, vmask))
-        metrics = gather_stats(accelerator, {**ro.stats, **train_stats})
-        progress.episode += sizes.batch
-        elapsed = time.perf_counter() - t0
-        metrics.update(
-            {
-                "time/train": t_train,
-                "time/update": elapsed,
-                "lr": scheduler.get_last_lr()[0],
-                "episode": progress.episode,
-                "objective/kl_coef": kl_ctl.value,
-                "tokens_per_second": metrics.pop("tokens/generated") * world / max(elapsed, 1e-9),
-            }
+
+def save_checkpoint(ppo: PPORun) -> None:
+    """A resumable checkpoint of the current update (the two newest are kept)."""
+    acc, update = ppo.accelerator, ppo.progress.update
+    ckpt = ppo.stage.checkpoint(update)
+    acc.save_state(str(ckpt))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        last = ppo.progress.history[-1] if ppo.progress.history else {}
+        mark_intermediate(
+            ckpt,
+            derivation(ppo.recipe, ppo.inputs.sft, ppo.inputs.data.manifest.raw, ppo.recipe.ppo.method, update, last),
         )
-        kl_now = metrics["objective/kl"]
-        recent = [h["objective/kl"] for h in progress.history[-9:]] + [kl_now]  # one batch is noisy: a running mean
-        metrics["objective/kl_running_mean"] = sum(recent) / len(recent)
-        kl_ctl.update(kl_now, sizes.batch)
-        progress.update += 1
-        progress.history.append({k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/raw_scores")})
-        tracker.log({f"{STAGE}/{k}": v for k, v in metrics.items()}, step=progress.update)
-        if accelerator.is_main_process:  # also kept beside the run for reports (a resumed run rewrites its lines)
-            with open(stage_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"update": progress.update, **metrics}) + "\n")
-        if accelerator.is_main_process:
+        for old in checkpoints(ppo.stage.checkpoints)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def one_update(ppo: PPORun) -> dict[str, float]:
+    """Steps 1-8 for the next rollout batch, then the update's metrics (gathered over processes)."""
+    s, acc, update = ppo.s, ppo.accelerator, ppo.progress.update
+    t0 = time.perf_counter()
+    # 1-7. Rollout.
+    batch = batch_prompts(ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed)
+    s.model.eval()
+    ro = rollout(s, batch, ppo.kl_ctl.value)
+    # 8. PPO epochs over minibatches.
+    s.model.train()
+    disable_dropout(s.unwrapped)
+    t1 = time.perf_counter()
+    gen = torch.Generator().manual_seed(ppo.local_seed * 7919 + update)
+    try:
+        train_stats = train_on_rollout(s, ro, ppo.sizes, gen, ppo.counter, update + 1)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; stopping: {last_good_note(ppo.stage.checkpoints)}") from None
+    t_train = time.perf_counter() - t1
+    ppo.scheduler.step()
+    metrics = gather_stats(acc, {**ro.stats, **train_stats})
+    elapsed = time.perf_counter() - t0
+    metrics.update(
+        {
+            "time/train": t_train,
+            "time/update": elapsed,
+            "lr": ppo.scheduler.get_last_lr()[0],
+            "episode": ppo.progress.episode + ppo.sizes.batch,
+            "objective/kl_coef": ppo.kl_ctl.value,
+            "tokens_per_second": metrics.pop("tokens/generated") * acc.num_processes / max(elapsed, 1e-9),
+        }
+    )
+    recent = [h["objective/kl"] for h in ppo.progress.history[-9:]] + [metrics["objective/kl"]]
+    metrics["objective/kl_running_mean"] = sum(recent) / len(recent)  # one batch is noisy: a running mean
+    return metrics
+
+
+def record(ppo: PPORun, metrics: dict[str, float]) -> None:
+    """Step 9: the KL controller, the counters, W&B, ``metrics.jsonl`` and the console line."""
+    ppo.kl_ctl.update(metrics["objective/kl"], ppo.sizes.batch)
+    p = ppo.progress
+    p.episode = int(metrics["episode"])
+    p.update += 1
+    p.history.append({k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/raw_scores")})
+    ppo.tracker.log({f"{STAGE}/{k}": v for k, v in metrics.items()}, step=p.update)
+    if ppo.accelerator.is_main_process:  # also kept beside the run for reports (a resumed run rewrites its lines)
+        append_metrics(ppo.stage, {"update": p.update, **metrics})
+        print(
+            f"[ppo] update {p.update}/{ppo.sizes.num_updates} score {metrics['objective/scores']:.3f} "
+            f"kl {metrics['objective/kl']:.3f} len {metrics['ppo/response_length']:.1f} "
+            f"no-stop {metrics['ppo/no_stop_rate']:.2f} pg {metrics['loss/policy_avg']:.4f} "
+            f"vf {metrics['loss/value_avg']:.4f} clip {metrics['policy/clipfrac_avg']:.3f} {metrics['time/update']:.1f}s",
+            flush=True,
+        )
+
+
+def check_safety(ppo: PPORun, metrics: dict[str, float]) -> None:
+    """Stop on a runaway KL (``ppo.max_kl``) or non-finite metrics, naming the last good checkpoint."""
+    cfg, update = ppo.recipe.ppo, ppo.progress.update
+    if cfg.max_kl is not None and metrics["objective/kl_running_mean"] > cfg.max_kl:
+        raise PPOStopError(
+            f"KL {metrics['objective/kl_running_mean']:.3f} (running mean) passed ppo.max_kl {cfg.max_kl} at update "
+            f"{update}; stopping: {last_good_note(ppo.stage.checkpoints)}"
+        )
+    if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("val/explained")):
+        raise NonFiniteLossError(
+            f"non-finite metrics at update {update}; stopping: {last_good_note(ppo.stage.checkpoints)}"
+        )
+
+
+def show_panel(ppo: PPORun) -> None:
+    """The prompt panel: the SFT model's and the current policy's greedy answers, to W&B and the console."""
+    ppo.s.model.eval()
+    rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update)
+    columns = ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"]
+    ppo.tracker.table(f"{STAGE}/panel", columns, rows, step=ppo.progress.update)
+    if ppo.accelerator.is_main_process:
+        for r in rows:
             print(
-                f"[ppo] update {progress.update}/{sizes.num_updates} score {metrics['objective/scores']:.3f} "
-                f"kl {kl_now:.3f} len {metrics['ppo/response_length']:.1f} no-stop {metrics['ppo/no_stop_rate']:.2f} "
-                f"pg {metrics['loss/policy_avg']:.4f} vf {metrics['loss/value_avg']:.4f} "
-                f"clip {metrics['policy/clipfrac_avg']:.3f} {elapsed:.1f}s",
+                f"[ppo] panel: {r[1]!r}: sft {r[2]!r} ({r[3]:.2f}) -> now {r[4]!r} ({r[5]:.2f}, kl {r[6]:.2f})",
                 flush=True,
             )
-        if cfg.max_kl is not None and metrics["objective/kl_running_mean"] > cfg.max_kl:
-            raise PPOStopError(
-                f"KL {metrics['objective/kl_running_mean']:.3f} (running mean) passed ppo.max_kl "
-                f"{cfg.max_kl} at update {progress.update}; stopping: {last_good_note(ckpt_root)}"
-            )
-        if not all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("val/explained")):
-            raise NonFiniteLossError(
-                f"non-finite metrics at update {progress.update}; stopping: {last_good_note(ckpt_root)}"
-            )
-        if cfg.panel_every and (progress.update % cfg.panel_every == 0 or progress.update == sizes.num_updates):
-            s.model.eval()
-            rows = panel_rows(s, tokenizer, panel, progress.update)
-            tracker.table(
-                f"{STAGE}/panel",
-                ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"],
-                rows,
-                step=progress.update,
-            )
-            if accelerator.is_main_process:
-                for r in rows:
-                    print(
-                        f"[ppo] panel: {r[1]!r}: sft {r[2]!r} ({r[3]:.2f}) -> now {r[4]!r} ({r[5]:.2f}, kl {r[6]:.2f})",
-                        flush=True,
-                    )
-        if progress.update % cfg.save_steps == 0 and progress.update < sizes.num_updates:
-            save_checkpoint(progress.update)
 
-    # Save: the policy as a notice-carrying Gemma derivative (LoRA merged), the value model beside it.
-    total_s = time.perf_counter() - t_start
-    hist = progress.history
+
+def train(ppo: PPORun) -> None:
+    """The loop: one update per rollout batch until ``total_episodes`` are consumed; checks, panel, checkpoints."""
+    cfg, total = ppo.recipe.ppo, ppo.sizes.num_updates
+    while ppo.progress.update < total:
+        metrics = one_update(ppo)
+        record(ppo, metrics)
+        check_safety(ppo, metrics)
+        update = ppo.progress.update
+        if cfg.panel_every and (update % cfg.panel_every == 0 or update == total):
+            show_panel(ppo)
+        if update % cfg.save_steps == 0 and update < total:
+            save_checkpoint(ppo)
+
+
+def _write_weights(ppo: PPORun, state_dict: dict, tmp: Path) -> None:
+    """The policy (LoRA merged; the adapter in ``adapter/``) and the value model in ``value/`` (main process)."""
+    if not ppo.accelerator.is_main_process:
+        return
+    unwrapped = ppo.s.unwrapped
+    pol = {k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")}
+    val = {k[len("value.") :]: v for k, v in state_dict.items() if k.startswith("value.")}
+    if ppo.recipe.ppo.method == "lora":
+        unwrapped.policy.save_pretrained(str(tmp / ADAPTER), state_dict=pol)
+        unwrapped.policy.merge_and_unload().save_pretrained(str(tmp))
+    else:
+        unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)
+    unwrapped.value.save_pretrained(str(tmp / VALUE), state_dict=val)
+
+
+def _write_value_notices(derived: Derivation, tmp: Path) -> None:
+    write_notices(tmp / VALUE, derived)  # the value model is loadable on its own: it carries its own notices
+
+
+def save(ppo: PPORun, seconds: float) -> Path:
+    """The policy as a notice-carrying Gemma derivative (LoRA merged), the value model beside it."""
+    cfg, inputs, hist = ppo.recipe.ppo, ppo.inputs, ppo.progress.history
     final_metrics = {
-        "updates": progress.update,
-        "episodes": progress.episode,
-        "rm_accuracy": rm_accuracy,
+        "updates": ppo.progress.update,
+        "episodes": ppo.progress.episode,
+        "rm_accuracy": inputs.rm_accuracy,
         "score_first": hist[0]["objective/scores"] if hist else None,
         "score_last": hist[-1]["objective/scores"] if hist else None,
         "kl_last_10": sum(h["objective/kl"] for h in hist[-10:]) / max(len(hist[-10:]), 1),
-        "optimizer_steps_this_session": counter.steps,
-        "seconds_this_session": round(total_s, 1),
+        "optimizer_steps_this_session": ppo.counter.steps,
+        "seconds_this_session": round(seconds, 1),
     }
-    d = derivation(recipe, sft_dir, manifest, final_metrics, None, "lora-merged" if cfg.method == "lora" else "full")
-    d.extra_sections.append(chain_summary(recipe, sft_dir, rm_dir, final_metrics, tokenizer))
-    state_dict = accelerator.get_state_dict(s.model)  # gathered from every ZeRO-3 shard
+    manifest = inputs.data.manifest.raw
+    d = derivation(
+        ppo.recipe, inputs.sft, manifest, "lora-merged" if cfg.method == "lora" else "full", None, final_metrics
+    )
+    d.extra_sections.append(chain_summary(ppo.recipe, inputs.sft, inputs.rm, final_metrics))
+    value_parent = inputs.rm if cfg.value_init == "rm" else inputs.sft
+    value_d = derivation(ppo.recipe, value_parent, manifest, "full", None, final_metrics)
+    state_dict = ppo.accelerator.get_state_dict(ppo.s.model)  # gathered from every ZeRO-3 shard
+    return save_final(
+        ppo.stage.final,
+        partial(_write_weights, ppo, state_dict),
+        inputs.tokenizer,
+        d,
+        main_only=partial(_write_value_notices, value_d),
+    )
 
-    def write_weights(tmp: Path) -> None:
-        if not accelerator.is_main_process:
-            return
-        unwrapped = s.unwrapped
-        pol = {k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        val = {k[len("value.") :]: v for k, v in state_dict.items() if k.startswith("value.")}
-        if cfg.method == "lora":
-            unwrapped.policy.save_pretrained(str(tmp / "adapter"), state_dict=pol)
-            merged = unwrapped.policy.merge_and_unload()
-            merged.save_pretrained(str(tmp))
-        else:
-            unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)
-        unwrapped.value.save_pretrained(str(tmp / "value"), state_dict=val)
 
-    def value_notices(tmp: Path) -> None:  # the value model is loadable on its own: it carries its own notices
-        from pipeline.notices import write_notices
-
-        write_notices(
-            tmp / "value",
-            derivation(recipe, rm_dir if cfg.value_init == "rm" else sft_dir, manifest, final_metrics, None, "full"),
-        )
-
-    save_final(final, write_weights, tokenizer, d, main_only=value_notices)
-    tracker.finish()
-    if accelerator.is_main_process:
-        print(f"[ppo] saved {final} ({progress.update} updates, {total_s:.0f}s)", flush=True)
+def run(recipe: Recipe) -> Path:
+    if (done := finished_or_announce(recipe, STAGE)) is not None:
+        return done
+    inputs = read_inputs(recipe)
+    ppo = setup(recipe, inputs)
+    resume(ppo)
+    t_start = time.perf_counter()
+    train(ppo)
+    seconds = time.perf_counter() - t_start
+    final = save(ppo, seconds)
+    ppo.tracker.finish()
+    if ppo.accelerator.is_main_process:
+        print(f"[ppo] saved {final} ({ppo.progress.update} updates, {seconds:.0f}s)", flush=True)
     return final
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.consistency import ConsistencyError
-    from pipeline.rm import RewardModelGateError
-
     return run_cli(
         STAGE,
         "PPO against the reward model.",

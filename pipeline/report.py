@@ -6,9 +6,9 @@
 Samples ``report.samples_per_prompt`` answers per held-out prompt (``data.prompts.eval``) from the SFT model and from
 the PPO model with the same settings (temperature ``ppo.temperature``, top_k 0, top_p 1, at most
 ``ppo.response_length`` tokens, stopping at ``<end_of_turn>``), checks them with the recipe's ground-truth rule
-(``report.ground_truth``) and scores them with the reward model; plots the SFT and RM losses and PPO's score, KL and
-response length; and writes ``runs/<run>/report.md``, ``runs/<run>/report.json`` and the PNGs in
-``runs/<run>/report/``.
+(``report.ground_truth``) and scores the sampled ids with the reward model at their stop token, as PPO does; plots
+the SFT and RM losses and PPO's score, KL and response length; and writes ``runs/<run>/report.md``,
+``runs/<run>/report.json`` and the PNGs in ``runs/<run>/report/``.
 """
 
 from __future__ import annotations
@@ -18,18 +18,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete
-from pipeline.config import ConfigError, Recipe, run_cli
+from data_prep.gemma_format import END_OF_TURN, stop_token_ids
+from pipeline.core.checkpoint import require_checkpoint
+from pipeline.core.cli import run_cli
+from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.notices import replace_card_section
+from pipeline.core.rundir import (
+    IncompleteError,
+    RewardStats,
+    RunDir,
+    data_output,
+    lineage_metrics,
+    read_metrics,
+    trainer_history,
+)
+from pipeline.core.sampling import Generation, generate, left_pad, score
 
-
-def _trainer_history(stage_dir: Path) -> list[dict]:
-    """The Trainer log history of a stage (from its newest resumable checkpoint)."""
-    from pipeline.checkpoint import checkpoints
-
-    ckpts = checkpoints(stage_dir / "checkpoints")
-    if not ckpts:
-        return []
-    return json.loads((ckpts[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
+CARD_SECTION = "Evaluation on held-out prompts"
 
 
 def ground_truth_check(kind: str):
@@ -46,57 +51,34 @@ def ground_truth_check(kind: str):
     return None
 
 
-def sample_answers(
-    model_dir: Path, prompts: list[list[int]], recipe: Recipe, seed: int
-) -> list[list[tuple[str, bool]]]:
-    """``samples_per_prompt`` sampled answers per prompt: (text up to the stop token, whether it stopped)."""
+def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: Recipe, seed: int) -> list[Generation]:
+    """``samples_per_prompt`` sampled answers per prompt, one Generation per prompt (the sampled ids kept)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    stops = [eot, tok.eos_token_id]
     n = recipe.report.samples_per_prompt
-    gen = GenerationConfig(
-        do_sample=True,
-        temperature=recipe.ppo.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=recipe.ppo.response_length,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_token_id,
-    )
     torch.manual_seed(seed)
-    out = []
-    for ids in prompts:
-        x = torch.tensor([ids] * n)
-        with torch.no_grad():
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
-        answers = []
-        for row in y[:, x.size(1) :].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            answers.append(
-                (tok.decode(row[:end] if end is not None else row, skip_special_tokens=True), end is not None)
-            )
-        out.append(answers)
-    return out
+    return [
+        generate(
+            model,
+            left_pad([ids] * n, tok.pad_token_id, model.device),
+            pad_id=tok.pad_token_id,
+            stop_ids=stop_token_ids(tok),
+            max_new_tokens=recipe.ppo.response_length,
+            temperature=recipe.ppo.temperature,
+            chunk=n,
+        )
+        for ids in prompts
+    ]
 
 
-def score_answers(rm_dir: Path, prompts: list[list[int]], answers: list[list[tuple[str, bool]]]) -> float:
-    """Mean reward-model score of the answers (read at <end_of_turn>, as in training)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def mean_score(rm_dir: Path, generations: list[Generation]) -> float:
+    """Mean reward-model score of the sampled answers, read at each one's stop token (as PPO reads it)."""
+    from transformers import AutoModelForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(rm_dir)
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    scores = []
-    for ids, group in zip(prompts, answers):
-        for text, stopped in group:
-            seq = ids + tok(text, add_special_tokens=False)["input_ids"] + ([eot] if stopped else [])
-            with torch.no_grad():
-                scores.append(float(rm(input_ids=torch.tensor([seq])).logits[0, 0]))
+    scores = [float(x) for g in generations for x in score(rm, g)]
     return sum(scores) / len(scores)
 
 
@@ -105,7 +87,7 @@ def _rate(values: list[bool | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def plots(run_dir: Path, out: Path) -> list[str]:
+def plots(run: RunDir, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +95,7 @@ def plots(run_dir: Path, out: Path) -> list[str]:
 
     made = []
     for stage, title in (("sft", "SFT loss"), ("rm", "Reward model loss")):
-        hist = _trainer_history(run_dir / stage)
+        hist = trainer_history(run.stage(stage))
         train = [(h["step"], h["loss"]) for h in hist if "loss" in h]
         ev = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
         if not train:
@@ -128,9 +110,8 @@ def plots(run_dir: Path, out: Path) -> list[str]:
         fig.savefig(out / f"{stage}_loss.png", dpi=100)
         plt.close(fig)
         made.append(f"{stage}_loss.png")
-    metrics_path = run_dir / "ppo" / "metrics.jsonl"
-    if metrics_path.is_file():
-        rows = [json.loads(x) for x in metrics_path.read_text(encoding="utf-8").splitlines()]
+    rows = read_metrics(run.stage("ppo"))
+    if rows:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for ax, key, label in zip(
             axes,
@@ -148,24 +129,28 @@ def plots(run_dir: Path, out: Path) -> list[str]:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     import datasets
+    from transformers import AutoTokenizer
 
-    from pipeline.checkpoint import require_checkpoint
-
-    run_dir = recipe.run_dir
-    data_dir = require_complete(run_dir / "data", "the data stage output")
-    sft_dir = require_checkpoint(run_dir / "sft" / "final", "the SFT checkpoint")
-    rm_dir = require_checkpoint(run_dir / "rm" / "final", "the reward model")
-    ppo_dir = require_checkpoint(run_dir / "ppo" / "final", "the PPO checkpoint")
-    eval_path = data_dir / "prompts" / "eval.parquet"
-    if not eval_path.is_file():
+    run_dir = RunDir.of(recipe)
+    data = data_output(run_dir, "the data stage output")
+    sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint")
+    rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model")
+    ppo_dir = require_checkpoint(run_dir.stage("ppo").final, "the PPO checkpoint")
+    eval_path = data.split("prompts", "eval")
+    if eval_path is None:
         raise ConfigError("the report needs held-out prompts: set data.prompts.eval")
     datasets.disable_progress_bars()
     held = datasets.Dataset.from_parquet(str(eval_path))
     prompts = list(held["prompt_ids"])
     texts = [json.loads(m)[-1]["content"] for m in held["messages"]]
 
-    answers = {
-        name: sample_answers(d, prompts, recipe, recipe.run.seed) for name, d in (("sft", sft_dir), ("ppo", ppo_dir))
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)  # the one every stage used
+    generations = {
+        name: sample_answers(d, tokenizer, prompts, recipe, recipe.run.seed)
+        for name, d in (("sft", sft_dir), ("ppo", ppo_dir))
+    }
+    answers = {  # per prompt: (text before the stop token, whether it stopped) of each sample
+        name: [list(zip(g.texts(tokenizer), g.stopped.tolist())) for g in gens] for name, gens in generations.items()
     }
     result: dict[str, Any] = {}
     check = ground_truth_check(recipe.report.ground_truth)
@@ -176,49 +161,37 @@ def run(recipe: Recipe) -> dict[str, Any]:
             arithmetic = _rate([c[1] for c in checks])
             if arithmetic is not None:
                 result[f"{name}_arithmetic_accuracy"] = arithmetic
-        result[f"{name}_rm_score"] = score_answers(rm_dir, prompts, groups)
+        result[f"{name}_rm_score"] = mean_score(rm_dir, generations[name])
         result[f"{name}_stop_rate"] = _rate([s for group in groups for _, s in group])
-    stats = json.loads((rm_dir / "reward_stats.json").read_text(encoding="utf-8"))
-    ppo_rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    ppo_rows = read_metrics(run_dir.stage("ppo"))
     last = ppo_rows[-10:]
-    result["rm_accuracy"] = stats["accuracy"]
+    result["rm_accuracy"] = RewardStats.read(rm_dir).accuracy
     result["ppo_kl"] = sum(r["objective/kl"] for r in last) / len(last)
     result["ppo_updates"] = len(ppo_rows)
-    seconds = {"data": json.loads((data_dir / "manifest.json").read_text())["seconds"]}
+    seconds = {"data": data.manifest.seconds}
     for stage, d in (("sft", sft_dir), ("rm", rm_dir)):
-        seconds[stage] = json.loads((d / "lineage.json").read_text(encoding="utf-8"))["metrics"].get(
-            "seconds_this_session"
-        )
+        seconds[stage] = lineage_metrics(d).get("seconds_this_session")
     seconds["ppo"] = round(sum(r["time/update"] for r in ppo_rows), 1)
     result["stage_seconds"] = seconds
     result["samples_per_prompt"] = recipe.report.samples_per_prompt
     result["heldout_prompts"] = len(prompts)
     result["ground_truth"] = recipe.report.ground_truth
 
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    images = plots(run_dir, out)
-    (run_dir / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    add_to_card(ppo_dir / "README.md", result)
-    (run_dir / "report.md").write_text(markdown(recipe, result, texts, answers, images), encoding="utf-8")
+    run_dir.report_images.mkdir(parents=True, exist_ok=True)
+    images = plots(run_dir, run_dir.report_images)
+    run_dir.report_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    replace_card_section(ppo_dir, CARD_SECTION, card_section(result))
+    run_dir.report_md.write_text(markdown(recipe, run_dir, result, texts, answers, images), encoding="utf-8")
     print(
-        f"[report] wrote {run_dir / 'report.md'}: "
+        f"[report] wrote {run_dir.report_md}: "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)),
         flush=True,
     )
     return result
 
 
-CARD_SECTION = "## Evaluation on held-out prompts"
-
-
-def add_to_card(card: Path, r: dict) -> None:
-    """Put the report's before/after figures into the PPO model card (replacing an earlier report's), atomically."""
-    text = card.read_text(encoding="utf-8")
-    if CARD_SECTION in text:
-        head, _, rest = text.partition(CARD_SECTION)
-        after = rest.split("\n## ", 1)
-        text = head + ("## " + after[1] if len(after) > 1 else "")
+def card_section(r: dict) -> str:
+    """The report's before/after figures for the PPO model card."""
     rows = [
         f"| {label} | {r[f'sft_{key}']:.3f} | {r[f'ppo_{key}']:.3f} | {r[f'ppo_{key}'] - r[f'sft_{key}']:+.3f} |"
         for key, label in (
@@ -228,10 +201,8 @@ def add_to_card(card: Path, r: dict) -> None:
         )
         if r.get(f"sft_{key}") is not None and r.get(f"ppo_{key}") is not None
     ]
-    section = "\n".join(
+    return "\n".join(
         [
-            CARD_SECTION,
-            "",
             f"{r['heldout_prompts']} held-out prompts, {r['samples_per_prompt']} "
             "sampled answers each; reward-model held-out accuracy "
             f"{r['rm_accuracy']:.3f}; KL to the SFT model {r['ppo_kl']:.3f}.",
@@ -242,12 +213,9 @@ def add_to_card(card: Path, r: dict) -> None:
             "",
         ]
     )
-    tmp = card.with_name(f".{card.name}.tmp")
-    tmp.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
-    tmp.replace(card)
 
 
-def markdown(recipe: Recipe, r: dict, texts: list[str], answers: dict, images: list[str]) -> str:
+def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers: dict, images: list[str]) -> str:
     def fmt(v):
         return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -264,7 +232,7 @@ def markdown(recipe: Recipe, r: dict, texts: list[str], answers: dict, images: l
             f"{fmt(r.get('ppo_arithmetic_accuracy'))} |"
         )
     lines.append(f"| mean reward-model score | {fmt(r['sft_rm_score'])} | {fmt(r['ppo_rm_score'])} |")
-    lines.append(f"| answers ending with `<end_of_turn>` | {fmt(r['sft_stop_rate'])} | {fmt(r['ppo_stop_rate'])} |")
+    lines.append(f"| answers ending with `{END_OF_TURN}` | {fmt(r['sft_stop_rate'])} | {fmt(r['ppo_stop_rate'])} |")
     lines += [
         "",
         f"{r['heldout_prompts']} held-out prompts (never in any training data), {r['samples_per_prompt']} "
@@ -276,7 +244,8 @@ def markdown(recipe: Recipe, r: dict, texts: list[str], answers: dict, images: l
         "- Stage seconds: " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()),
         "",
     ]
-    lines += [f"![{name}](report/{name})" for name in images]
+    images_dir = run_dir.report_images.relative_to(run_dir.root)
+    lines += [f"![{name}]({images_dir.as_posix()}/{name})" for name in images]
     lines += ["", "## Answers before and after PPO", "", "| prompt | SFT | PPO |", "|---|---|---|"]
     for i in range(min(recipe.report.examples, len(texts))):
         sft, ppo = answers["sft"][i][0][0], answers["ppo"][i][0][0]

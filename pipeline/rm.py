@@ -10,7 +10,7 @@ final ``<end_of_turn>`` (never at the newline that follows it in rendered text).
 with the per-pair ``margin`` column and a reward-centering term. After training the held-out pairs are scored:
 accuracy, margin, reward statistics and the Spearman correlation of reward with length go to W&B, the model
 card, ``lineage.json`` and ``reward_stats.json`` (whose mean and std PPO uses to normalise scores). PPO refuses a
-reward model below ``rm.min_accuracy`` (``check_gate``).
+reward model below ``rm.min_accuracy`` (``pipeline.core.rundir.check_gate``).
 """
 
 from __future__ import annotations
@@ -20,35 +20,45 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import IncompleteError, require_complete
-from pipeline.config import ConfigError, Recipe, run_cli
-from pipeline.consistency import ConsistencyError
-from pipeline.loading import LoadError, describe_processes, load_sequence_classifier, precision
-from pipeline.notices import stage_derivation
-from pipeline.stage_callback import NonFiniteLossError, stage_callback
+from data_prep.gemma_format import END_OF_TURN
+from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
+from pipeline.core.cli import run_cli
+from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.consistency import ConsistencyError, check_inputs
+from pipeline.core.faults import NonFiniteLossError
+from pipeline.core.loading import LoadError, describe_processes, load_sequence_classifier, precision
+from pipeline.core.locations import resolve_path
+from pipeline.core.notices import Derivation, stage_derivation
+from pipeline.core.reward_stats import pair_metrics
+from pipeline.core.rundir import MODEL_CONFIG, IncompleteError, RewardStats, RunDir, data_output
+from pipeline.core.trainer_stage import (
+    check_pad,
+    log_final,
+    loss_metrics,
+    resume_point,
+    save_trainer_final,
+    stage_callback,
+    train_or_restore,
+    trainer_arguments,
+    with_lora,
+)
 
 STAGE = "rm"
-STATS_FILE = "reward_stats.json"
-
-
-class RewardModelGateError(RuntimeError):
-    """The reward model is not good enough to optimise against."""
 
 
 def init_checkpoint(recipe: Recipe) -> Path:
-    from pipeline.checkpoint import require_checkpoint
-
     if recipe.rm.init_from:
-        from pipeline.config import resolve_path
-
         return require_checkpoint(resolve_path(recipe.rm.init_from), "the reward model's rm.init_from checkpoint")
-    return require_checkpoint(recipe.run_dir / "sft" / "final", "the SFT checkpoint (run `make sft` first)")
+    return require_checkpoint(RunDir.of(recipe).stage("sft").final, "the SFT checkpoint (run `make sft` first)")
 
 
-def derivation(recipe: Recipe, parent: Path, manifest: dict, metrics: dict, step: int | None, method: str):
+def derivation(
+    recipe: Recipe, parent: Path, manifest: dict, method: str, step: int | None, metrics: dict
+) -> Derivation:
     return stage_derivation(
         recipe,
         STAGE,
@@ -123,61 +133,40 @@ def score_sequences(model: Any, sequences: list[list[int]], pad_id: int, batch_s
     return [merged[i] for i in range(len(sequences))]
 
 
-def check_gate(rm_dir: str | Path, min_accuracy: float, override: bool) -> float:
-    """The reward model's held-out accuracy; raises RewardModelGateError below ``min_accuracy`` unless overridden."""
-    stats_path = Path(rm_dir) / STATS_FILE
-    if not stats_path.is_file():
-        raise RewardModelGateError(f"{rm_dir} has no {STATS_FILE}: it was not written by the reward-model stage")
-    acc = json.loads(stats_path.read_text(encoding="utf-8"))["accuracy"]
-    if acc < min_accuracy:
-        msg = (
-            f"the reward model at {rm_dir} has held-out pairwise accuracy {acc:.3f}, below rm.min_accuracy "
-            f"{min_accuracy}: PPO against it would optimise noise. Improve the reward model (data, epochs), lower "
-            "rm.min_accuracy, or set ppo.ignore_rm_gate=true to start anyway"
-        )
-        if not override:
-            raise RewardModelGateError(msg)
-        print(f"[ppo] warning (ppo.ignore_rm_gate): {msg}", file=sys.stderr, flush=True)
-    return acc
+def write_reward_stats(stats: RewardStats, tmp: Path) -> None:
+    """The statistics beside the weights, and the normalisation in ``config.json`` for anyone loading the model."""
+    stats.write(tmp)
+    cfg_path = tmp / MODEL_CONFIG
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["reward_normalization"] = {"mean": stats.mean, "std": stats.std}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def run(recipe: Recipe) -> Path:
     import datasets
     from accelerate import PartialState
-    from transformers import AutoTokenizer, PrinterCallback, TrainerState
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.checkpoint import (
-        finished_or_announce,
-        last_resumable,
-        mark_intermediate,
-        save_final,
-        training_done,
-        warn_if_changed,
-    )
-    from pipeline.consistency import check_inputs
-    from pipeline.reward_stats import pair_metrics
-    from pipeline.tracking import Tracker
+    from pipeline.core.tracking import Tracker
 
     t_start = time.perf_counter()
     # 1. Outputs; skip a finished stage.
     if (done_final := finished_or_announce(recipe, STAGE)) is not None:
         return done_final
-    stage_dir = recipe.run_dir / STAGE
-    final = stage_dir / "final"
+    stage = RunDir.of(recipe).stage(STAGE)
 
     # 2. Inputs: the SFT checkpoint, the data stage's pairs and tokenizer.
     parent = init_checkpoint(recipe)
-    data_dir = require_complete(recipe.run_dir / "data", "the data stage output (run `make data` first)")
-    manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-    check_inputs(data_dir, {"the SFT checkpoint": parent})
-    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    data = data_output(RunDir.of(recipe))
+    check_inputs(data.path, {"the SFT checkpoint": parent})
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     datasets.disable_progress_bars()
     r = recipe.rm
-    train_path, eval_path = data_dir / "preference" / "train.parquet", data_dir / "preference" / "eval.parquet"
-    if not train_path.is_file():
+    train_path, eval_path = data.split("preference", "train"), data.split("preference", "eval")
+    if train_path is None:
         raise ConfigError("the recipe has no preference data (data.preference.train)")
-    if not eval_path.is_file():
+    if eval_path is None:
         raise ConfigError("the reward model needs held-out pairs: set data.preference.eval or eval_fraction")
     train_ds, _, _ = pairs_dataset(train_path, r.use_margin)
     eval_ds, eval_chosen_len, eval_rejected_len = pairs_dataset(eval_path, r.use_margin)
@@ -185,34 +174,9 @@ def run(recipe: Recipe) -> Path:
     # 3. Training arguments (before the model: ZeRO-3 then loads shards; use_cpu gives gloo on a CPU machine).
     prec = precision()
     args = RewardConfig(
-        output_dir=str(stage_dir / "checkpoints"),
-        max_length=recipe.data.max_length,
+        **trainer_arguments(r, recipe, stage, prec, evaluate=True),
         center_rewards_coefficient=r.center_rewards_coefficient,
         disable_dropout=True,
-        per_device_train_batch_size=r.per_device_train_batch_size,
-        per_device_eval_batch_size=r.per_device_eval_batch_size,
-        gradient_accumulation_steps=r.gradient_accumulation_steps,
-        learning_rate=r.learning_rate,
-        num_train_epochs=r.num_train_epochs,
-        max_steps=r.max_steps,
-        lr_scheduler_type=r.lr_scheduler_type,
-        warmup_steps=r.warmup_ratio,  # a float below 1 is a fraction of the training steps
-        weight_decay=r.weight_decay,
-        max_grad_norm=r.max_grad_norm,
-        gradient_checkpointing=r.gradient_checkpointing,
-        logging_steps=r.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,
-        eval_strategy="steps",
-        eval_steps=r.eval_steps,
-        save_strategy="steps",
-        save_steps=r.save_steps,
-        save_total_limit=r.save_total_limit,
-        seed=recipe.run.seed,
-        bf16=prec["bf16"],
-        use_cpu=prec["use_cpu"],
-        report_to="none",
-        disable_tqdm=not sys.stderr.isatty(),
     )
     _ = args.device  # sets up the process group now (gloo on CPU)
     state = PartialState()
@@ -221,36 +185,13 @@ def run(recipe: Recipe) -> Path:
         print(f"[rm] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}; from {parent}", flush=True)
 
     # 4. Model: a one-output sequence classifier from the SFT checkpoint, fresh reward head.
-    resume = last_resumable(stage_dir / "checkpoints")
-    done = training_done(resume)  # killed after the last step: the weights come from that checkpoint
+    resume, done = resume_point(stage)
     from_ckpt = done and r.method == "full"
     model = load_sequence_classifier(recipe.model, str(resume if from_ckpt else parent), dtype=prec["dtype"])
-    if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
-        raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
+    check_pad(model, tokenizer)
     if not done:
         init_score_head(model, recipe.run.seed)
-    peft_config = None
-    if done and r.method == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(resume), is_trainable=True)
-    elif r.method == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            task_type="SEQ_CLS",
-            r=r.lora.r,
-            lora_alpha=r.lora.alpha,
-            lora_dropout=r.lora.dropout,
-            target_modules=list(r.lora.target_modules),
-            modules_to_save=["score"],
-        )
-    method = "lora" if r.method == "lora" else "full"
-
-    def mark(ckpt: Path, step: int, metrics: dict) -> None:
-        mark_intermediate(ckpt, derivation(recipe, parent, manifest, metrics, step, method))
-
-    shown = ("loss", "accuracy", "margin", "learning_rate", "grad_norm")
+    model, peft_config = with_lora(model, r.method, r.lora, "SEQ_CLS", resume, done, modules_to_save=["score"])
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -258,18 +199,19 @@ def run(recipe: Recipe) -> Path:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[stage_callback(STAGE, tracker, mark, shown)],
+        callbacks=[
+            stage_callback(
+                STAGE,
+                tracker,
+                partial(derivation, recipe, parent, data.manifest.raw, r.method),
+                ("loss", "accuracy", "margin", "learning_rate", "grad_norm"),
+            )
+        ],
     )
     trainer.remove_callback(PrinterCallback)
 
     # 5. Resume from the last complete checkpoint, train.
-    if resume is not None and state.is_main_process:
-        print(f"[rm] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
-        warn_if_changed("rm", resume, recipe, ("rm", "model", "data"))
-    if done:
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_or_restore(trainer, STAGE, recipe, resume, done, state.is_main_process)
 
     # 6. Judge the reward model on the held-out pairs, scored at the final <end_of_turn> of each response.
     scorer = trainer.accelerator.unwrap_model(trainer.model_wrapped) if trainer.is_deepspeed_enabled else trainer.model
@@ -284,12 +226,10 @@ def run(recipe: Recipe) -> Path:
     n = len(eval_ds)
     stats = pair_metrics(rewards[:n], rewards[n:], eval_chosen_len, eval_rejected_len)
     metrics: dict[str, Any] = {f"eval/{k}": v for k, v in stats.items()}
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if losses:
-        metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
+    metrics.update(loss_metrics(trainer))
     metrics["steps"] = trainer.state.global_step
     metrics["seconds_this_session"] = round(time.perf_counter() - t_start, 1)
-    tracker.log({f"{STAGE}/final/{k}": v for k, v in metrics.items()}, step=trainer.state.global_step)
+    log_final(tracker, STAGE, metrics, trainer.state.global_step)
     if state.is_main_process:
         print("[rm] held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()), flush=True)
         if abs(stats["length_spearman"]) > 0.5:
@@ -301,38 +241,21 @@ def run(recipe: Recipe) -> Path:
             )
 
     # 7. Save: one notice-carrying, atomic checkpoint with the normalisation statistics beside the weights.
-    d = derivation(recipe, parent, manifest, metrics, None, "lora-merged" if r.method == "lora" else "full")
-    reward_stats = {
-        "mean": stats["reward_mean"],
-        "std": stats["reward_std"],
-        "accuracy": stats["accuracy"],
-        "pairs": n,
-        "scored_at": "<end_of_turn>",
-    }
-
-    def write_weights(tmp: Path) -> None:
-        trainer.save_model(str(tmp / "adapter" if r.method == "lora" else tmp))
-
-    def finish_files(tmp: Path) -> None:
-        if r.method == "lora":
-            from peft import PeftModel
-
-            base = load_sequence_classifier(recipe.model, str(parent), dtype=prec["dtype"])
-            PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload().save_pretrained(str(tmp))
-            for extra in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-                (tmp / "adapter" / extra).unlink(missing_ok=True)
-        for junk in tmp.rglob("training_args.bin"):
-            junk.unlink()
-        (tmp / STATS_FILE).write_text(json.dumps(reward_stats, indent=2) + "\n", encoding="utf-8")
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg["reward_normalization"] = {"mean": reward_stats["mean"], "std": reward_stats["std"]}
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    save_final(final, write_weights, tokenizer, d, main_only=finish_files)
+    method = "lora-merged" if r.method == "lora" else "full"
+    reward_stats = RewardStats(
+        mean=stats["reward_mean"], std=stats["reward_std"], accuracy=stats["accuracy"], pairs=n, scored_at=END_OF_TURN
+    )
+    final = save_trainer_final(
+        stage,
+        trainer,
+        tokenizer,
+        derivation(recipe, parent, data.manifest.raw, method, None, metrics),
+        lora=r.method == "lora",
+        load_base=partial(load_sequence_classifier, recipe.model, str(parent), dtype=prec["dtype"]),
+        extra=partial(write_reward_stats, reward_stats),
+    )
     tracker.finish()
     if state.is_main_process:
-        (stage_dir / "checkpoints" / "README.md").unlink(missing_ok=True)
         print(f"[rm] saved {final} (held-out accuracy {stats['accuracy']:.3f})", flush=True)
     return final
 

@@ -18,15 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from pipeline.embedded import resolve_model_path
+    from pipeline.core.embedded import resolve_model_path
 
     return Path(resolve_model_path("embedded:tiny-gemma-ko"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
-    from pipeline.config import ModelConfig
-    from pipeline.loading import load_tokenizer
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(tiny_dir)))
 

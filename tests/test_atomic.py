@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from pipeline.atomic import MARKER, IncompleteError, atomic_dir, clean_stale, is_complete, require_complete
+from pipeline.core.atomic import atomic_dir, clean_stale
+from pipeline.core.rundir import MARKER, IncompleteError, is_complete, require_complete
 
 
 def test_success_writes_marker_last_and_replaces_old(tmp_path):
@@ -56,7 +57,7 @@ def test_clean_stale_removes_temporaries_and_restores_a_swap_caught_midway(tmp_p
 def test_storage_full_is_recognised_through_library_wrappers():
     import errno
 
-    from pipeline.atomic import storage_full, storage_full_message
+    from pipeline.core.atomic import storage_full, storage_full_message
 
     enospc = OSError(errno.ENOSPC, "No space left on device", "/run/x/model.safetensors")
     assert storage_full(enospc) and storage_full(OSError(errno.EFBIG, "File too large"))

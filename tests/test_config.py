@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Recipe, apply_override, load_recipe, recipe_hash, to_yaml, validate
+from pipeline.core.config import ConfigError, Recipe, apply_override, load_recipe, recipe_hash, to_yaml, validate
 
 REPO = Path(__file__).resolve().parent.parent
 MIN = {"run": {"name": "r"}, "model": {"name_or_path": "google/gemma-2b"}}
@@ -150,7 +150,7 @@ def test_validate_catches_before_anything_runs(tmp_path, patch, match):
 
 
 def test_cli_prints_resolved_recipe(capsys):
-    from pipeline.config import main
+    from pipeline.core.cli import main
 
     main(["--recipe", str(REPO / "recipes/tiny_ko.yaml"), "sft.learning_rate=1e-3"])
     out = yaml.safe_load(capsys.readouterr().out)
@@ -158,7 +158,7 @@ def test_cli_prints_resolved_recipe(capsys):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    from pipeline.config import main
+    from pipeline.core.cli import main
 
     with pytest.raises(SystemExit, match="error: .*unknown key 'bogus'"):
         main(["--recipe", str(_write(tmp_path, {**MIN, "bogus": 1}))])

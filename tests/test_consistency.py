@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from data_prep.build import main as data_main
-from pipeline.consistency import ConsistencyError, check_inputs
+from pipeline.core.consistency import ConsistencyError, check_inputs
+from pipeline.data import main as data_main
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
@@ -19,7 +19,7 @@ FAST = ["sft.max_steps=4", "sft.save_steps=100", "sft.eval_steps=100", "tracking
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from pipeline import sft
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     out = tmp_path_factory.mktemp("gate")
     assert data_main(["--recipe", str(RECIPE), f"run.output_dir={out}"]) == 0
@@ -49,7 +49,8 @@ def test_changed_pad_id_and_scoring_token_are_named(run_dir, tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["pad_token_id"] = 1
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    (ckpt / "reward_stats.json").write_text(json.dumps({"scored_at": "\n"}))
+    stats = {"mean": 0.0, "std": 1.0, "accuracy": 1.0, "pairs": 1, "scored_at": "\n"}
+    (ckpt / "reward_stats.json").write_text(json.dumps(stats))
     with pytest.raises(ConsistencyError) as e:
         check_inputs(run_dir / "data", {"the reward model": ckpt})
     assert "config pad_token_id 1 is not the tokenizer's pad id 0" in str(e.value)

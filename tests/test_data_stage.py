@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.build import main as data_main
-from pipeline.atomic import MARKER
+from pipeline.core.rundir import MARKER
+from pipeline.data import main as data_main
 from tests.conftest import REPO, write_jsonl, write_recipe
 
 SFT_ROW = {

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pipeline.notices import missing_notices
+from pipeline.core.notices import missing_notices
 from tests.conftest import REPO
 
 # Fake tokens in the environment of the whole chain: none may reach a file the run writes or its console output.

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from data_prep.gemma_format import render
-from pipeline.embedded import build
+from pipeline.core.embedded import build
 
 
 def _digest(folder) -> dict:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import checkpoints
-from pipeline.notices import missing_notices
+from pipeline.core.checkpoint import checkpoints
+from pipeline.core.notices import missing_notices
 from tests.conftest import REPO
 
 SMALL = (
@@ -113,7 +113,7 @@ def _complete_checkpoints(run, stage):
 
 @pytest.mark.slow
 def test_non_finite_weights_stop_the_chain_in_every_stage(tmp_path):
-    from pipeline.stage_callback import FAULT_ENV
+    from pipeline.core.faults import FAULT_ENV
 
     run = tmp_path / "tiny_ko"
     # (injection, what the stage must say, its last good checkpoint, the stage make must not start)

@@ -13,8 +13,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from data_prep.build import main as data_main
-from pipeline.notices import missing_notices
+from pipeline.core.notices import missing_notices
+from pipeline.data import main as data_main
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
@@ -78,7 +78,7 @@ def test_sft_two_processes(data_root, tiny_dir, config, kind):
 @pytest.mark.parametrize("config, kind", CONFIGS)
 def test_rm_two_processes(data_root, config, kind):
     from pipeline import sft
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     sft_final = data_root / "tiny_ko" / "sft" / "final"
     if not sft_final.exists():  # one short SFT serves the three launches
@@ -116,7 +116,7 @@ def test_rm_two_processes(data_root, config, kind):
 @pytest.mark.parametrize("config, kind", CONFIGS)
 def test_ppo_two_processes(data_root, config, kind):
     from pipeline import rm, sft
-    from pipeline.config import load_recipe
+    from pipeline.core.config import load_recipe
 
     base = data_root / "tiny_ko"
     recipe = load_recipe(
@@ -168,7 +168,7 @@ def test_ppo_two_processes(data_root, config, kind):
 
 @pytest.mark.slow
 def test_a_stage_failing_on_two_processes_exits_with_its_code_in_one_line(data_root):
-    from pipeline.stage_callback import FAULT_ENV
+    from pipeline.core.faults import FAULT_ENV
 
     cmd = [sys.executable, "-m", "pipeline.launch", "sft", "--recipe", str(RECIPE), "--num-processes", "2"]
     cmd += ["--config-file", "configs/accelerate/ddp.yaml", f"run.output_dir={data_root}", "run.name=fail"]

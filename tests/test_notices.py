@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import IncompleteError
-from pipeline.checkpoint import require_checkpoint, save_final
-from pipeline.notices import (
+from pipeline.core.checkpoint import require_checkpoint, save_final
+from pipeline.core.notices import (
     NOTICE_LINE,
     Derivation,
     add_safetensors_metadata,
@@ -19,6 +18,7 @@ from pipeline.notices import (
     read_safetensors_metadata,
     write_notices,
 )
+from pipeline.core.rundir import IncompleteError
 
 
 def _derivation(**kw) -> Derivation:
@@ -114,8 +114,8 @@ def test_next_stage_refuses_incomplete_or_unmarked(tmp_path, tiny_dir):
 
 
 def test_resuming_with_changed_settings_names_each_change(tmp_path, capsys):
-    from pipeline.checkpoint import changed_since, warn_if_changed
-    from pipeline.config import load_recipe, to_dict
+    from pipeline.core.checkpoint import changed_since, warn_if_changed
+    from pipeline.core.config import load_recipe, to_dict
     from tests.conftest import REPO
 
     recipe_file = REPO / "recipes" / "tiny_ko.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from pipeline.config import load_recipe
+from pipeline.core.config import load_recipe
 from pipeline.plan import KNOWN_CONFIGS, Arch, architecture, plan, trained_bytes
 from tests.conftest import REPO
 

@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from data_prep.build import main as data_main
-from pipeline.config import load_recipe
-from pipeline.notices import missing_notices
+from pipeline.core.config import load_recipe
+from pipeline.core.notices import missing_notices
+from pipeline.data import main as data_main
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
@@ -104,7 +104,8 @@ def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path):
 def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
     from transformers import GenerationConfig
 
-    from pipeline.ppo import left_pad, policy_logprobs_and_values, positions
+    from pipeline.core.sampling import left_pad, positions
+    from pipeline.ppo import policy_logprobs_and_values
 
     s, tok = _setup(chain, "ppo.temperature=0.7")
     prompts = [
@@ -147,7 +148,8 @@ def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
 
 
 def test_left_padding_invariance(chain):
-    from pipeline.ppo import policy_logprobs_and_values, positions
+    from pipeline.core.sampling import positions
+    from pipeline.ppo import policy_logprobs_and_values
 
     s, tok = _setup(chain)
     prompt = tok.apply_chat_template(
@@ -176,7 +178,7 @@ def test_dropout_is_off_everywhere(chain):
 def test_score_is_read_at_the_stop_token(chain):
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.ppo import left_pad, positions, reward_scores
+    from pipeline.core.sampling import left_pad, positions, score_at
 
     s, tok = _setup(chain)
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -188,7 +190,7 @@ def test_score_is_read_at_the_stop_token(chain):
     r = torch.tensor([resp + [s.pad_id] * 3, resp + [s.pad_id] * 3])
     seq = torch.cat([q, r], 1)
     mask = (seq != s.pad_id).long()
-    got = reward_scores(s, seq, mask, positions(mask), torch.tensor([q.size(1) + len(resp) - 1] * 2))
+    got = score_at(s.reward, seq, mask, positions(mask), torch.tensor([q.size(1) + len(resp) - 1] * 2))
     rm = AutoModelForSequenceClassification.from_pretrained(chain / "tiny_ko" / "rm" / "final").eval()
     with torch.no_grad():
         expected = rm(input_ids=torch.tensor([prompt + resp])).logits[0, 0]
@@ -290,7 +292,7 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_the_last_good_checkpo
     chain, tmp_path, capsys, monkeypatch
 ):
     from pipeline import ppo
-    from pipeline.stage_callback import FAULT_ENV
+    from pipeline.core.faults import FAULT_ENV
 
     out = _fresh(chain, tmp_path)
     ckpts = out / "tiny_ko" / "ppo" / "checkpoints"

@@ -1,5 +1,5 @@
-"""PPO math against the hand-computed numbers of the reference (shared/ppo_reference.md section 6: T1-T7, T9, T10,
-T12), plus the edge cases the reference calls out (empty and single-element whitening, NaN in masked slots)."""
+"""PPO math against hand-computed numbers (the cases T1-T7, T9, T10 and T12 of docs/ppo.md, "References"), plus the
+edge cases they call out (empty and single-element whitening, NaN in masked slots)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.ppo_math import (
+from pipeline.core.ppo_math import (
     AdaptiveKLController,
     batch_sizes,
     clipped_policy_loss,

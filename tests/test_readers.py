@@ -7,13 +7,19 @@ import json
 import pytest
 
 from data_prep.readers import BadRow, DataError, _iter_hub, iter_rows
-from pipeline.config import DatasetSpec
+from pipeline.core.config import DatasetSpec
+from pipeline.data import dataset_files
 
 ROWS = [{"prompt": "가", "completion": "나"}, {"prompt": "다", "completion": "라"}]
 
 
 def _spec(path, **kw):
     return DatasetSpec(path=str(path), **kw)
+
+
+def _rows(spec):
+    """The rows of a recipe's dataset entry, from its local files or the hub, as the data stage reads them."""
+    return iter_rows(spec, dataset_files(spec))
 
 
 def test_jsonl_rows_with_line_numbers_and_bad_lines(tmp_path):
@@ -27,7 +33,7 @@ def test_jsonl_rows_with_line_numbers_and_bad_lines(tmp_path):
         + json.dumps(ROWS[1], ensure_ascii=False).encode()
         + b"\n"
     )
-    rows = list(iter_rows(_spec(p)))
+    rows = list(_rows(_spec(p)))
     assert [w.rsplit(":", 1)[1] for w, _ in rows] == ["1", "3", "4", "5", "6"]
     assert rows[0][1] == ROWS[0] and rows[4][1] == ROWS[1]
     assert isinstance(rows[1][1], BadRow) and "broken JSON" in rows[1][1].reason
@@ -38,21 +44,21 @@ def test_jsonl_rows_with_line_numbers_and_bad_lines(tmp_path):
 def test_json_array_object_and_jsonl_inside_json(tmp_path):
     a = tmp_path / "a.json"
     a.write_text(json.dumps(ROWS, ensure_ascii=False), encoding="utf-8")
-    assert [r for _, r in iter_rows(_spec(a))] == ROWS
-    assert [w for w, _ in iter_rows(_spec(a))][1].endswith("a.json[1]")
+    assert [r for _, r in _rows(_spec(a))] == ROWS
+    assert [w for w, _ in _rows(_spec(a))][1].endswith("a.json[1]")
     b = tmp_path / "b.json"
     b.write_text(json.dumps({"data": ROWS}, ensure_ascii=False), encoding="utf-8")
-    assert [r for _, r in iter_rows(_spec(b))] == ROWS
+    assert [r for _, r in _rows(_spec(b))] == ROWS
     c = tmp_path / "c.json"
     c.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS), encoding="utf-8")
-    assert [r for _, r in iter_rows(_spec(c))] == ROWS
+    assert [r for _, r in _rows(_spec(c))] == ROWS
 
 
 def test_broken_json_file_names_the_line(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('[\n{"a": 1},\n{"a": }\n]', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.json:3: broken JSON"):
-        list(iter_rows(_spec(p)))
+        list(_rows(_spec(p)))
 
 
 def test_parquet_and_csv(tmp_path):
@@ -60,10 +66,10 @@ def test_parquet_and_csv(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
-    rows = list(iter_rows(_spec(tmp_path / "d.parquet")))
+    rows = list(_rows(_spec(tmp_path / "d.parquet")))
     assert [r for _, r in rows] == ROWS and rows[1][0].endswith("d.parquet row 1")
     (tmp_path / "d.csv").write_text('prompt,completion\n가,나\n"다\n다",라\nonly\n', encoding="utf-8")
-    rows = list(iter_rows(_spec(tmp_path / "d.csv")))
+    rows = list(_rows(_spec(tmp_path / "d.csv")))
     assert rows[0][1] == {"prompt": "가", "completion": "나"}
     assert rows[1][1] == {"prompt": "다\n다", "completion": "라"} and rows[1][0].endswith("d.csv:4")
     assert isinstance(rows[2][1], BadRow) and "fewer fields" in rows[2][1].reason
@@ -73,7 +79,7 @@ def test_csv_invalid_utf8_names_the_line(tmp_path):
     p = tmp_path / "d.csv"
     p.write_bytes(b"prompt,completion\na,b\n\xff,c\n")
     with pytest.raises(DataError, match=r"d.csv:3: invalid UTF-8"):
-        list(iter_rows(_spec(p)))
+        list(_rows(_spec(p)))
 
 
 def test_folder_max_rows_and_missing_path(tmp_path):
@@ -81,13 +87,13 @@ def test_folder_max_rows_and_missing_path(tmp_path):
     d.mkdir()
     for i in range(2):
         (d / f"part{i}.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS), encoding="utf-8")
-    assert len(list(iter_rows(_spec(d)))) == 4
-    assert len(list(iter_rows(_spec(d, max_rows=3)))) == 3
+    assert len(list(_rows(_spec(d)))) == 4
+    assert len(list(_rows(_spec(d, max_rows=3)))) == 3
     with pytest.raises(DataError, match="no such file"):
-        list(iter_rows(_spec(tmp_path / "nope.jsonl")))
+        list(_rows(_spec(tmp_path / "nope.jsonl")))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unsupported file type"):
-        list(iter_rows(_spec(tmp_path / "x.txt")))
+        list(_rows(_spec(tmp_path / "x.txt")))
 
 
 def test_hub_loader_on_a_local_directory_in_hub_layout(tmp_path):
@@ -105,4 +111,4 @@ def test_hub_loader_on_a_local_directory_in_hub_layout(tmp_path):
 
 def test_unreachable_hub_dataset_is_one_clear_error():
     with pytest.raises(DataError, match=r"hub:nobody/no-such-dataset\[train\]: could not load the hub dataset"):
-        list(iter_rows(DatasetSpec(path="nobody/no-such-dataset")))
+        list(_rows(DatasetSpec(path="nobody/no-such-dataset")))

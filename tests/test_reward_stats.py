@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.reward_stats import mean_std, pair_metrics, pearson, ranks, spearman
+from pipeline.core.reward_stats import mean_std, pair_metrics, pearson, ranks, spearman
 
 
 def test_ranks_average_ties():

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from data_prep.build import main as data_main
-from pipeline.config import load_recipe
-from pipeline.notices import NOTICE_LINE, missing_notices, read_safetensors_metadata
+from pipeline.core.config import load_recipe
+from pipeline.core.notices import NOTICE_LINE, missing_notices, read_safetensors_metadata
+from pipeline.data import main as data_main
 from tests.conftest import REPO, kill_and_resume
 from tests.wandb_offline import read_offline_run
 
@@ -117,7 +117,7 @@ def test_wandb_has_rm_metrics(chain):
 
 
 def test_quality_gate(chain, tmp_path, capsys):
-    from pipeline.rm import RewardModelGateError, check_gate
+    from pipeline.core.rundir import RewardModelGateError, check_gate
 
     _, final = chain
     acc = json.loads((final / "reward_stats.json").read_text())["accuracy"]
@@ -128,7 +128,8 @@ def test_quality_gate(chain, tmp_path, capsys):
     assert "ppo.ignore_rm_gate" in capsys.readouterr().err
     weak = tmp_path / "weak"
     weak.mkdir()
-    (weak / "reward_stats.json").write_text(json.dumps({"accuracy": 0.55}))
+    stats = {"mean": 0.0, "std": 1.0, "accuracy": 0.55, "pairs": 20, "scored_at": "<end_of_turn>"}
+    (weak / "reward_stats.json").write_text(json.dumps(stats))
     with pytest.raises(RewardModelGateError, match="0.550, below rm.min_accuracy 0.6"):
         check_gate(weak, 0.6, override=False)
     with pytest.raises(RewardModelGateError, match="no reward_stats.json"):
@@ -164,7 +165,7 @@ def test_loss_options_margin_and_centering(chain, tmp_path):
 
 
 def test_use_margin_without_margins_is_a_clear_error(chain):
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
     from pipeline.rm import pairs_dataset
 
     recipe, _ = chain

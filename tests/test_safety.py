@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from data_prep.build import main as data_main
-from pipeline.config import ModelConfig, load_recipe
-from pipeline.loading import LoadError, load_causal_lm
+from pipeline.core.config import ModelConfig, load_recipe
+from pipeline.core.loading import LoadError, load_causal_lm
+from pipeline.data import main as data_main
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.build import main as data_main
-from pipeline.config import load_recipe
-from pipeline.notices import NOTICE_LINE, TERMS_FILE, missing_notices, read_safetensors_metadata
+from pipeline.core.config import load_recipe
+from pipeline.core.notices import NOTICE_LINE, TERMS_FILE, missing_notices, read_safetensors_metadata
+from pipeline.data import main as data_main
 from tests.conftest import REPO, kill_and_resume
 from tests.wandb_offline import read_offline_run
 

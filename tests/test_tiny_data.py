@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from data_prep.tiny_ko import DATA_DIR as TINY_DATA
 from data_prep.tiny_ko import generate
 from data_prep.tiny_ko.rules import arithmetic_answer, hangul_ratio, is_arithmetic_correct, is_polite_korean
-from pipeline.embedded import TINY_DATA
 
 
 def _rows(name):

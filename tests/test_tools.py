@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from data_prep.build import main as data_main
-from data_prep.inspect import main as inspect_main
 from pipeline.bench import main as bench_main
+from pipeline.data import main as data_main
+from pipeline.inspect import main as inspect_main
 from tests.conftest import REPO
 
 

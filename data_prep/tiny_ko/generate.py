@@ -20,9 +20,9 @@ import json
 import random
 from pathlib import Path
 
+from data_prep.tiny_ko import DATA_DIR
 from data_prep.tiny_ko.rules import arithmetic_answer, is_polite_korean
 
-HERE = Path(__file__).resolve().parent
 SEED = 1234
 
 NOUNS = [
@@ -274,7 +274,7 @@ def _check(sft: list[dict], preference: list[dict], prompts: list[dict], heldout
     assert not held & train_texts, "held-out prompts leaked into training data"
 
 
-def write(out_dir: Path = HERE) -> dict[str, int]:
+def write(out_dir: Path = DATA_DIR) -> dict[str, int]:
     data = build()
     counts = {}
     for name, rows in data.items():

@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_prep.gemma_format import END_OF_TURN
+from pipeline.core.loading import tokenizer_fingerprint
+from pipeline.core.rundir import MODEL_CONFIG, RewardStats, read_manifest
+
 FIELDS = ("hash", "vocab_size", "special_ids", "chat_template_hash")
 
 
@@ -18,13 +22,11 @@ class ConsistencyError(RuntimeError):
     """Stage inputs disagree on the tokenizer or the chat format."""
 
 
-def check_inputs(data_dir: Path, checkpoints: dict[str, Path], stop_token: str = "<end_of_turn>") -> None:
+def check_inputs(data_dir: Path, checkpoints: dict[str, Path], stop_token: str = END_OF_TURN) -> None:
     """Raise ConsistencyError unless every checkpoint matches the data stage's tokenizer and format."""
     from transformers import AutoTokenizer
 
-    from pipeline.loading import tokenizer_fingerprint
-
-    expected = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]
+    expected = read_manifest(data_dir).tokenizer
     problems = []
     ids = expected["special_ids"]
     if ids["pad"] == ids["eos"]:
@@ -36,16 +38,14 @@ def check_inputs(data_dir: Path, checkpoints: dict[str, Path], stop_token: str =
                 problems.append(
                     f"{name} ({ckpt}): tokenizer {field} is {got[field]!r}, the data stage's is {expected[field]!r}"
                 )
-        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((ckpt / MODEL_CONFIG).read_text(encoding="utf-8"))
         if config.get("pad_token_id") not in (None, ids["pad"]):
             problems.append(
                 f"{name} ({ckpt}): config pad_token_id {config.get('pad_token_id')} is not the "
                 f"tokenizer's pad id {ids['pad']}"
             )
-        stats = ckpt / "reward_stats.json"
-        if stats.is_file():
-            scored_at = json.loads(stats.read_text(encoding="utf-8")).get("scored_at")
-            if scored_at != stop_token:
-                problems.append(f"{name} ({ckpt}): scores at {scored_at!r}, but rollouts stop at {stop_token!r}")
+        stats = RewardStats.read(ckpt)
+        if stats is not None and stats.scored_at != stop_token:
+            problems.append(f"{name} ({ckpt}): scores at {stats.scored_at!r}, but rollouts stop at {stop_token!r}")
     if problems:
         raise ConsistencyError("stage inputs are inconsistent:\n  - " + "\n  - ".join(problems))

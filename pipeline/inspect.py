@@ -1,6 +1,6 @@
 """Print one formatted example with its loss mask visible: the fastest review of the data stage.
 
-    python -m data_prep.inspect --recipe recipes/tiny_ko.yaml [--stage sft|preference|prompts] [--split train]
+    python -m pipeline.inspect --recipe recipes/tiny_ko.yaml [--stage sft|preference|prompts] [--split train]
                                 [--index 0] [--tokens]
 
 Trained tokens (labels) are shown inside «...»; everything else is masked. ``--tokens`` adds a table of every token
@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.atomic import IncompleteError, require_complete
-from pipeline.config import ConfigError, load_recipe
+from data_prep.gemma_format import END_OF_TURN
+from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.config import ConfigError
+from pipeline.core.rundir import DATA_SECTIONS, IncompleteError, RunDir, data_output
 
 
 def show(tokenizer, ids: list[int], mask: list[int], tokens: bool = False) -> str:
@@ -41,34 +43,32 @@ def show(tokenizer, ids: list[int], mask: list[int], tokens: bool = False) -> st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True)
-    ap.add_argument("--stage", choices=("sft", "preference", "prompts"), default="sft")
+    add_recipe_arguments(ap)
+    ap.add_argument("--stage", choices=DATA_SECTIONS, default="sft")
     ap.add_argument("--split", choices=("train", "eval"), default="train")
     ap.add_argument("--index", type=int, default=0)
     ap.add_argument("--tokens", action="store_true", help="also print every token with its id and mask")
-    ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     try:
-        recipe = load_recipe(a.recipe, a.overrides)
-        data_dir = require_complete(recipe.run_dir / "data", "the data stage output")
+        data = data_output(RunDir.of(recipe_from(a, check=False)), "the data stage output")
     except (ConfigError, IncompleteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print_error(e)
+        return EXIT_INPUT
     import datasets
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
 
-    path = data_dir / a.stage / f"{a.split}.parquet"
-    if not path.is_file():
-        print(f"error: {path} does not exist (the recipe has no {a.stage}/{a.split} data)", file=sys.stderr)
-        return 2
+    path = data.split(a.stage, a.split)
+    if path is None:
+        print_error(f"{data.path}: the recipe has no {a.stage}/{a.split} data")
+        return EXIT_INPUT
     ds = datasets.Dataset.from_parquet(str(path))
     if not 0 <= a.index < len(ds):
-        print(f"error: --index {a.index} out of range (0..{len(ds) - 1})", file=sys.stderr)
-        return 2
+        print_error(f"--index {a.index} out of range (0..{len(ds) - 1})")
+        return EXIT_INPUT
     row = ds[a.index]
-    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(data.tokenizer)
     print(f"# {a.stage}/{a.split}[{a.index}] from {row['source']}  (trained tokens in «...»)")
     if a.stage == "sft":
         print(show(tok, row["input_ids"], row["assistant_masks"], a.tokens))
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for which in ("chosen", "rejected"):
             ids = row["prompt_ids"] + row[f"{which}_ids"]
             mask = [0] * len(row["prompt_ids"]) + [1] * len(row[f"{which}_ids"])
-            print(f"## {which} (the reward is read at the final token, <end_of_turn>)")
+            print(f"## {which} (the reward is read at the final token, {END_OF_TURN})")
             print(show(tok, ids, mask, a.tokens))
     else:
         print(show(tok, row["prompt_ids"], [0] * len(row["prompt_ids"]), a.tokens))

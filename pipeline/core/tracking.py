@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Recipe, recipe_hash, to_dict
+from pipeline.core.config import Recipe, recipe_hash, to_dict
+from pipeline.core.rundir import RunDir
 
 
 def resolve_mode(mode: str) -> str:
@@ -46,10 +47,10 @@ class Tracker:
             return
         import wandb
 
-        from pipeline.notices import git_commit
+        from pipeline.core.notices import git_commit
 
         t = recipe.tracking
-        wandb_dir = recipe.run_dir / "wandb"
+        wandb_dir = RunDir.of(recipe).wandb
         wandb_dir.mkdir(parents=True, exist_ok=True)
         # A stable id per (run, stage, recipe) so that a resumed stage continues the same W&B run.
         run_id = hashlib.sha256(f"{recipe.run.name}/{stage}/{recipe_hash(recipe)}".encode()).hexdigest()[:16]

@@ -9,25 +9,26 @@ without its marker or its notices.
 
 from __future__ import annotations
 
-import json
-import re
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import (
+from pipeline.core.atomic import commit_dir, staging_dir
+from pipeline.core.config import to_dict, to_yaml
+from pipeline.core.notices import Derivation, missing_notices, write_notices
+from pipeline.core.rundir import (
     MARKER,
     IncompleteError,
-    commit_dir,
+    RunDir,
+    checkpoints,
     is_complete,
+    read_lineage,
     require_complete,
-    staging_dir,
+    trainer_state,
     write_marker,
 )
-from pipeline.notices import Derivation, missing_notices, write_notices
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _barrier() -> None:
@@ -88,15 +89,6 @@ def mark_intermediate(ckpt: str | Path, derivation: Derivation) -> None:
     write_marker(ckpt, {"stage": derivation.stage, "kind": "intermediate", "step": derivation.step})
 
 
-def checkpoints(folder: str | Path) -> list[Path]:
-    """The ``checkpoint-N`` directories in ``folder``, complete or not, oldest (smallest N) first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
 def last_resumable(folder: str | Path) -> Path | None:
     """The newest complete ``checkpoint-N`` in ``folder``; incomplete ones (killed mid-save) are removed."""
     found = []
@@ -131,12 +123,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def changed_since(ckpt: str | Path, recipe: Any, sections: tuple[str, ...]) -> list[str]:
     """``key: old -> new`` for the recipe keys under ``sections`` whose value differs from the recipe the checkpoint
     was written with (its lineage), e.g. a learning rate lowered after a NaN."""
-    from pipeline.config import to_dict
-
-    lineage = Path(ckpt) / "lineage.json"
-    if not lineage.is_file():
+    lineage = read_lineage(ckpt)
+    if lineage is None:
         return []
-    old = _flat(json.loads(lineage.read_text(encoding="utf-8")).get("recipe") or {})
+    old = _flat(lineage.get("recipe") or {})
     new = _flat(to_dict(recipe))
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
@@ -161,12 +151,8 @@ def warn_if_changed(stage: str, ckpt: Path, recipe: Any, sections: tuple[str, ..
 def finished_or_announce(recipe: Any, stage: str) -> Path | None:
     """A stage's first step: its ``final/`` when already complete (the stage is skipped), else None after printing
     the resolved recipe. Runs before the distributed state exists, so the launcher's RANK picks the printer."""
-    import os
-
-    from pipeline.config import to_yaml
-
     rank0 = os.environ.get("RANK", "0") == "0"
-    final = recipe.run_dir / stage / "final"
+    final = RunDir.of(recipe).stage(stage).final
     if is_complete(final):
         if rank0:
             print(f"[{stage}] already finished: {final} (delete it to train again)", flush=True)
@@ -182,7 +168,7 @@ def training_done(ckpt: Path | None) -> bool:
     step without training; the stages then load the weights from the checkpoint and skip ``train()``."""
     if ckpt is None:
         return False
-    state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
+    state = trainer_state(ckpt)
     return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
 
 

@@ -1,14 +1,14 @@
-"""Atomic output directories with a completion marker.
+"""Atomic output directories, and what a failed write means.
 
-Everything a stage hands to the next is written into a temporary sibling directory, the completion marker is
-written last, and the directory is renamed into place. A directory without the marker is never taken as
-finished: ``require_complete`` refuses it with a clear message.
+Everything a stage hands to the next is written into a temporary sibling directory, the completion marker
+(``pipeline.core.rundir``) is written last, and the directory is renamed into place. A directory without the marker
+is never taken as finished. ``storage_full`` recognises a full disk, a quota or a file-size limit behind whatever
+exception a library raised, so a stage can say so in one line.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -16,12 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-MARKER = "COMPLETE"
-
-
-class IncompleteError(RuntimeError):
-    """A stage output is missing or was never finished."""
-
+from pipeline.core.rundir import MARKER, fsync_dir, is_complete, write_marker
 
 # Write failures that mean "no room": a full disk, a quota, a file-size limit. Libraries wrap them in their own
 # exception types (safetensors reports a Rust IoError as text), so the chain of causes is searched, text included.
@@ -52,44 +47,6 @@ def storage_full_message(e: BaseException, stage: str) -> str:
     )
 
 
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
-
-
-def require_complete(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise IncompleteError(f"{what} not found at {path}: run that stage first")
-    if not is_complete(path):
-        raise IncompleteError(
-            f"{what} at {path} is incomplete (no {MARKER} marker): its stage was interrupted; re-run that stage"
-        )
-    return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_marker(folder: Path, info: dict | None = None) -> None:
-    """Write the completion marker (last), durably."""
-    data = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
-    with open(Path(folder) / MARKER, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(Path(folder))
-
-
 def commit_dir(tmp: Path, final: Path, marker_info: dict | None = None) -> None:
     """Mark ``tmp`` complete and rename it to ``final``; an existing ``final`` is replaced only now."""
     write_marker(tmp, marker_info)
@@ -98,7 +55,7 @@ def commit_dir(tmp: Path, final: Path, marker_info: dict | None = None) -> None:
         old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -4,18 +4,16 @@ Precedence: dataclass defaults < recipe YAML < command-line ``key.sub=value`` ov
 unknown key or a value of the wrong type is an error naming the key and the file. PyYAML reads ``1e-5`` as a
 string, so numbers are coerced from the field's declared type.
 
-    python -m pipeline.config --recipe recipes/tiny_ko.yaml [key.sub=value ...]   # print the resolved recipe
+The command line that reads a recipe (``--recipe FILE [key.sub=value ...]``) is ``pipeline.core.cli``; where a
+recipe's paths point is ``pipeline.core.locations``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from data_prep.formats import FORMATS
+from pipeline.core.embedded import EMBEDDED_MODELS
+from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, resolve_path
 
 
 class ConfigError(ValueError):
@@ -361,8 +361,6 @@ class Recipe:
 # Strict loading
 # --------------------------------------------------------------------------------------------------------------
 
-_MISSING = object()
-
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
@@ -557,34 +555,9 @@ def recipe_hash(recipe: Recipe) -> str:
 # Validation beyond types: paths exist, hub ids are well formed, numbers are in range. Nothing is downloaded.
 # --------------------------------------------------------------------------------------------------------------
 
-EMBEDDED_PREFIX = "embedded:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?$")
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def resolve_path(p: str) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else REPO_ROOT / q
-
-
-def looks_local(p: str) -> bool:
-    """A recipe path is local when it exists, is explicitly relative/absolute, or names a data file."""
-    return (
-        p.startswith(("/", "./", "../", "~"))
-        or p.lower().endswith(_LOCAL_SUFFIXES)
-        or resolve_path(p).exists()
-        or p.count("/") > 1
-    )
-
-
-def is_hub_id(p: str) -> bool:
-    return bool(_HUB_ID.match(p)) and ".." not in p and not p.endswith(".")
-
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Check what can be checked before anything runs. Raises ConfigError naming the key."""
-
-    from data_prep.formats import FORMATS
 
     def err(key: str, why: str) -> typing.NoReturn:
         raise ConfigError(f"{source}: key '{key}': {why}")
@@ -594,8 +567,6 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
 
     def check_location(key: str, p: str, kind: str) -> None:
         if p.startswith(EMBEDDED_PREFIX):
-            from pipeline.embedded import EMBEDDED_MODELS
-
             if p[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
                 err(key, f"unknown embedded model {p!r} (known: {', '.join(EMBEDDED_MODELS)})")
             return
@@ -654,66 +625,3 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     acc = resolve_path(recipe.launch.accelerate_config)
     if not acc.is_file():
         err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
-
-
-def print_error(message: object) -> None:
-    """``error: <message>`` on stderr in one write, prefixed by the rank in a multi-process run (its processes share
-    the stream, and each may fail for its own reason)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if world > 1 and rank is not None else ""
-    sys.stderr.write(f"{prefix}error: {message}\n")
-    sys.stderr.flush()
-
-
-def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Path]:
-    """Shared command line of every stage: ``--recipe FILE [key.sub=value ...]``."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--recipe", required=True, help="recipe YAML")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = ap.parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
-    validate(recipe, source=args.recipe)
-    return recipe, Path(args.recipe)
-
-
-def run_cli(
-    stage: str,
-    description: str,
-    run: typing.Callable[[Recipe], object],
-    argv: list[str] | None,
-    input_errors: tuple[type[BaseException], ...] = (),
-    run_errors: tuple[type[BaseException], ...] = (),
-) -> int:
-    """Every stage's command line: parse and validate the recipe, run the stage, and turn a known failure into one
-    ``error:`` line and an exit code: 2 for a bad recipe or input (``ConfigError`` and ``input_errors``), 1 for a
-    failure while running (``run_errors``, or the disk filling up). Anything else keeps its traceback."""
-    from pipeline.atomic import storage_full, storage_full_message
-
-    try:
-        recipe, _ = parse_cli(argv, description)
-        run(recipe)
-    except (ConfigError, *input_errors) as e:
-        print_error(e)
-        return 2
-    except run_errors as e:
-        print_error(e)
-        return 1
-    except Exception as e:
-        if not storage_full(e):
-            raise
-        print_error(storage_full_message(e, stage))
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> None:
-    try:
-        recipe, _ = parse_cli(argv, "Print the resolved recipe.")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(to_yaml(recipe), end="")
-
-
-if __name__ == "__main__":
-    main()

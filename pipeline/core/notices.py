@@ -29,13 +29,18 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import REPO_ROOT, is_hub_id, looks_local
+from data_prep.gemma_format import END_OF_TURN, GENERATION_PROMPT
+from pipeline.core.config import recipe_hash, to_dict
+from pipeline.core.locations import REPO_ROOT, is_hub_id, looks_local
+from pipeline.core.rundir import LINEAGE, MODEL_CONFIG, RECIPE_FILE, lineage_metrics, read_lineage
 
 NOTICE_LINE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 TERMS_URL = "https://ai.google.dev/gemma/terms"
 PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
 TERMS_FILE = "GEMMA_TERMS_OF_USE.md"
-LINEAGE_FILE = "lineage.json"
+_GENERATION_PROMPT_SHOWN = GENERATION_PROMPT.replace("\n", "\\n")  # as written in the card: `...model\n`
+NOTICE_FILE = "NOTICE"
+CARD_FILE = "README.md"
 CONFIG_NOTICE_KEY = "gemma_derivative"
 _TERMS_NAMES = ("gemma_terms_of_use", "terms_of_use", "gemma-terms-of-use", "terms-of-use")
 _warned_terms = False
@@ -89,8 +94,6 @@ def stage_derivation(
     pipeline_tag: str = "text-generation",
 ) -> Derivation:
     """A stage's Derivation, with everything that comes from the recipe filled in."""
-    from pipeline.config import recipe_hash, to_dict
-
     return Derivation(
         stage=stage,
         method=method,
@@ -234,10 +237,10 @@ def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> s
         f"- **Parent checkpoint:** `{d.parent}`\n"
         f"- **Data:**\n{data_lines}\n"
         f"- **Date:** {date}\n"
-        f"- **Recipe hash:** `{d.recipe_hash}` (the resolved recipe is in `recipe.yaml`)\n"
+        f"- **Recipe hash:** `{d.recipe_hash}` (the resolved recipe is in `{RECIPE_FILE}`)\n"
         f"- **Pipeline commit:** `{commit}`\n\n"
-        f"Every weight file carries this modification notice in its safetensors metadata, `config.json` carries it "
-        f"under `{CONFIG_NOTICE_KEY}`, and `{LINEAGE_FILE}` records the full lineage.",
+        f"Every weight file carries this modification notice in its safetensors metadata, `{MODEL_CONFIG}` carries it "
+        f"under `{CONFIG_NOTICE_KEY}`, and `{LINEAGE}` records the full lineage.",
         "## Use restrictions (binding on recipients)\n\n"
         "This model is subject to the use restrictions of section 3.2 of the Gemma Terms of Use. You, and anyone you "
         "distribute it to, must not use it:\n\n"
@@ -249,8 +252,8 @@ def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> s
         "notices, and include a `NOTICE` file with the text above.",
         f"## Terms of Use\n\n{terms}",
         "## Chat format\n\nGemma's control-token format; the tokenizer's chat template renders it and ends the "
-        "generation prompt with `<start_of_turn>model\\n`. A model turn ends with `<end_of_turn>`: stop generation on "
-        "that token.",
+        f"generation prompt with `{_GENERATION_PROMPT_SHOWN}`. A model turn ends with "
+        f"`{END_OF_TURN}`: stop generation on that token.",
     ]
     if metrics:
         sections.append(f"## Metrics\n\n| metric | value |\n|---|---|\n{metrics}")
@@ -263,16 +266,6 @@ def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> s
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load_parent_lineage(parent: str) -> dict | None:
-    p = Path(parent) / LINEAGE_FILE
-    if p.is_file():
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except ValueError:
-            return None
-    return None
-
-
 def write_notices(ckpt: str | Path, d: Derivation) -> None:
     """Write every notice into the checkpoint directory ``ckpt`` (weights and config already saved there)."""
     global _warned_terms
@@ -281,7 +274,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
     commit = git_commit()
     modification = _modification_line(d, date)
 
-    (ckpt / "NOTICE").write_text(NOTICE_LINE + "\n", encoding="utf-8")
+    (ckpt / NOTICE_FILE).write_text(NOTICE_LINE + "\n", encoding="utf-8")
 
     terms = find_terms(d.terms_source, d.parent, d.base_model if looks_local(d.base_model) else None)
     if terms is not None:
@@ -307,7 +300,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
             },
         )
 
-    for cfg_path in sorted(ckpt.rglob("config.json")):
+    for cfg_path in sorted(ckpt.rglob(MODEL_CONFIG)):
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         history = list((cfg.get(CONFIG_NOTICE_KEY) or {}).get("modifications", []))
         if not history or history[-1] != modification:
@@ -322,7 +315,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_model": {"id": d.base_model, "revision": d.base_revision},
         "parent": d.parent,
-        "parent_lineage": _load_parent_lineage(d.parent),
+        "parent_lineage": read_lineage(d.parent),
         "datasets": d.datasets,
         "data_manifest": d.data_manifest,
         "recipe_hash": d.recipe_hash,
@@ -330,33 +323,92 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "git_commit": commit,
         "metrics": d.metrics,
     }
-    (ckpt / LINEAGE_FILE).write_text(
+    (ckpt / LINEAGE).write_text(
         json.dumps(lineage, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
     )
-    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(d.recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    (ckpt / "README.md").write_text(model_card(d, date, commit, terms is not None), encoding="utf-8")
+    (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(d.recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms is not None), encoding="utf-8")
 
 
 def missing_notices(ckpt: str | Path) -> list[str]:
     """What a checkpoint directory lacks of its notices (empty: all present)."""
     ckpt = Path(ckpt)
     missing = []
-    notice = ckpt / "NOTICE"
+    notice = ckpt / NOTICE_FILE
     if not notice.is_file() or notice.read_text(encoding="utf-8").strip() != NOTICE_LINE:
-        missing.append("NOTICE")
-    card = ckpt / "README.md"
+        missing.append(NOTICE_FILE)
+    card = ckpt / CARD_FILE
     if not card.is_file():
-        missing.append("README.md")
+        missing.append(CARD_FILE)
     else:
         text = card.read_text(encoding="utf-8")
         if "license: gemma" not in text or "## Modifications" not in text or "Use restrictions" not in text:
-            missing.append("README.md (license, Modifications or use restrictions)")
-    if not (ckpt / LINEAGE_FILE).is_file():
-        missing.append(LINEAGE_FILE)
+            missing.append(f"{CARD_FILE} (license, Modifications or use restrictions)")
+    if not (ckpt / LINEAGE).is_file():
+        missing.append(LINEAGE)
     for st in sorted(ckpt.rglob("*.safetensors")):
         if read_safetensors_metadata(st).get("gemma_notice") != NOTICE_LINE:
             missing.append(f"{st.relative_to(ckpt)} metadata")
-    for cfg in sorted(ckpt.rglob("config.json")):
+    for cfg in sorted(ckpt.rglob(MODEL_CONFIG)):
         if CONFIG_NOTICE_KEY not in json.loads(cfg.read_text(encoding="utf-8")):
             missing.append(f"{cfg.relative_to(ckpt)} notice")
     return missing
+
+
+def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
+    """The PPO model card's account of all three stages, and how to run the model with the right stop token."""
+    sft_m, rm_m = lineage_metrics(sft_dir), lineage_metrics(rm_dir)
+
+    def f(v):
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+    def paths(specs) -> str:
+        return ", ".join(f"`{s.path}`" for s in specs)
+
+    data = recipe.data
+    return "\n".join(
+        [
+            "## How this model was made",
+            "",
+            "| stage | data | result |",
+            "|---|---|---|",
+            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
+            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
+            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
+            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
+            f"| PPO | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
+            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
+            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
+            "",
+            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
+            "",
+            "## Inference",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            f'stop = [tok.convert_tokens_to_ids("{END_OF_TURN}"), tok.eos_token_id]  # a model turn ends with {END_OF_TURN}',
+            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
+            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+        ]
+    )
+
+
+def replace_card_section(ckpt: str | Path, title: str, body: str) -> None:
+    """Put a ``## title`` section at the end of a checkpoint's model card, replacing an earlier one of that title,
+    atomically (the card is never seen half-written)."""
+    card = Path(ckpt) / CARD_FILE
+    heading = f"## {title}"
+    text = card.read_text(encoding="utf-8")
+    if heading in text:
+        head, _, rest = text.partition(heading)
+        after = rest.split("\n## ", 1)
+        text = head + ("## " + after[1] if len(after) > 1 else "")
+    tmp = card.with_name(f".{card.name}.tmp")
+    tmp.write_text(text.rstrip("\n") + "\n\n" + heading + "\n\n" + body, encoding="utf-8")
+    tmp.replace(card)

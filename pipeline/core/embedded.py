@@ -4,7 +4,7 @@ Built deterministically, offline, in seconds, in ``save_pretrained`` layout, so 
 loads ``google/gemma-2b``. A recipe names it ``embedded:tiny-gemma-ko``; it is built on first use into
 ``build/embedded/tiny-gemma-ko/``.
 
-    python -m pipeline.embedded tiny-gemma-ko [--out DIR]
+    python -m pipeline.core.embedded tiny-gemma-ko [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.atomic import atomic_dir, clean_stale, is_complete
-from pipeline.config import EMBEDDED_PREFIX, REPO_ROOT
+from data_prep.gemma_format import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, UNK, install_chat_template
+from data_prep.tiny_ko import DATA_DIR
+from pipeline.core.atomic import atomic_dir, clean_stale
+from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT
+from pipeline.core.rundir import is_complete
 
-TINY_DATA = REPO_ROOT / "data_prep" / "tiny_ko"
 # Gemma's own order for the first four ids; the turn markers follow.
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN]
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def corpus_texts() -> list[str]:
     """Every text of the shipped data, in a fixed order (the tokenizer's training corpus)."""
     texts: list[str] = []
     for name in ("sft", "preference", "prompts", "heldout"):
-        with open(TINY_DATA / f"{name}.jsonl", encoding="utf-8") as fh:
+        with open(DATA_DIR / f"{name}.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)
                 for m in row.get("messages", []):
@@ -76,9 +78,7 @@ def build_tokenizer(vocab_size: int = 1200):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from data_prep.gemma_format import install_chat_template
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split("\n", behavior="isolated"),
@@ -94,17 +94,17 @@ def build_tokenizer(vocab_size: int = 1200):
         show_progress=False,
     )
     tok.train_from_iterator(corpus_texts(), trainer=trainer)
-    bos_id = tok.token_to_id("<bos>")
+    bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[START_OF_TURN, END_OF_TURN],
         padding_side="left",
         model_max_length=TinySpec.max_position_embeddings,
     )
@@ -133,7 +133,7 @@ def build_model(spec: TinySpec, tokenizer):
     )
     torch.manual_seed(spec.seed)
     model = GemmaForCausalLM(config)
-    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, eot],

@@ -7,9 +7,10 @@ import hashlib
 import json
 from typing import Any
 
-from data_prep.gemma_format import install_chat_template, template_hash
-from pipeline.config import ModelConfig, resolve_path
-from pipeline.embedded import resolve_model_path
+from data_prep.gemma_format import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, install_chat_template, template_hash
+from pipeline.core.config import ModelConfig
+from pipeline.core.embedded import resolve_model_path
+from pipeline.core.locations import resolve_path
 
 
 class LoadError(RuntimeError):
@@ -46,11 +47,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
     ids = {
         name: tokenizer.convert_tokens_to_ids(tok)
         for name, tok in (
-            ("bos", "<bos>"),
-            ("eos", "<eos>"),
-            ("pad", "<pad>"),
-            ("start_of_turn", "<start_of_turn>"),
-            ("end_of_turn", "<end_of_turn>"),
+            ("bos", BOS),
+            ("eos", EOS),
+            ("pad", PAD),
+            ("start_of_turn", START_OF_TURN),
+            ("end_of_turn", END_OF_TURN),
         )
     }
     return {

@@ -1,0 +1,352 @@
+"""The run directory: every folder and file one stage hands to another is named here, and read through here.
+
+    runs/<run>/
+      data/                                  the data stage's output (``DataOutput``)
+        sft/ preference/ prompts/            {train,eval}.parquet
+        tokenizer/                           the tokenizer every later stage uses
+        manifest.json  recipe.yaml  rejects.jsonl  COMPLETE
+      sft/  rm/  ppo/                        a training stage (``StageDir``)
+        checkpoints/checkpoint-N/            resumable; COMPLETE once fully written and carrying its notices
+        final/                               the finished checkpoint: lineage.json, recipe.yaml, COMPLETE, ...
+                                             rm: reward_stats.json; ppo: value/ (the value model); LoRA: adapter/
+        metrics.jsonl                        ppo: one line per update
+      report.md  report.json  report/        the run report and its plots
+      wandb/                                 W&B's local files
+
+A stage never spells a file name of another stage: it asks this module for the path or for a typed reader
+(``read_manifest``, ``RewardStats.read``, ``read_lineage``, ``read_metrics``, ``trainer_history``). The completion
+marker (``COMPLETE``, written last) is what makes a folder finished; ``require_complete`` refuses anything else.
+The reward model's quality gate lives here too, beside the reward statistics it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+RECIPE_FILE = "recipe.yaml"
+REJECTS = "rejects.jsonl"
+TOKENIZER = "tokenizer"
+LINEAGE = "lineage.json"
+REWARD_STATS = "reward_stats.json"
+METRICS = "metrics.jsonl"
+TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG = "config.json"
+ADAPTER = "adapter"
+VALUE = "value"
+DATA_SECTIONS = ("sft", "preference", "prompts")
+TRAINING_STAGES = ("sft", "rm", "ppo")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class IncompleteError(RuntimeError):
+    """A stage output is missing or was never finished."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """``runs/<run>/<stage>/`` of a training stage."""
+
+    path: Path
+    name: str
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the resumable ``checkpoint-N`` folders are written."""
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return checkpoint_dir(self.checkpoints, step)
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per PPO update (ppo)."""
+        return self.path / METRICS
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``runs/<run>/``: the folders of every stage and the report."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, recipe: Any) -> RunDir:
+        return cls(recipe.run_dir)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def stage(self, name: str) -> StageDir:
+        if name not in TRAINING_STAGES:
+            raise ValueError(f"no training stage {name!r} (stages: {', '.join(TRAINING_STAGES)})")
+        return StageDir(self.root / name, name)
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_images(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
+
+
+def checkpoint_dir(folder: str | Path, step: int) -> Path:
+    """The resumable checkpoint of ``step`` in ``folder`` (the Trainer's own naming, kept for PPO too)."""
+    return Path(folder) / f"checkpoint-{step}"
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` directories in ``folder``, complete or not, oldest (smallest N) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The completion marker
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def require_complete(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise IncompleteError(f"{what} not found at {path}: run that stage first")
+    if not is_complete(path):
+        raise IncompleteError(
+            f"{what} at {path} is incomplete (no {MARKER} marker): its stage was interrupted; re-run that stage"
+        )
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new file, a rename) durable; best effort where the platform refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_marker(folder: str | Path, info: dict | None = None) -> None:
+    """Write the completion marker (last), durably."""
+    data = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
+    with open(Path(folder) / MARKER, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(Path(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The data stage's output
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``data/manifest.json``: what the data stage read and wrote."""
+
+    fingerprint: str
+    """Identity of the output: inputs' bytes, data settings, tokenizer, formatter version, seed."""
+    tokenizer: dict
+    """Tokenizer fingerprint: hash, vocab_size, special_ids, chat_template_hash."""
+    counts: dict
+    """Rows per section and split, with the skipped and dropped counts."""
+    seconds: float
+    """Wall time of the data stage."""
+    raw: dict
+    """The whole manifest as written (recorded in every checkpoint's lineage)."""
+
+
+def read_manifest(data_dir: str | Path) -> Manifest:
+    raw = json.loads((Path(data_dir) / MANIFEST).read_text(encoding="utf-8"))
+    return Manifest(raw["fingerprint"], raw["tokenizer"], raw["counts"], raw["seconds"], raw)
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def data_split(data_dir: str | Path, section: str, split: str) -> Path:
+    """``data/<section>/<split>.parquet`` (section: sft, preference or prompts; split: train or eval)."""
+    if section not in DATA_SECTIONS:
+        raise ValueError(f"no data section {section!r} (sections: {', '.join(DATA_SECTIONS)})")
+    return Path(data_dir) / section / f"{split}.parquet"
+
+
+@dataclass(frozen=True)
+class DataOutput:
+    """A complete ``data/`` folder as the training stages read it."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
+
+    def split(self, section: str, split: str) -> Path | None:
+        """The split's parquet file, or None when the recipe gave the section no such split."""
+        p = data_split(self.path, section, split)
+        return p if p.is_file() else None
+
+
+def data_output(run: RunDir, what: str = "the data stage output (run `make data` first)") -> DataOutput:
+    path = require_complete(run.data, what)
+    return DataOutput(path, read_manifest(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward model's statistics and the gate PPO applies to them
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RewardModelGateError(RuntimeError):
+    """The reward model is not good enough to optimise against."""
+
+
+@dataclass(frozen=True)
+class RewardStats:
+    """``rm/final/reward_stats.json``: the reward model judged on held-out pairs."""
+
+    mean: float
+    """Mean reward over every held-out response (PPO's ``normalize_reward`` subtracts it)."""
+    std: float
+    """Standard deviation of those rewards (PPO's ``normalize_reward`` divides by it)."""
+    accuracy: float
+    """Held-out pairwise accuracy (the gate's measure)."""
+    pairs: int
+    """Held-out pairs scored."""
+    scored_at: str
+    """The token the reward is read at (PPO rollouts must stop on it)."""
+
+    def write(self, folder: str | Path) -> None:
+        (Path(folder) / REWARD_STATS).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RewardStats | None:
+        """The statistics stored with a reward model, or None for a checkpoint that has none."""
+        path = Path(folder) / REWARD_STATS
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                float(raw["mean"]), float(raw["std"]), float(raw["accuracy"]), int(raw["pairs"]), raw["scored_at"]
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompleteError(
+                f"{path} is not a reward model's statistics file ({type(e).__name__}: {e})"
+            ) from None
+
+
+def check_gate(rm_dir: str | Path, min_accuracy: float, override: bool) -> float:
+    """The reward model's held-out accuracy; raises RewardModelGateError below ``min_accuracy`` unless overridden."""
+    stats = RewardStats.read(rm_dir)
+    if stats is None:
+        raise RewardModelGateError(f"{rm_dir} has no {REWARD_STATS}: it was not written by the reward-model stage")
+    if stats.accuracy < min_accuracy:
+        msg = (
+            f"the reward model at {rm_dir} has held-out pairwise accuracy {stats.accuracy:.3f}, below "
+            f"rm.min_accuracy {min_accuracy}: PPO against it would optimise noise. Improve the reward model (data, "
+            "epochs), lower rm.min_accuracy, or set ppo.ignore_rm_gate=true to start anyway"
+        )
+        if not override:
+            raise RewardModelGateError(msg)
+        print(f"[ppo] warning (ppo.ignore_rm_gate): {msg}", file=sys.stderr, flush=True)
+    return stats.accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a checkpoint records about itself
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_lineage(ckpt: str | Path) -> dict | None:
+    """A checkpoint's ``lineage.json`` (written with its notices), or None when it has none or it is unreadable."""
+    path = Path(ckpt) / LINEAGE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def lineage_metrics(ckpt: str | Path) -> dict:
+    """The metrics a stage recorded in its checkpoint's lineage ({} when there are none)."""
+    return (read_lineage(ckpt) or {}).get("metrics") or {}
+
+
+def trainer_state(ckpt: str | Path) -> dict:
+    """The Trainer's ``trainer_state.json`` of a resumable SFT or RM checkpoint."""
+    return json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def trainer_history(stage: StageDir) -> list[dict]:
+    """The Trainer log history of a stage (from its newest resumable checkpoint; [] when there is none)."""
+    ckpts = checkpoints(stage.checkpoints)
+    return trainer_state(ckpts[-1]).get("log_history", []) if ckpts else []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PPO's metrics, one line per update
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_metrics(stage: StageDir) -> list[dict]:
+    path = stage.metrics
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def keep_metrics_until(stage: StageDir, update: int) -> None:
+    """Drop the lines after ``update`` (a resumed run rewrites the updates the killed run logged after its last
+    checkpoint)."""
+    stage.path.mkdir(parents=True, exist_ok=True)
+    kept = [row for row in read_metrics(stage) if row["update"] <= update]
+    stage.metrics.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+
+def append_metrics(stage: StageDir, row: dict) -> None:
+    with open(stage.metrics, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")

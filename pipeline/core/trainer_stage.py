@@ -1,0 +1,251 @@
+"""What the two Trainer-driven stages (SFT and RM) share, as functions: the training arguments both take from their
+recipe section, the callback (W&B and console logging under ``stage/group/name`` keys with tokens/s, a stop on a
+non-finite loss, grad norm or weights, the notices and completion marker on every resumable checkpoint the Trainer
+saves), resuming, LoRA, and the final save (LoRA merged into a full checkpoint, the adapter kept beside it, the
+Trainer's pickles and the adapter's tokenizer copies removed).
+
+The stages keep what differs: their data, their model class, their metrics (the SFT prompt panel; the reward
+model's held-out pairs and statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.checkpoint import (
+    last_good_note,
+    last_resumable,
+    mark_intermediate,
+    save_final,
+    training_done,
+    warn_if_changed,
+)
+from pipeline.core.config import ConfigError, LoraSettings, Recipe
+from pipeline.core.faults import NonFiniteLossError, poison_if_asked
+from pipeline.core.notices import CARD_FILE, Derivation
+from pipeline.core.rundir import ADAPTER, TRAINER_STATE, StageDir, checkpoint_dir
+
+# What a saved LoRA adapter folder keeps of the tokenizer: nothing (the tokenizer sits once, beside the weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TRAINER_PICKLE = "training_args.bin"  # the Trainer's pickled settings: no use to recipients
+
+
+def trainer_arguments(section: Any, recipe: Recipe, stage: StageDir, prec: dict, evaluate: bool) -> dict:
+    """The TrainingArguments of an SFT or RM run from its recipe section (``recipe.sft`` or ``recipe.rm``): batch
+    sizes, schedule, logging, evaluation, resumable checkpoints, seed and precision (bf16 on a GPU; ``use_cpu`` on a
+    CPU-only machine, which also makes a GPU-style accelerate config run its processes with gloo)."""
+    return dict(
+        output_dir=str(stage.checkpoints),
+        max_length=recipe.data.max_length,
+        per_device_train_batch_size=section.per_device_train_batch_size,
+        per_device_eval_batch_size=section.per_device_eval_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        learning_rate=section.learning_rate,
+        num_train_epochs=section.num_train_epochs,
+        max_steps=section.max_steps,
+        lr_scheduler_type=section.lr_scheduler_type,
+        warmup_steps=section.warmup_ratio,  # a float below 1 is a fraction of the training steps
+        weight_decay=section.weight_decay,
+        max_grad_norm=section.max_grad_norm,
+        gradient_checkpointing=section.gradient_checkpointing,
+        logging_steps=section.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be averaged away
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=section.eval_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=section.save_total_limit,
+        seed=recipe.run.seed,
+        bf16=prec["bf16"],
+        use_cpu=prec["use_cpu"],
+        report_to="none",
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def check_pad(model: Any, tokenizer: Any) -> None:
+    """Both stages pad their batches with the tokenizer's pad, which must differ from eos (else every sequence's end
+    looks like padding: the SFT loss never sees the stop, the reward model reads its score at the wrong position),
+    and the model must agree on it (a sequence classifier finds the scoring position by ``config.pad_token_id``,
+    filled in from the tokenizer when the checkpoint leaves it unset)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad is None or pad == eos:
+        raise ConfigError(f"the tokenizer needs a pad token distinct from eos ({eos}) to mark where sequences end")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad
+    elif model.config.pad_token_id != pad:
+        raise ConfigError(
+            f"the model's config pad_token_id ({model.config.pad_token_id}) is not the tokenizer's pad id ({pad})"
+        )
+
+
+def resume_point(stage: StageDir) -> tuple[Path | None, bool]:
+    """The newest complete resumable checkpoint (incomplete ones are removed) and whether it already holds the run's
+    last step (the stage was killed while saving its final checkpoint: the weights then come from it)."""
+    resume = last_resumable(stage.checkpoints)
+    return resume, training_done(resume)
+
+
+def with_lora(model: Any, method: str, lora: LoraSettings, task_type: str, resume: Path | None, done: bool, **extra):
+    """``(model, peft_config)`` for the Trainer: a full model as it is; LoRA as a config for the Trainer to apply,
+    or, when training was done, the adapter of the last checkpoint on the model."""
+    if method != "lora":
+        return model, None
+    if done:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(resume), is_trainable=True), None
+    from peft import LoraConfig
+
+    return model, LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        **extra,
+    )
+
+
+def train_or_restore(trainer: Any, stage: str, recipe: Recipe, resume: Path | None, done: bool, main: bool) -> None:
+    """Train from the start or from ``resume``; when ``done``, restore the finished run's state instead (the Trainer
+    would count one more step without training)."""
+    from transformers import TrainerState
+
+    if resume is not None and main:
+        print(f"[{stage}] resuming from {resume}" + (" (training was finished)" if done else ""), flush=True)
+        warn_if_changed(stage, resume, recipe, (stage, "model", "data"))
+    if done:
+        trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE))
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def loss_metrics(trainer: Any) -> dict:
+    """The first and the last logged training loss ({} before any log)."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train/loss_first": losses[0], "train/loss_last": losses[-1]} if losses else {}
+
+
+def log_final(tracker: Any, stage: str, metrics: dict, step: int) -> None:
+    """The stage's final metrics to W&B under ``<stage>/final/...`` (numbers only)."""
+    tracker.log({f"{stage}/final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _save_weights(trainer: Any, lora: bool, tmp: Path) -> None:
+    trainer.save_model(str(tmp / ADAPTER if lora else tmp))
+
+
+def _finish_files(lora: bool, load_base: Callable[[], Any], extra: Callable[[Path], None] | None, tmp: Path) -> None:
+    if lora:  # merge the adapter into a plain full checkpoint; keep the adapter beside it
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(load_base(), str(tmp / ADAPTER)).merge_and_unload().save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES:
+            (tmp / ADAPTER / name).unlink(missing_ok=True)
+    for junk in tmp.rglob(TRAINER_PICKLE):
+        junk.unlink()
+    if extra is not None:
+        extra(tmp)
+
+
+def save_trainer_final(
+    stage: StageDir,
+    trainer: Any,
+    tokenizer: Any,
+    derivation: Derivation,
+    lora: bool,
+    load_base: Callable[[], Any],
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """The stage's notice-carrying final checkpoint, atomically (call on every process: ZeRO-3 gathers). With LoRA
+    the adapter is merged into ``load_base()``; ``extra(tmp)`` adds stage files before the notices and marker."""
+    final = save_final(
+        stage.final,
+        partial(_save_weights, trainer, lora),
+        tokenizer,
+        derivation,
+        main_only=partial(_finish_files, lora, load_base, extra),
+    )
+    if trainer.is_world_process_zero():  # TRL writes a card without the Gemma notices next to the checkpoints
+        (stage.checkpoints / CARD_FILE).unlink(missing_ok=True)
+    return final
+
+
+def stage_callback(
+    stage: str,
+    tracker: Any,
+    derive: Callable[[int, dict], Derivation],
+    shown: tuple[str, ...],
+    on_evaluate: Callable[..., None] | None = None,
+):
+    """A TrainerCallback for ``stage``.
+
+    ``derive(step, metrics)`` is the Derivation a saved checkpoint's notices describe (main process); ``shown``
+    names the metrics printed on the console line; ``on_evaluate(args, state, model)`` runs after each evaluation
+    (e.g. the SFT prompt panel).
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class StageCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            for key in ("loss", "grad_norm", "eval_loss"):
+                value = logs.get(key)
+                if value is not None and not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"non-finite {key} ({value}) at step {state.global_step}; stopping: "
+                        f"{last_good_note(args.output_dir)}"
+                    )
+            now = time.perf_counter()
+            if "num_tokens" in logs:
+                if self.last is not None and now > self.last[0]:
+                    logs["tokens_per_second"] = (logs["num_tokens"] - self.last[1]) / (now - self.last[0])
+                self.last = (now, logs["num_tokens"])
+            metrics = {}
+            for k, v in logs.items():
+                if isinstance(v, (int, float)):
+                    group, name = ("eval", k[5:]) if k.startswith("eval_") else ("train", k)
+                    metrics[f"{stage}/{group}/{name}"] = v
+            tracker.log(metrics, step=state.global_step)
+            if state.is_world_process_zero:
+                line = " ".join(
+                    f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items() if k.rsplit("/", 1)[-1] in shown
+                )
+                print(f"[{stage}] step {state.global_step}/{state.max_steps} {line}", flush=True)
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if model is not None:
+                poison_if_asked(stage, state.global_step + 1, model)
+
+        def on_save(self, args, state, control, model=None, **kw):
+            if not state.is_world_process_zero:
+                return
+            ckpt = checkpoint_dir(args.output_dir, state.global_step)
+            # Never mark a checkpoint whose weights went non-finite between two logs (ZeRO-3 shards that are not
+            # local are empty here and pass; the logged loss and grad norm still catch them).
+            if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+                shutil.rmtree(ckpt, ignore_errors=True)
+                raise NonFiniteLossError(
+                    f"non-finite weights at step {state.global_step}; stopping: {last_good_note(args.output_dir)}"
+                )
+            last = next((h for h in reversed(state.log_history) if "loss" in h), {})
+            mark_intermediate(ckpt, derive(state.global_step, {"train/loss": last.get("loss")}))
+
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            if on_evaluate is not None and model is not None:
+                on_evaluate(args, state, model)
+
+    return StageCallback()

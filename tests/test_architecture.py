@@ -1,0 +1,261 @@
+"""The shape of the house, checked from the source: imports run one way (data_prep <- pipeline.core <- the stages
+and tools), no import circle, no stage imports another, every run-directory file name and Gemma control token is
+spelled only by its owner, and every citation key used in code or docs is defined in docs/ppo.md.
+
+Each rule is a function over the parsed source; each has a negative control that feeds it the violation it exists to
+catch, so a rule that silently matches nothing fails here."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGES = ("pipeline", "data_prep")
+STAGES = {"pipeline.data", "pipeline.sft", "pipeline.rm", "pipeline.ppo", "pipeline.report"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def sources() -> dict[str, str]:
+    """Every module of the two packages: name -> source."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            out[module_name(path)] = path.read_text(encoding="utf-8")
+    return out
+
+
+def imports(name: str, source: str, known: set[str]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its body (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the importing module's package
+                base = name.split(".")[: -node.level] if not name.endswith("__init__") else name.split(".")
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # `import pipeline.core.config` names a module; a symbol's module is above it
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph(srcs: dict[str, str]) -> dict[str, set[str]]:
+    known = set(srcs)
+    return {name: imports(name, src, known) for name, src in srcs.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None. Package __init__ modules that import nothing are leaves."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def layer(module: str) -> int:
+    """data_prep 0, pipeline.core 1, the stages and tools 2."""
+    if module.startswith("data_prep"):
+        return 0
+    if module == "pipeline" or module.startswith("pipeline.core"):
+        return 1
+    return 2
+
+
+def arrows_up(g: dict[str, set[str]]) -> list[str]:
+    """Imports from a lower layer to a higher one, and imports between stage modules."""
+    bad = [f"{a} -> {b}" for a, deps in g.items() for b in deps if layer(b) > layer(a)]
+    bad += [f"{a} -> {b} (stage imports stage)" for a, deps in g.items() for b in deps if a in STAGES and b in STAGES]
+    return sorted(bad)
+
+
+def test_no_import_circle():
+    g = graph(sources())
+    assert len(g) > 30 and sum(map(len, g.values())) > 60, "the scan found too little to judge"
+    assert find_cycle(g) is None, find_cycle(g)
+
+
+def test_no_arrow_back_up_and_no_stage_imports_a_stage():
+    g = graph(sources())
+    assert arrows_up(g) == []
+    assert any(layer(b) == 0 for a, deps in g.items() if layer(a) == 1 for b in deps)  # the rule sees real edges
+
+
+def test_the_rules_catch_what_they_exist_for():
+    srcs = sources()
+    # A circle: config importing the CLI, which imports config.
+    srcs["pipeline.core.config"] += "\nfrom pipeline.core.cli import run_cli\n"
+    assert find_cycle(graph(srcs)) is not None
+    srcs = sources()
+    # data_prep reaching up into the pipeline; the core reaching into a stage; a stage importing a stage.
+    srcs["data_prep.readers"] += "\nfrom pipeline.core.config import DatasetSpec\n"
+    srcs["pipeline.core.checkpoint"] += "\ndef f():\n    from pipeline import sft\n"
+    srcs["pipeline.ppo"] += "\nfrom pipeline.rm import init_score_head\n"
+    assert arrows_up(graph(srcs)) == [
+        "data_prep.readers -> pipeline.core.config",
+        "pipeline.core.checkpoint -> pipeline.sft",
+        "pipeline.ppo -> pipeline.rm (stage imports stage)",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names spelled by their owner only
+# ----------------------------------------------------------------------------------------------------------------
+
+OWNERS = {
+    "pipeline.core.rundir": (
+        "COMPLETE",
+        "manifest.json",
+        "reward_stats.json",
+        "lineage.json",
+        "metrics.jsonl",
+        "trainer_state.json",
+        "rejects.jsonl",
+        "recipe.yaml",
+        "config.json",
+        "report.json",
+        "report.md",
+        "checkpoint-",
+    ),
+    "pipeline.core.notices": ("README.md", "GEMMA_TERMS_OF_USE.md"),
+    "data_prep.gemma_format": ("<end_of_turn>", "<start_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>"),
+}
+# Folder names too common to search for in any string: flagged where they are joined into a path (``x / "final"``).
+FOLDERS = {"pipeline.core.rundir": ("final", "checkpoints", "adapter", "value", "wandb", "tokenizer", "data")}
+
+
+def strings(source: str) -> list[tuple[int, str, bool]]:
+    """(line, text, joined into a path) of every string constant that is not documentation (a docstring or a bare
+    string statement, such as a dataclass field's); f-string pieces included."""
+    tree = ast.parse(source)
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    path_parts = {
+        id(side)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+        for side in (n.left, n.right)
+    }
+    return [
+        (node.lineno, node.value, id(node) in path_parts)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+    ]
+
+
+def spells(text: str, name: str) -> bool:
+    """``name`` in ``text`` as a name of its own (``config.json`` is not spelled by ``tokenizer_config.json``)."""
+    return re.search(rf"(?<![\w.-]){re.escape(name)}", text) is not None
+
+
+def misspelled(srcs: dict[str, str]) -> list[str]:
+    """``module:line: 'name'`` wherever a name is spelled outside its owner."""
+    bad = []
+    for module, source in srcs.items():
+        for line, text, in_path in strings(source):
+            for owner, names in OWNERS.items():
+                bad += [f"{module}:{line}: {n!r}" for n in names if spells(text, n) and module != owner]
+            for owner, names in FOLDERS.items():
+                bad += [f"{module}:{line}: {n!r}" for n in names if in_path and text == n and module != owner]
+    return sorted(bad)
+
+
+def test_run_directory_names_and_control_tokens_are_spelled_by_their_owner_only():
+    srcs = sources()
+    assert misspelled(srcs) == []
+    owned = {n for names in OWNERS.values() for n in names}
+    found = {n for owner in OWNERS for _, text, _ in strings(srcs[owner]) for n in owned if spells(text, n)}
+    assert found == owned  # every owner really spells its names (the scan reads what it should)
+
+
+def test_the_spelling_rule_catches_a_second_spelling():
+    srcs = sources()
+    srcs["pipeline.report"] += '\nSTATS = run_dir / "rm" / "final" / "reward_stats.json"\n'
+    srcs["pipeline.core.consistency"] += '\nEOT = f"{x}<end_of_turn>"\n'
+    bad = misspelled(srcs)
+    n = srcs["pipeline.report"].count("\n")
+    assert f"pipeline.report:{n}: 'reward_stats.json'" in bad and f"pipeline.report:{n}: 'final'" in bad
+    assert any(b.startswith("pipeline.core.consistency:") and "<end_of_turn>" in b for b in bad)
+    assert len(bad) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Citation keys
+# ----------------------------------------------------------------------------------------------------------------
+
+KEY = re.compile(r"\b(?:[PQT]\d{1,2}|N\+? details? \d{1,2})\b")
+
+
+def used_keys(text: str) -> set[str]:
+    return {k.replace("detail ", "details ") for k in KEY.findall(text)}
+
+
+def defined_keys() -> set[str]:
+    """The keys the References section of docs/ppo.md defines, one per table row: ``| P5 | ... |``."""
+    text = (REPO / "docs" / "ppo.md").read_text(encoding="utf-8")
+    section = text.split("\n## References", 1)[1]
+    return {m.group(1) for m in re.finditer(r"^\| (\S+(?: details \d+)?) \|", section, re.M)}
+
+
+def keys_in_use() -> dict[str, set[str]]:
+    out = {}
+    for path in [
+        *(REPO / "pipeline").rglob("*.py"),
+        *(REPO / "data_prep").rglob("*.py"),
+        *(REPO / "tests").rglob("*.py"),
+    ]:
+        if path.name != "test_architecture.py":
+            out[str(path.relative_to(REPO))] = used_keys(path.read_text(encoding="utf-8"))
+    for path in [*(REPO / "docs").glob("*.md"), REPO / "README.md"]:
+        text = path.read_text(encoding="utf-8")
+        if path.name == "ppo.md":
+            text = text.split("\n## References", 1)[0]
+        out[str(path.relative_to(REPO))] = used_keys(text)
+    return out
+
+
+def undefined(in_use: dict[str, set[str]], defined: set[str]) -> list[str]:
+    return sorted(f"{where}: {k}" for where, keys in in_use.items() for k in keys if k not in defined)
+
+
+def test_citation_keys_are_defined_in_docs_ppo():
+    in_use, defined = keys_in_use(), defined_keys()
+    assert {"P5", "P12", "Q5", "T8"} <= set().union(*in_use.values())  # the scan sees the keys the code uses
+    assert undefined(in_use, defined) == []
+
+
+@pytest.mark.parametrize("text", ["see pitfall P99 here", "as in N+ detail 42"])
+def test_the_citation_rule_catches_an_undefined_key(text):
+    assert undefined({"x.py": used_keys(text)}, defined_keys()) != []
