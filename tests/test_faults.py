@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.checkpoint import checkpoints
+from pipeline.core.rundir import checkpoints
 from pipeline.core.notices import missing_notices
 from tests.conftest import REPO
 
