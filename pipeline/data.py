@@ -39,6 +39,7 @@ from pipeline.core.rundir import (
     RECIPE_FILE,
     REJECTS,
     TOKENIZER,
+    IncompleteError,
     RunDir,
     data_split,
     is_complete,
@@ -120,7 +121,7 @@ def run(recipe: Recipe) -> Path:
     if is_complete(data_dir):
         try:
             old = read_manifest(data_dir).fingerprint
-        except (OSError, ValueError, KeyError):
+        except IncompleteError:
             old = None
         if old == fp:
             print(f"[data] {data_dir} is up to date (same inputs, settings and tokenizer): reusing it", flush=True)

@@ -15,7 +15,7 @@ import sys
 from data_prep.gemma_format import END_OF_TURN
 from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
 from pipeline.core.config import ConfigError
-from pipeline.core.rundir import DATA_SECTIONS, IncompleteError, RunDir, data_output
+from pipeline.core.rundir import DATA_SECTIONS, IncompleteError, RunDir, data_output, data_split
 
 
 def show(tokenizer, ids: list[int], mask: list[int], tokens: bool = False) -> str:
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     path = data.split(a.stage, a.split)
     if path is None:
-        print_error(f"{data.path}: the recipe has no {a.stage}/{a.split} data")
+        print_error(
+            f"{data_split(data.path, a.stage, a.split)} does not exist (the recipe has no {a.stage}/{a.split} data)"
+        )
         return EXIT_INPUT
     ds = datasets.Dataset.from_parquet(str(path))
     if not 0 <= a.index < len(ds):

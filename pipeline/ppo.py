@@ -327,12 +327,12 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         "objective/scores": scores.mean(),
         "objective/raw_scores": raw_scores.mean(),
         "val/num_eos_tokens": stopped.float().sum(),
-        "val/explained_variance": torch.tensor(pm.explained_variance(values, returns, value_mask)),
         "ppo/response_length": (seq_len + 1).float().mean(),
         "ppo/no_stop_rate": (~stopped).float().mean(),
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
+        "val/explained_variance": torch.tensor(pm.explained_variance(values, returns, value_mask)),
     }
     return Rollout(seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats)
 

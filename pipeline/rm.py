@@ -188,7 +188,9 @@ def run(recipe: Recipe) -> Path:
     resume, done = resume_point(stage)
     from_ckpt = done and r.method == "full"
     model = load_sequence_classifier(recipe.model, str(resume if from_ckpt else parent), dtype=prec["dtype"])
-    check_pad(model, tokenizer)
+    check_pad(tokenizer)
+    if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
     if not done:
         init_score_head(model, recipe.run.seed)
     model, peft_config = with_lora(model, r.method, r.lora, "SEQ_CLS", resume, done, modules_to_save=["score"])

@@ -58,18 +58,17 @@ def answer_panel(recipe: Recipe, tracker: Any, tokenizer: Any, panel: list, args
     """Greedy answers to the recipe's fixed prompts (``sft.prompt_panel``), after every evaluation."""
     if not panel:
         return
-    g = generate(
-        model,
-        left_pad([ids for _, ids in panel], tokenizer.pad_token_id, model.device),
-        pad_id=tokenizer.pad_token_id,
-        stop_ids=stop_token_ids(tokenizer),
-        max_new_tokens=recipe.sft.panel_max_new_tokens,
-    )
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    rows = [
-        [state.global_step, prompt, answer, stopped]
-        for (prompt, _), answer, stopped in zip(panel, g.texts(tokenizer), g.ended_on(eot))
-    ]
+    rows = []
+    for prompt, ids in panel:  # one prompt at a time: no padding
+        g = generate(
+            model,
+            left_pad([ids], tokenizer.pad_token_id, model.device),
+            pad_id=tokenizer.pad_token_id,
+            stop_ids=stop_token_ids(tokenizer),
+            max_new_tokens=recipe.sft.panel_max_new_tokens,
+        )
+        rows.append([state.global_step, prompt, g.texts(tokenizer)[0], g.ended_on(eot)[0]])
     tracker.table(f"{STAGE}/panel", ["step", "prompt", "answer", "stopped"], rows, step=state.global_step)
     if state.is_world_process_zero:
         for _, prompt, answer, stopped in rows:
@@ -119,7 +118,7 @@ def run(recipe: Recipe) -> Path:
     #    load each rank's shard directly instead of a full copy per process.
     resume, done = resume_point(stage)
     model = load_causal_lm(recipe.model, str(resume) if done and s.method == "full" else None, dtype=prec["dtype"])
-    check_pad(model, tokenizer)
+    check_pad(tokenizer)
     model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", resume, done)
     enc = GemmaEncoder(tokenizer)
     panel = [

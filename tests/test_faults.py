@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.rundir import checkpoints
 from pipeline.core.notices import missing_notices
+from pipeline.core.rundir import checkpoints
 from tests.conftest import REPO
 
 SMALL = (

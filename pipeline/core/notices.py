@@ -11,7 +11,7 @@ Every checkpoint directory this pipeline writes, final or intermediate, gets:
 * a modification notice in the metadata of every ``.safetensors`` file and in ``config.json``;
 * ``lineage.json``: base model id and revision, data manifest, recipe, git commit, metrics, parent lineage.
 
-``write_notices`` is called by the one save path (pipeline/checkpoint.py) before the completion marker, so a
+``write_notices`` is called by the one save path (pipeline/core/checkpoint.py) before the completion marker, so a
 checkpoint without its notices is never complete; ``missing_notices`` checks a directory.
 """
 

@@ -197,8 +197,14 @@ class Manifest:
 
 
 def read_manifest(data_dir: str | Path) -> Manifest:
-    raw = json.loads((Path(data_dir) / MANIFEST).read_text(encoding="utf-8"))
-    return Manifest(raw["fingerprint"], raw["tokenizer"], raw["counts"], raw["seconds"], raw)
+    path = Path(data_dir) / MANIFEST
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest(raw["fingerprint"], raw["tokenizer"], raw["counts"], raw["seconds"], raw)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IncompleteError(
+            f"{path} is not a data stage manifest ({type(e).__name__}: {e}); re-run `make data`"
+        ) from None
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:

@@ -71,20 +71,12 @@ def trainer_arguments(section: Any, recipe: Recipe, stage: StageDir, prec: dict,
     )
 
 
-def check_pad(model: Any, tokenizer: Any) -> None:
-    """Both stages pad their batches with the tokenizer's pad, which must differ from eos (else every sequence's end
-    looks like padding: the SFT loss never sees the stop, the reward model reads its score at the wrong position),
-    and the model must agree on it (a sequence classifier finds the scoring position by ``config.pad_token_id``,
-    filled in from the tokenizer when the checkpoint leaves it unset)."""
+def check_pad(tokenizer: Any) -> None:
+    """Both stages pad their batches with the tokenizer's pad, which must differ from eos: otherwise every sequence's
+    end looks like padding (the SFT loss never sees the stop; the reward model reads its score at the wrong place)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is None or pad == eos:
         raise ConfigError(f"the tokenizer needs a pad token distinct from eos ({eos}) to mark where sequences end")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad
-    elif model.config.pad_token_id != pad:
-        raise ConfigError(
-            f"the model's config pad_token_id ({model.config.pad_token_id}) is not the tokenizer's pad id ({pad})"
-        )
 
 
 def resume_point(stage: StageDir) -> tuple[Path | None, bool]:
