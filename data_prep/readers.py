@@ -118,9 +118,14 @@ def _object_or_bad(value: Any) -> dict | BadRow:
     return BadRow(f"row is not a JSON object (got {type(value).__name__})")
 
 
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a text file
+
+
 def _iter_jsonl(path: Path, name: str) -> Iterator[Row]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
             if not raw.strip():
                 continue  # blank lines are not rows (documented in docs/data.md)
             where = f"{name}:{lineno}"

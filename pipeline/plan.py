@@ -25,7 +25,7 @@ import yaml
 
 from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.embedded import EMBEDDED_MODELS
+from pipeline.core.embedded import EMBEDDED_MODELS, GGUFSpec
 from pipeline.core.locations import EMBEDDED_PREFIX, resolve_path
 from pipeline.core.ppo_math import batch_sizes
 from pipeline.core.rundir import MODEL_CONFIG, RunDir, is_complete, read_manifest
@@ -60,6 +60,15 @@ KNOWN_CONFIGS = {
         head_dim=256,
     ),
 }
+KNOWN_CONFIGS["google/gemma-3-270m"] = dict(
+    vocab_size=262144,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+)
 # Korean continuations keep their base architecture.
 KNOWN_CONFIGS["beomi/gemma-ko-2b"] = KNOWN_CONFIGS["google/gemma-2b"]
 KNOWN_CONFIGS["beomi/gemma-ko-7b"] = KNOWN_CONFIGS["google/gemma-7b"]
@@ -88,6 +97,8 @@ def architecture(recipe: Recipe) -> tuple[Arch, str]:
     name = recipe.model.name_or_path
     if name.startswith(EMBEDDED_PREFIX):
         spec = EMBEDDED_MODELS[name[len(EMBEDDED_PREFIX) :]]
+        if isinstance(spec, GGUFSpec):  # a real base: its upstream architecture, without building it
+            return Arch(**KNOWN_CONFIGS[spec.upstream]), f"known configuration table ({spec.upstream})"
         vocab = spec.model_vocab_size or -(-spec.vocab_size // 64) * 64
         return Arch(
             vocab,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, GemmaEncoder, stop_token_ids
-from pipeline.core.checkpoint import finished_or_announce
+from pipeline.core.checkpoint import finished_or_announce, stop_at_end_of_turn
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.faults import NonFiniteLossError
@@ -119,6 +119,7 @@ def run(recipe: Recipe) -> Path:
     resume, done = resume_point(stage)
     model = load_causal_lm(recipe.model, str(resume) if done and s.method == "full" else None, dtype=prec["dtype"])
     check_pad(tokenizer)
+    stop_at_end_of_turn(model.generation_config, tokenizer)  # every checkpoint it writes stops where turns end
     model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", resume, done)
     enc = GemmaEncoder(tokenizer)
     panel = [

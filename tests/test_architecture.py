@@ -149,8 +149,10 @@ OWNERS = {
         "report.json",
         "report.md",
         "checkpoint-",
+        "generation_config.json",
+        "README.md",
+        "GEMMA_TERMS_OF_USE",
     ),
-    "pipeline.core.notices": ("README.md", "GEMMA_TERMS_OF_USE.md"),
     "data_prep.gemma_format": ("<end_of_turn>", "<start_of_turn>", "<bos>", "<eos>", "<pad>", "<unk>"),
 }
 # Folder names too common to search for in any string: flagged where they are joined into a path (``x / "final"``).

@@ -112,3 +112,32 @@ def test_hub_loader_on_a_local_directory_in_hub_layout(tmp_path):
 def test_unreachable_hub_dataset_is_one_clear_error():
     with pytest.raises(DataError, match=r"hub:nobody/no-such-dataset\[train\]: could not load the hub dataset"):
         list(_rows(DatasetSpec(path="nobody/no-such-dataset")))
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "json-lines", "csv"])
+def test_files_from_windows_tools_read_with_or_without_a_byte_order_mark(tmp_path, suffix):
+    """A UTF-8 byte-order mark and CRLF line ends (what Windows tools export) read as the plain file does; before,
+    a JSONL file with a BOM failed on line 1 ("Unexpected UTF-8 BOM")."""
+    if suffix == "csv":
+        body = "prompt,completion\r\n" + "".join(f"{r['prompt']},{r['completion']}\r\n" for r in ROWS)
+    elif suffix == "json":
+        body = json.dumps(ROWS, ensure_ascii=False)
+    else:  # JSON Lines, in a .jsonl file or in a .json file as many hub exports are
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in ROWS)
+    name = "d.json" if suffix == "json-lines" else f"d.{suffix}"
+    plain, marked = tmp_path / "plain" / name, tmp_path / "bom" / name
+    for path, data in ((plain, body.encode()), (marked, BOM + body.encode())):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert [r for _, r in _rows(_spec(marked))] == [r for _, r in _rows(_spec(plain))] == ROWS
+
+
+def test_a_byte_order_mark_later_in_a_jsonl_file_is_still_an_error(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(BOM + json.dumps(ROWS[0]).encode() + b"\n" + BOM + json.dumps(ROWS[1]).encode() + b"\n")
+    rows = list(_rows(_spec(p)))
+    assert rows[0][1] == ROWS[0]
+    assert isinstance(rows[1][1], BadRow) and "broken JSON" in rows[1][1].reason  # only the file's start may hold it

@@ -73,3 +73,49 @@ def test_remote_code_is_off_by_default():
     assert ModelConfig(name_or_path="google/gemma-2b").trust_remote_code is False
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         assert load_recipe(recipe).model.trust_remote_code is False
+
+
+def _gated_error(repo: str) -> OSError:
+    """What transformers raises for a gated hub repository without an accepted licence and token (its own wording,
+    chained from huggingface_hub's GatedRepoError)."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+
+    url = f"https://huggingface.co/{repo}/resolve/main/tokenizer_config.json"
+    response = httpx2.Response(401, request=httpx2.Request("GET", url))
+    cause = GatedRepoError(f"401 Client Error. Cannot access gated repo for url {url}.", response=response)
+    try:
+        raise OSError(
+            f"You are trying to access a gated repo.\nMake sure to have access to it at https://huggingface.co/{repo}."
+        ) from cause
+    except OSError as e:
+        return e
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_gated_hub_model_without_a_token_is_one_clear_message(tmp_path, monkeypatch, capsys, gated):
+    """Every google/gemma-* repository is gated: with no token (or an unaccepted licence) the data stage stops in one
+    line that says so, where to accept the licence and how to give a token, and never prints the token. A repository
+    that is merely missing must not be called gated (the negative control)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import write_recipe
+
+    monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
+
+    def refuse(*args, **kwargs):
+        if gated:
+            raise _gated_error("google/gemma-3-270m")
+        raise OSError("google/gemma-3-270m is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    recipe = write_recipe(tmp_path, {"sft": {"train": [{"path": str(REPO / "data_prep/tiny_ko/sft.jsonl")}]}})
+    text = recipe.read_text().replace("embedded:tiny-gemma-ko", "google/gemma-3-270m")
+    recipe.write_text(text)
+    assert data_main(["--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and SECRETS["HF_TOKEN"] not in err
+    said_gated = all(
+        s in err for s in ("gated model", "https://huggingface.co/google/gemma-3-270m", "HF_TOKEN", "hf auth login")
+    )
+    assert said_gated == gated, err

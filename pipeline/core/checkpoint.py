@@ -1,8 +1,8 @@
 """The one save path: every checkpoint a stage hands on is a complete, notice-carrying Gemma derivative.
 
 ``save_final`` is called on every process (under ZeRO-3 the weights are gathered from all ranks); the main process
-then saves the tokenizer, writes the notices and the lineage, writes the completion marker and renames the
-staging directory into place. ``mark_intermediate`` does the same for a Trainer's resumable ``checkpoint-N``
+then saves the tokenizer, makes a causal LM's generation config stop at ``<end_of_turn>``, writes the notices and the
+lineage, writes the completion marker and renames the staging directory into place. ``mark_intermediate`` does the same for a Trainer's resumable ``checkpoint-N``
 directory once it is fully written. ``require_checkpoint`` is what the next stage calls: it refuses a directory
 without its marker or its notices.
 """
@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_prep.gemma_format import stop_token_ids
 from pipeline.core.atomic import commit_dir, staging_dir
 from pipeline.core.config import to_dict, to_yaml
 from pipeline.core.notices import Derivation, missing_notices, write_notices
 from pipeline.core.rundir import (
+    GENERATION_CONFIG,
     MARKER,
     IncompleteError,
     RunDir,
@@ -41,6 +43,25 @@ def _is_main() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def stop_at_end_of_turn(generation_config: Any, tokenizer: Any) -> None:
+    """Make a generation config stop where a fine-tuned model ends its turn: ``<end_of_turn>`` (what training
+    teaches) and ``<eos>``, with the pad id set. A base model's own config lists ``<eos>`` only (Gemma 3 270M's:
+    id 1), so a derivative saved with it would never stop under ``generate``, ``pipeline``, vLLM or TGI."""
+    generation_config.eos_token_id = stop_token_ids(tokenizer)
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _stop_saved_model_at_end_of_turn(folder: Path, tokenizer: Any) -> None:
+    """The same for a saved causal LM's ``generation_config.json`` (reward and value models have none)."""
+    if not (folder / GENERATION_CONFIG).is_file():
+        return
+    from transformers import GenerationConfig
+
+    generation_config = GenerationConfig.from_pretrained(folder)
+    stop_at_end_of_turn(generation_config, tokenizer)
+    generation_config.save_pretrained(folder)
 
 
 def save_final(
@@ -69,6 +90,7 @@ def save_final(
             if main_only is not None:
                 main_only(tmp)
             tokenizer.save_pretrained(tmp)
+            _stop_saved_model_at_end_of_turn(tmp, tokenizer)
             write_notices(tmp, derivation)
             problems = missing_notices(tmp)
             if problems:

