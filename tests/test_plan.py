@@ -18,6 +18,18 @@ def test_parameter_counts_match_real_models(tiny_dir):
     assert tiny.parameters() == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
 
 
+def test_the_real_embedded_model_plans_without_being_built(monkeypatch):
+    """embedded:gemma-3-270m plans from its upstream architecture (nothing built, nothing downloaded); Gemma 3's
+    per-head query/key norms and extra feed-forward norms (32,256 parameters) are the only difference from the
+    268,098,176 counted in the converted model's safetensors header."""
+    from pipeline.core import embedded
+
+    monkeypatch.setattr(embedded, "build", lambda *a: (_ for _ in ()).throw(AssertionError("built")))
+    arch, source = architecture(load_recipe(REPO / "recipes" / "gemma3_270m_ko.yaml"))
+    assert "google/gemma-3-270m" in source
+    assert abs(arch.parameters() - 268_098_176) / 268_098_176 < 2e-4
+
+
 def test_zero_accounting():
     n = 1000
     assert trained_bytes(n, 8, 0, "none") == {"weights": 2000, "gradients": 2000, "optimizer": 12000}
