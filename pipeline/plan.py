@@ -134,7 +134,11 @@ def launch_settings(recipe: Recipe, num_processes: int | None) -> tuple[int, int
 
 
 def trained_bytes(n: int, world: int, stage: int, offload: str) -> dict[str, float]:
-    """Per-GPU bytes of a trained model: weights, gradients, optimizer states (ZeRO accounting)."""
+    """Per-GPU bytes of a trained model: weights, gradients, optimizer states. Without ZeRO (stage 0) the weights
+    and gradients are fp32 and bf16 is autocast (``run.precision``); with ZeRO, 16-bit weights and gradients and an
+    fp32 master copy in the optimizer state, partitioned by stage. 16 bytes per parameter either way, unsharded."""
+    if stage == 0:
+        return {"weights": 4.0 * n, "gradients": 4.0 * n, "optimizer": 0.0 if offload == "cpu" else 8.0 * n}
     weights = 2 * n / (world if stage >= 3 else 1)
     grads = 2 * n / (world if stage >= 2 else 1)
     optim = 0.0 if offload == "cpu" else 12 * n / (world if stage >= 1 else 1)
@@ -181,7 +185,8 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
         for t in trained:
             for k, v in trained_bytes(t, world, stage, offload).items():
                 parts[k] += v
-        parts["frozen models"] = sum(2 * f / (world if stage >= 3 else 1) for f in frozen)
+        # frozen models: fp32 under autocast without DeepSpeed, 16-bit DeepSpeed inference engines with it
+        parts["frozen models"] = sum((4 if stage == 0 else 2) * f / (world if stage >= 3 else 1) for f in frozen)
         parts["activations"] = act
         parts["largest logits"] = logits
         total = sum(parts.values())
@@ -249,7 +254,7 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
         "ppo",
         trained,
         frozen,
-        2 * activation_bytes(a, tokens, False)
+        2 * activation_bytes(a, tokens, p.gradient_checkpointing)
         + rollout_rows * seq * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 * 2,
         logits,
     )

@@ -85,12 +85,19 @@ class PPOStopError(RuntimeError):
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and value model trained together under one optimizer (and one DeepSpeed engine)."""
+    """Policy and value model trained together under one optimizer (and one DeepSpeed engine).
 
-    def __init__(self, policy: nn.Module, value: nn.Module):
+    The value is ``(head - value_shift) / value_scale``: a value model that starts from the reward model outputs
+    reward-model units, and when PPO standardises the scores (``normalize_reward``) its values are standardised the
+    same way, so values and returns share a scale from the first update (OpenRLHF's critic does the same). The two
+    numbers are fixed for the run (the reward model's stored mean and std) and are not weights."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module, value_shift: float = 0.0, value_scale: float = 1.0):
         super().__init__()
         self.policy = policy
         self.value = value
+        self.value_shift = value_shift
+        self.value_scale = value_scale
 
     def forward(self, input_ids, attention_mask, position_ids, responses, temperature: float, entropy: bool = False):
         """Log-probs of ``responses`` (B, L) under the policy, the value of the state before each response token
@@ -100,6 +107,8 @@ class PolicyAndValue(nn.Module):
             self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy
         )
         values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
+        if self.value_shift or self.value_scale != 1.0:
+            values = (values - self.value_shift) / self.value_scale
         return lp, values, ent
 
     # generate() is called on the policy; these let TRL's unwrap_model_for_generation handle the wrapper.
@@ -115,6 +124,17 @@ class PolicyAndValue(nn.Module):
 
 
 LOGIT_CHUNK_ELEMENTS = 1 << 22  # rows of logits computed at once: about 16 MB in fp32, whatever the vocabulary
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the output head, from the config: under ZeRO-3 the head's weight is a partitioned parameter whose
+    local shape is (0,)."""
+    return int(model.config.get_text_config().vocab_size)
+
+
+def logit_chunk_rows(model: nn.Module, L: int) -> int:
+    """Sequences whose (L, vocabulary) logits are computed at once by ``response_logprobs``."""
+    return max(1, LOGIT_CHUNK_ELEMENTS // max(1, L * vocabulary_size(model)))
 
 
 def response_logprobs(
@@ -143,7 +163,7 @@ def response_logprobs(
             logits = torch.tanh(logits / cap) * cap
         return pm.logprobs_from_logits(logits, tokens, temperature)
 
-    rows = max(1, LOGIT_CHUNK_ELEMENTS // max(1, L * head.weight.shape[0]))
+    rows = logit_chunk_rows(model, L)
     lps, ents = [], []
     for a in range(0, hidden.size(0), rows):
         h, tok = hidden[a : a + rows], responses[a : a + rows]
@@ -161,7 +181,8 @@ def response_logprobs(
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Every dropout off (LoRA's included): rollout and training log-probs must be the same function."""
+    """Every dropout module off (LoRA's included): rollout and training log-probs must be the same function. Rates
+    that a model copies from its config when it is built are zeroed before loading (``dropout_off``)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -186,6 +207,7 @@ class Setup:
     reward_mean: float = 0.0
     reward_std: float = 1.0
     zero3: bool = False
+    turn_end_id: int = -1  # <end_of_turn>: the only stop that ends a turn (the reward model reads there)
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -289,35 +311,43 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
     g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
     responses, seq_len, stopped = g.responses, g.seq_len, g.stopped
-    L = cfg.response_length
     t_gen = time.perf_counter() - t0
     seq, mask, pos = g.inputs()  # pad ids inside a response are never generated before the stop
     # 3-5. Log-probs under the policy (same forward as training) and the reference; values.
     t1 = time.perf_counter()
     logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, entropy=True)
     ref_lp = ref_logprobs(s, seq, mask, pos, responses)
-    # 6. Score at the stop token (or the last token when the response never stopped).
-    scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
-    raw_scores = scores.clone()
-    if cfg.normalize_reward:
-        scores = (scores - s.reward_mean) / max(s.reward_std, 1e-8)
-    if cfg.reward_clip is not None:
-        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~stopped).float()
+    # 6. Score at the stop token (or the last token when the response never stopped). Only <end_of_turn> ends a
+    #    turn: a response that stopped on <eos> is read at a token the reward model never learned to score, so it
+    #    counts as not ended (the missing-stop penalty applies), like one cut at the length limit.
+    raw_scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
+    ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
+    scores = pm.final_scores(
+        raw_scores,
+        ended,
+        mean=s.reward_mean,
+        std=s.reward_std,
+        normalize=cfg.normalize_reward,
+        clip=cfg.reward_clip,
+        missing_stop_penalty=cfg.missing_eos_penalty,
+    )
     t_score = time.perf_counter() - t1
     # 7. Masks, per-token KL, rewards, GAE, whitening.
-    action_mask = pm.valid_mask(seq_len, L)
-    value_mask = pm.valid_mask(seq_len, L, extra=1 if cfg.reward_position == "after_eos" else 0)
-    logprobs = torch.where(action_mask, logprobs, torch.full_like(logprobs, pm.INVALID_LOGPROB))
-    ref_lp = torch.where(action_mask, ref_lp, torch.full_like(ref_lp, pm.INVALID_LOGPROB))
-    values = torch.where(value_mask, values, torch.zeros_like(values))
-    kl = torch.where(action_mask, pm.kl_estimate(logprobs, ref_lp, cfg.kl_estimator), torch.zeros_like(logprobs))
-    rewards, non_score = pm.shape_rewards(scores, kl, kl_coef, seq_len, cfg.reward_position)
-    if cfg.whiten_rewards:
-        rewards = pm.masked_whiten(rewards, value_mask, shift_mean=False)
-    advantages, returns = pm.gae(rewards, values, cfg.gamma, cfg.lam)
-    advantages = pm.masked_whiten(advantages, action_mask)
+    adv = pm.advantages(
+        logprobs,
+        ref_lp,
+        values,
+        scores,
+        seq_len,
+        kl_coef=kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        reward_position=cfg.reward_position,
+        whiten_rewards=cfg.whiten_rewards,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+    )
+    action_mask, value_mask, logprobs, values, kl = adv.action_mask, adv.value_mask, adv.logprobs, adv.values, adv.kl
+    advantages, returns, non_score = adv.advantages, adv.returns, adv.non_score
     stats = {
         "objective/kl": kl.sum(1).mean(),
         "objective/entropy": pm.masked_sum(-logprobs, action_mask, 1).mean(),
@@ -326,9 +356,10 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         "objective/rlhf_reward": non_score.sum(1).mean() + scores.mean(),
         "objective/scores": scores.mean(),
         "objective/raw_scores": raw_scores.mean(),
-        "val/num_eos_tokens": stopped.float().sum(),
+        "val/num_eos_tokens": ended.float().sum(),
         "ppo/response_length": (seq_len + 1).float().mean(),
-        "ppo/no_stop_rate": (~stopped).float().mean(),
+        "ppo/no_stop_rate": (~ended).float().mean(),
+        "ppo/eos_stop_rate": (stopped & ~ended).float().mean(),
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
@@ -359,7 +390,17 @@ def train_on_rollout(
     poison_if_asked(STAGE, update, s.unwrapped)
     world = acc.num_processes
     grid: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "ratio")
+        k: []
+        for k in (
+            "approxkl",
+            "clipfrac",
+            "pg_loss",
+            "vf_loss",
+            "vf_clipfrac",
+            "ratio",
+            "policy_grad_norm",
+            "value_grad_norm",
+        )
     }
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
@@ -383,19 +424,20 @@ def train_on_rollout(
                         vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value
                     )
                     loss = (pm.masked_sum(pg, am) / n_pg + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf) * scale
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"non-finite PPO loss ({loss.item()}) at {where}, epoch {epoch + 1}, minibatch {m + 1}"
-                        )
+                    check_loss(acc, loss, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
                     acc.backward(loss)
                     if acc.sync_gradients:
-                        if not acc.distributed_type == "DEEPSPEED":  # DeepSpeed clips by its config
-                            norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
-                            if norm is not None and not torch.isfinite(norm):  # the same on every process
-                                raise NonFiniteLossError(
-                                    f"non-finite gradient norm ({float(norm)}) at {where}, epoch {epoch + 1}, "
-                                    f"minibatch {m + 1} (the step was not taken)"
-                                )
+                        if acc.distributed_type == "DEEPSPEED":  # the engine clipped and stepped in backward()
+                            check_deepspeed_step(s.model, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
+                        else:
+                            norms = clip_each(acc, s.unwrapped, cfg.max_grad_norm)
+                            for name, norm in zip(("policy_grad_norm", "value_grad_norm"), norms):
+                                if not torch.isfinite(norm):  # the same on every process
+                                    raise NonFiniteLossError(
+                                        f"non-finite gradient norm ({float(norm)}) at {where}, epoch {epoch + 1}, "
+                                        f"minibatch {m + 1} (the step was not taken)"
+                                    )
+                                grid[name].append(norm.float())
                         counter.steps += 1
                     s.optimizer.step()
                     s.optimizer.zero_grad()
@@ -411,8 +453,10 @@ def train_on_rollout(
     # logits. (Under ZeRO-3 each process sees only its own shard here; the next loss check covers the rest.)
     if not bool(torch.stack([torch.isfinite(p).all() for p in s.model.parameters()]).all()):
         raise NonFiniteLossError(f"non-finite weights after the optimizer steps of {where}")
-    mean = {k: torch.stack(v).mean() for k, v in grid.items()}
+    mean = {k: torch.stack(v).mean() for k, v in grid.items() if v}
+    norms = {f"{k.split('_')[0]}/grad_norm": mean[k] for k in ("policy_grad_norm", "value_grad_norm") if k in mean}
     return {
+        **norms,
         "policy/approxkl_avg": mean["approxkl"],
         "policy/clipfrac_avg": mean["clipfrac"],
         "loss/policy_avg": mean["pg_loss"],
@@ -421,6 +465,39 @@ def train_on_rollout(
         "val/ratio": mean["ratio"],
         "val/ratio_var": torch.stack(grid["ratio"]).var() if len(grid["ratio"]) > 1 else torch.tensor(0.0),
     }
+
+
+def check_loss(acc: Any, loss: torch.Tensor, where: str) -> None:
+    """Stop on a non-finite loss on any process, on every process at once: a process that raised alone would leave
+    the others waiting in the gradient all-reduce until the launcher tears the group down."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item():
+        here = f"{loss.item()}" if not torch.isfinite(loss.detach()) else "on another process"
+        raise NonFiniteLossError(f"non-finite PPO loss ({here}) at {where}")
+
+
+def check_deepspeed_step(engine: Any, where: str) -> None:
+    """DeepSpeed takes the optimizer step inside ``backward`` and, finding non-finite gradients, skips it with a
+    warning and carries on: a run would go on to the end without training. Stop instead, on every process (the
+    overflow flag is reduced over processes), while the weights are still the last finite ones. With fp16 loss
+    scaling a skipped step is how the scale is found, so it is left to DeepSpeed."""
+    if engine.fp16_enabled() or engine.was_step_applied():
+        return
+    raise NonFiniteLossError(
+        f"non-finite gradients at {where}: DeepSpeed skipped the optimizer step, the weights are unchanged"
+    )
+
+
+def clip_each(acc: Any, model: PolicyAndValue, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the policy's and the value model's gradients each to ``max_norm`` (OpenRLHF clips its actor and critic
+    apart): under one joint norm, large value gradients early in training would shrink the policy's step. Returns
+    the two norms before clipping."""
+    return tuple(
+        torch.as_tensor(acc.clip_grad_norm_([p for p in part.parameters() if p.requires_grad], max_norm))
+        for part in (model.policy, model.value)
+    )
 
 
 def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
@@ -569,16 +646,22 @@ def build_setup(
     value_dir: Path,
     tokenizer: Any,
     total_updates: int,
+    reward_stats: RewardStats | None = None,
 ):
-    """Load, freeze, wrap and prepare the four models; returns (Setup, scheduler)."""
+    """Load, freeze, wrap and prepare the four models; returns (Setup, scheduler). ``reward_stats``: the value
+    model's outputs are standardised with them (it starts from the reward model and scores are normalised)."""
     from transformers import get_scheduler
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     cfg = recipe.ppo
-    prec = precision()
-    policy = load_causal_lm(recipe.model, str(policy_dir), dtype=prec["dtype"])
-    value = load_sequence_classifier(recipe.model, str(value_dir), dtype=prec["dtype"])
-    reward = load_sequence_classifier(recipe.model, str(rm_dir), dtype=prec["dtype"])
+    prec = precision(recipe.run.precision)
+    load = {"dtype": prec["dtype"], "dropout_off": True}
+    policy = load_causal_lm(recipe.model, str(policy_dir), **load)
+    value = load_sequence_classifier(recipe.model, str(value_dir), **load)
+    reward = load_sequence_classifier(recipe.model, str(rm_dir), **load)
+    if cfg.gradient_checkpointing:
+        for m in (policy, value):  # non-reentrant: also right for a LoRA policy whose inputs need no grad
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -594,7 +677,7 @@ def build_setup(
             ),
         )
     else:
-        ref = load_causal_lm(recipe.model, str(policy_dir), dtype=prec["dtype"])
+        ref = load_causal_lm(recipe.model, str(policy_dir), **load)
     for m in (policy, value, reward, ref):
         if m is not None:
             disable_dropout(m)
@@ -602,7 +685,8 @@ def build_setup(
         if frozen is not None:
             frozen.requires_grad_(False)
             frozen.eval()
-    model = PolicyAndValue(policy, value)
+    shift, scale = (reward_stats.mean, reward_stats.std) if reward_stats is not None else (0.0, 1.0)
+    model = PolicyAndValue(policy, value, shift, max(scale, 1e-8))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0
     )
@@ -629,6 +713,7 @@ def build_setup(
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         zero3=zero3,
+        turn_end_id=stop_token_ids(tokenizer)[0],
     )
     return setup, scheduler
 
@@ -678,7 +763,7 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
         cfg.total_episodes,
         cfg.num_ppo_epochs,
     )
-    prec = precision()
+    prec = precision(recipe.run.precision)
     accelerator = make_accelerator(cfg, sizes, prec)
     if cfg.method == "lora" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError("ppo.method: lora is not supported under DeepSpeed ZeRO-3 (use ZeRO-2 or full)")
@@ -693,9 +778,17 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             flush=True,
         )
     value_dir = inputs.rm if cfg.value_init == "rm" else inputs.sft
+    value_stats = inputs.reward_stats if cfg.value_init == "rm" and cfg.normalize_reward else None
     s, scheduler = build_setup(
-        recipe, accelerator, inputs.sft, inputs.rm, value_dir, inputs.tokenizer, sizes.num_updates
+        recipe, accelerator, inputs.sft, inputs.rm, value_dir, inputs.tokenizer, sizes.num_updates, value_stats
     )
+    if accelerator.is_main_process:
+        policy = s.unwrapped.policy
+        print(
+            f"[ppo] output head: {vocabulary_size(policy)} ids; log-probs of {logit_chunk_rows(policy, cfg.response_length)}"
+            f" response(s) at a time" + ("; values standardised like the scores" if value_stats else ""),
+            flush=True,
+        )
     s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std
     kl_ctl = (
         pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -746,7 +839,8 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     # 1-7. Rollout.
     batch = batch_prompts(ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed)
     s.model.eval()
-    ro = rollout(s, batch, ppo.kl_ctl.value)
+    with acc.autocast():  # bf16 compute for every rollout forward (the reference and reward models' included)
+        ro = rollout(s, batch, ppo.kl_ctl.value)
     # 8. PPO epochs over minibatches.
     s.model.train()
     disable_dropout(s.unwrapped)
@@ -757,6 +851,7 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e}; stopping: {last_good_note(ppo.stage.checkpoints)}") from None
     t_train = time.perf_counter() - t1
+    lr = ppo.scheduler.get_last_lr()[0]  # the rate this update's steps used
     ppo.scheduler.step()
     metrics = gather_stats(acc, {**ro.stats, **train_stats})
     elapsed = time.perf_counter() - t0
@@ -764,7 +859,7 @@ def one_update(ppo: PPORun) -> dict[str, float]:
         {
             "time/train": t_train,
             "time/update": elapsed,
-            "lr": ppo.scheduler.get_last_lr()[0],
+            "lr": lr,
             "episode": ppo.progress.episode + ppo.sizes.batch,
             "objective/kl_coef": ppo.kl_ctl.value,
             "tokens_per_second": metrics.pop("tokens/generated") * acc.num_processes / max(elapsed, 1e-9),
@@ -782,7 +877,7 @@ def record(ppo: PPORun, metrics: dict[str, float]) -> None:
     p.episode = int(metrics["episode"])
     p.update += 1
     p.history.append({k: metrics[k] for k in ("objective/scores", "objective/kl", "objective/raw_scores")})
-    ppo.tracker.log({f"{STAGE}/{k}": v for k, v in metrics.items()}, step=p.update)
+    ppo.tracker.log({k if k.startswith(f"{STAGE}/") else f"{STAGE}/{k}": v for k, v in metrics.items()}, step=p.update)
     if ppo.accelerator.is_main_process:  # also kept beside the run for reports (a resumed run rewrites its lines)
         append_metrics(ppo.stage, {"update": p.update, **metrics})
         print(
@@ -811,7 +906,8 @@ def check_safety(ppo: PPORun, metrics: dict[str, float]) -> None:
 def show_panel(ppo: PPORun) -> None:
     """The prompt panel: the SFT model's and the current policy's greedy answers, to W&B and the console."""
     ppo.s.model.eval()
-    rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update)
+    with ppo.accelerator.autocast():
+        rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update)
     columns = ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"]
     ppo.tracker.table(f"{STAGE}/panel", columns, rows, step=ppo.progress.update)
     if ppo.accelerator.is_main_process:

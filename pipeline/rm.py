@@ -172,7 +172,7 @@ def run(recipe: Recipe) -> Path:
     eval_ds, eval_chosen_len, eval_rejected_len = pairs_dataset(eval_path, r.use_margin)
 
     # 3. Training arguments (before the model: ZeRO-3 then loads shards; use_cpu gives gloo on a CPU machine).
-    prec = precision()
+    prec = precision(recipe.run.precision)
     args = RewardConfig(
         **trainer_arguments(r, recipe, stage, prec, evaluate=True),
         center_rewards_coefficient=r.center_rewards_coefficient,

@@ -102,7 +102,7 @@ def run(recipe: Recipe) -> Path:
     eval_ds = datasets.Dataset.from_parquet(str(eval_path)).select_columns(columns) if eval_path else None
 
     # 3. Training arguments; precision by device (bf16 on GPU, fp32 on CPU).
-    prec = precision()
+    prec = precision(recipe.run.precision)
     s = recipe.sft
     args = SFTConfig(
         **trainer_arguments(s, recipe, stage, prec, evaluate=eval_ds is not None),

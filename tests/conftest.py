@@ -24,6 +24,14 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """A tiny run folder with data, SFT and reward model for the PPO tests (tests/ppo_chain.py)."""
+    from tests.ppo_chain import build_chain
+
+    return build_chain(tmp_path_factory.mktemp("ppo"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     from pipeline.core.config import ModelConfig
     from pipeline.core.loading import load_tokenizer

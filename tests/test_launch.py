@@ -53,6 +53,19 @@ def _launch(stage: str, root, run: str, config: str, *overrides: str) -> str:
     return out
 
 
+def _engine_ran(ckpt, config: str) -> None:
+    """The checkpoint's layout shows which engine wrote it (not a label built from environment variables): ZeRO
+    partitions the optimizer state over both processes (ZeRO-3 the weights too); DDP saves one optimizer file."""
+    files = {p.name for p in ckpt.rglob("*") if p.is_file()}
+    optim = {r: any(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in f for f in files) for r in (0, 1)}
+    weights_partitioned = {"zero_pp_rank_1_mp_rank_00_model_states.pt"} <= files
+    if config == "ddp":
+        assert not any(optim.values()) and files & {"optimizer.pt", "optimizer.bin"}, sorted(files)
+    else:
+        assert all(optim.values()), sorted(files)  # one optimizer partition per process
+        assert weights_partitioned == (config == "zero3"), sorted(files)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config, kind", CONFIGS)
 def test_sft_two_processes(data_root, tiny_dir, config, kind):
@@ -65,6 +78,7 @@ def test_sft_two_processes(data_root, tiny_dir, config, kind):
     final = data_root / run / "sft" / "final"
     for ckpt in (final, data_root / run / "sft" / "checkpoints" / "checkpoint-3"):
         assert missing_notices(ckpt) == [], ckpt
+    _engine_ran(data_root / run / "sft" / "checkpoints" / "checkpoint-3", config)
     # A full, consolidated checkpoint (under ZeRO-3 too): every tensor has the base model's shape.
     base, saved = load_file(tiny_dir / "model.safetensors"), load_file(final / "model.safetensors")
     assert set(base) <= set(saved)
@@ -104,6 +118,7 @@ def test_rm_two_processes(data_root, config, kind):
     final = data_root / run / "rm" / "final"
     assert missing_notices(final) == []
     assert missing_notices(data_root / run / "rm" / "checkpoints" / "checkpoint-3") == []
+    _engine_ran(data_root / run / "rm" / "checkpoints" / "checkpoint-3", config)
     stats = json.loads((final / "reward_stats.json").read_text())
     assert stats["pairs"] == 116  # every held-out pair scored exactly once across the two processes
     from transformers import AutoModelForSequenceClassification
@@ -157,6 +172,13 @@ def test_ppo_two_processes(data_root, config, kind):
     final = data_root / run / "ppo" / "final"
     assert missing_notices(final) == []
     assert missing_notices(data_root / run / "ppo" / "checkpoints" / "checkpoint-3") == []
+    _engine_ran(data_root / run / "ppo" / "checkpoints" / "checkpoint-3", config)
+    # The log-prob chunks are sized from the config's vocabulary, also where ZeRO-3 partitions the head (E6).
+    from pipeline.ppo import LOGIT_CHUNK_ELEMENTS
+
+    vocab = json.loads((base / "sft" / "final" / "config.json").read_text())["vocab_size"]
+    rows = LOGIT_CHUNK_ELEMENTS // (recipe.ppo.response_length * vocab)
+    assert f"[ppo] output head: {vocab} ids; log-probs of {rows} response(s) at a time" in out, out[-4000:]
     lineage = json.loads((final / "lineage.json").read_text())
     assert lineage["metrics"]["updates"] == 4 and lineage["metrics"]["optimizer_steps_this_session"] == 16
     from transformers import AutoModelForCausalLM

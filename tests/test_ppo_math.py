@@ -10,20 +10,20 @@ import torch
 
 from pipeline.core.ppo_math import (
     AdaptiveKLController,
+    advantages,
     batch_sizes,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
     explained_variance,
+    final_scores,
     first_true_indices,
     gae,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
-    shape_rewards,
     truncate_after_stop,
-    valid_mask,
 )
 
 D = torch.float64
@@ -120,34 +120,45 @@ VALUES = t([[0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.1, 0.0, -0.1, -0.2]])
 
 
 def _t5(estimator: str, position: str, whiten_rewards: bool = False):
-    """The rollout post-processing of the PPO loop, on the T5 batch."""
+    """The T5 batch through the production post-processing: truncation, ``final_scores`` (missing-stop penalty 1)
+    and ``advantages`` (the functions ``ppo.rollout`` calls)."""
     _, seq_len, stopped = truncate_after_stop(RESP, [2], pad_id=0)
-    scores = t([2.0, 1.5]) - 1.0 * (~stopped).to(D)
-    L = RESP.size(1)
-    action_mask = valid_mask(seq_len, L)
-    value_mask = valid_mask(seq_len, L, extra=1 if position == "after_eos" else 0)
-    logp = torch.where(action_mask, LOGP, t(1.0))
-    ref = torch.where(action_mask, REF, t(1.0))
-    values = torch.where(value_mask, VALUES, t(0.0))
-    kl = torch.where(action_mask, kl_estimate(logp, ref, estimator), t(0.0))
-    rewards, non_score = shape_rewards(scores, kl, 0.05, seq_len, position)
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
-    raw_adv, returns = gae(rewards, values, 1.0, 0.95)
-    adv = masked_whiten(raw_adv, action_mask)
+    scores = final_scores(t([2.0, 1.5]), stopped, missing_stop_penalty=1.0)
+    a = advantages(
+        LOGP,
+        REF,
+        VALUES,
+        scores,
+        seq_len,
+        kl_coef=0.05,
+        kl_estimator=estimator,
+        reward_position=position,
+        whiten_rewards=whiten_rewards,
+        gamma=1.0,
+        lam=0.95,
+    )
     return dict(
         seq_len=seq_len,
         scores=scores,
-        kl=kl,
-        rewards=rewards,
-        non_score=non_score,
-        raw_adv=raw_adv,
-        returns=returns,
-        adv=adv,
-        values=values,
-        action_mask=action_mask,
-        value_mask=value_mask,
+        kl=a.kl,
+        rewards=a.rewards,
+        non_score=a.non_score,
+        raw_adv=a.raw_advantages,
+        returns=a.returns,
+        adv=a.advantages,
+        values=a.values,
+        action_mask=a.action_mask,
+        value_mask=a.value_mask,
     )
+
+
+def test_final_scores_order_normalise_clip_then_penalty():
+    """Catches a penalty applied before normalisation (it would be divided by std) or clipped away."""
+    raw = t([7.0, 1.0, 7.0])
+    ended = torch.tensor([True, True, False])
+    got = final_scores(raw, ended, mean=3.0, std=2.0, normalize=True, clip=1.5, missing_stop_penalty=1.0)
+    close(got, [1.5, -1.0, 0.5])  # (7-3)/2 = 2 -> 1.5; (1-3)/2 = -1; 1.5 - 1
+    close(final_scores(raw, ended), raw)  # nothing asked: the raw scores
 
 
 def test_t5_trl_convention_k1():

@@ -44,6 +44,10 @@ class RunConfig:
     """Parent folder of all runs (relative paths are taken from the repository root)."""
     seed: int = 42
     """Seed for data splits, shuffling and training."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision of every stage. ``auto``: bf16 on a GPU that supports it, fp32 otherwise. ``bf16``: bf16
+    compute (autocast) over fp32 master weights, also on a CPU. ``fp32``: fp32 throughout. Trained weights are
+    always held in fp32 outside DeepSpeed (DeepSpeed keeps its own fp32 master copy)."""
 
 
 @dataclass
@@ -130,7 +134,7 @@ class LoraSettings:
     alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
-    """LoRA dropout (PPO turns every dropout off regardless)."""
+    """LoRA dropout (SFT and RM; PPO refuses anything but 0: rollout and training log-probs must be one function)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -288,7 +292,10 @@ class PPOConfig:
     reward_clip: float | None = None
     """Clip scores to [-reward_clip, reward_clip] (None: no clipping)."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    """Gradient clipping norm, applied to the policy and to the value model each on its own (outside DeepSpeed)."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's and the value model's activations in the backward pass (memory for compute; a 2B
+    policy with long responses needs it on a GPU)."""
     max_kl: float | None = None
     """Stop the run when the mean KL per response exceeds this (None: no limit)."""
     save_steps: int = 20
@@ -617,6 +624,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     p = recipe.ppo
     if p.temperature <= 0:
         err("ppo.temperature", "must be positive (sampling is required for PPO)")
+    if p.lora.dropout != 0:
+        err(
+            "ppo.lora.dropout",
+            "must be 0: PPO runs every dropout off, so rollout and training log-probs are one function",
+        )
     if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
         err("ppo.gamma/ppo.lam", "must be in [0, 1]")
     if not 0 <= recipe.rm.min_accuracy <= 1:

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from data_prep.gemma_format import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, install_chat_template, template_hash
-from pipeline.core.config import ModelConfig
+from pipeline.core.config import ConfigError, ModelConfig
 from pipeline.core.embedded import resolve_model_path
 from pipeline.core.locations import resolve_path
 
@@ -85,13 +85,25 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
     }
 
 
-def precision() -> dict:
-    """bf16 on a GPU that supports it, fp32 on CPU; what TrainingArguments and from_pretrained need."""
+def precision(setting: str = "auto") -> dict:
+    """How a stage computes (``run.precision``), and what TrainingArguments and from_pretrained need.
+
+    Weights are always loaded in fp32: with bf16 the forward runs under autocast (``bf16=True`` for the Trainer,
+    ``mixed_precision="bf16"`` for accelerate), so AdamW steps fp32 master weights. Stepping bf16 weights directly
+    loses most small updates: at lr 3e-6 a bf16 N(0, 0.02) weight keeps nearly every entry unchanged. DeepSpeed
+    keeps its own fp32 master copy when its config enables bf16."""
     import torch
 
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    return {"bf16": bf16, "use_cpu": not cuda, "dtype": torch.bfloat16 if bf16 else torch.float32}
+    if setting == "auto":
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+    elif setting == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("run.precision: bf16 is not supported by this GPU (use fp32 or auto)")
+        bf16 = True
+    else:
+        bf16 = False
+    return {"bf16": bf16, "use_cpu": not cuda, "dtype": torch.float32}
 
 
 def describe_processes(state: Any) -> str:
@@ -113,18 +125,21 @@ def describe_processes(state: Any) -> str:
     )
 
 
-def load_causal_lm(model: ModelConfig, location: str | None = None, dtype: Any = None) -> Any:
-    """A causal LM from the recipe's base model (or ``location``), safetensors only unless the recipe opts in."""
+def load_causal_lm(
+    model: ModelConfig, location: str | None = None, dtype: Any = None, dropout_off: bool = False
+) -> Any:
+    """A causal LM from the recipe's base model (or ``location``), safetensors only unless the recipe opts in.
+    ``dropout_off``: every dropout rate in the config is 0 before the model is built (see ``_config``)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, model, location, dtype)
+    return _load(AutoModelForCausalLM, model, location, dtype, dropout_off)
 
 
-def load_sequence_classifier(model: ModelConfig, location: str, dtype: Any = None) -> Any:
+def load_sequence_classifier(model: ModelConfig, location: str, dtype: Any = None, dropout_off: bool = False) -> Any:
     """A one-output sequence classifier (reward or value model) from ``location``."""
     from transformers import AutoModelForSequenceClassification
 
-    return _load(AutoModelForSequenceClassification, model, location, dtype, num_labels=1)
+    return _load(AutoModelForSequenceClassification, model, location, dtype, dropout_off, num_labels=1)
 
 
 def _warn_pickle(loc: str) -> None:
@@ -147,14 +162,41 @@ def _warn_pickle(loc: str) -> None:
     )
 
 
-def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, **kwargs: Any) -> Any:
+def without_dropout(config: Any) -> Any:
+    """``config`` (and its sub-configs) with every dropout rate set to 0. It must happen before the model is built:
+    Gemma's attention copies ``attention_dropout`` when it is constructed, so zeroing the config afterwards leaves
+    dropout on in training mode."""
+    seen: list[Any] = []
+    stack = [config]
+    while stack:
+        c = stack.pop()
+        if any(c is s for s in seen):
+            continue
+        seen.append(c)
+        for key, value in vars(c).items():
+            if "dropout" in key and isinstance(value, float) and value:
+                setattr(c, key, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config, ...)
+                stack.append(value)
+    return config
+
+
+def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, dropout_off: bool, **kwargs: Any) -> Any:
+    from transformers import AutoConfig
+
     loc = location or model_location(model)
     if model.allow_pickle:
         _warn_pickle(loc)
+    revision = model.revision if location is None else None
     try:
+        if dropout_off:
+            config = AutoConfig.from_pretrained(
+                loc, revision=revision, trust_remote_code=model.trust_remote_code, **kwargs
+            )
+            kwargs = {"config": without_dropout(config)}
         return cls.from_pretrained(
             loc,
-            revision=model.revision if location is None else None,
+            revision=revision,
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle else True,
             dtype=dtype if dtype is not None else "auto",

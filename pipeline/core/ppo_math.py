@@ -193,6 +193,91 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages, advantages + values
 
 
+def final_scores(
+    raw: torch.Tensor,
+    ended: torch.Tensor,
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    normalize: bool = False,
+    clip: float | None = None,
+    missing_stop_penalty: float | None = None,
+) -> torch.Tensor:
+    """(B,) the scores PPO optimises from the reward model's raw scores, in order: standardised with the reward
+    model's stored mean and std (``normalize``), clipped to [-clip, clip], then ``missing_stop_penalty`` subtracted
+    where ``ended`` is False (the response did not end its turn; TRL subtracts)."""
+    scores = raw
+    if normalize:
+        scores = (scores - mean) / max(std, 1e-8)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    if missing_stop_penalty is not None:
+        scores = scores - missing_stop_penalty * (~ended).to(scores.dtype)
+    return scores
+
+
+@dataclass
+class Advantages:
+    """The rollout post-processing's outputs, (B, L) each: masks, masked log-probs and values, per-token KL and
+    rewards, whitened advantages and returns."""
+
+    action_mask: torch.Tensor
+    value_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    non_score: torch.Tensor
+    raw_advantages: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    scores: torch.Tensor,
+    sequence_length: torch.Tensor,
+    *,
+    kl_coef: float,
+    kl_estimator: str,
+    reward_position: str,
+    whiten_rewards: bool,
+    gamma: float,
+    lam: float,
+) -> Advantages:
+    """From a rollout's log-probs, reference log-probs and values (B, L), its scores (B,) and each response's last
+    valid index (B,) to the per-token KL, rewards, GAE returns and whitened advantages. Invalid positions are
+    replaced before any arithmetic (log-probs by INVALID_LOGPROB, values by 0), so nothing there can leak."""
+    L = logprobs.size(1)
+    action_mask = valid_mask(sequence_length, L)
+    value_mask = valid_mask(sequence_length, L, extra=1 if reward_position == "after_eos" else 0)
+    invalid = torch.full_like(logprobs, INVALID_LOGPROB)
+    logprobs = torch.where(action_mask, logprobs, invalid)
+    ref_logprobs = torch.where(action_mask, ref_logprobs, invalid)
+    values = torch.where(value_mask, values, torch.zeros_like(values))
+    kl = torch.where(action_mask, kl_estimate(logprobs, ref_logprobs, kl_estimator), torch.zeros_like(logprobs))
+    rewards, non_score = shape_rewards(scores, kl, kl_coef, sequence_length, reward_position)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+    raw_advantages, returns = gae(rewards, values, gamma, lam)
+    return Advantages(
+        action_mask,
+        value_mask,
+        logprobs,
+        ref_logprobs,
+        values,
+        kl,
+        rewards,
+        non_score,
+        raw_advantages,
+        masked_whiten(raw_advantages, action_mask),
+        returns,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------------

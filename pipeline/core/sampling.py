@@ -106,8 +106,10 @@ def generate(
     always ``max_new_tokens``). ``synced_gpus`` (every process steps until all are done) is left to transformers by
     default: on under DeepSpeed ZeRO-3 with several processes.
 
-    The GenerationConfig is complete, so none of the model's own generation defaults (a top_k of 50...) changes the
-    distribution, and with no stop ids the model's own eos must not stop it either (docs/ppo.md, P5).
+    The model's own ``generation_config`` is replaced by ours for the call: transformers fills every field a passed
+    config leaves unset from the model's (a ``min_new_tokens``, a ``repetition_penalty``, ``suppress_tokens``, a top_k
+    of 50...), and any of them would change the distribution that was sampled (docs/ppo.md, P5). With no stop ids the
+    model's own eos does not stop it either.
     """
     from transformers import GenerationConfig
 
@@ -125,9 +127,9 @@ def generate(
     )
     was_training = model.training
     model.eval()
-    saved_eos = model.generation_config.eos_token_id
-    if not stop_ids:
-        model.generation_config.eos_token_id = None
+    holder = model.get_base_model() if hasattr(model, "peft_config") else model  # PEFT generates with the base's
+    own = holder.generation_config
+    holder.generation_config = gen  # nothing of the model's own config can merge in
     out = []
     try:
         for a, b in chunks(queries.size(0), chunk):
@@ -141,7 +143,7 @@ def generate(
                 resp = nn.functional.pad(resp, (0, max_new_tokens - resp.size(1)), value=pad_id)
             out.append(resp)
     finally:
-        model.generation_config.eos_token_id = saved_eos
+        holder.generation_config = own
         if was_training:
             model.train()
     responses, seq_len, stopped = pm.truncate_after_stop(torch.cat(out), stop_ids, pad_id)

@@ -1,0 +1,56 @@
+"""The tiny chain PPO tests start from (data, SFT, reward model; built once per session by the ``chain`` fixture in
+conftest.py), and helpers to run PPO or build its models on it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from pipeline.core.config import load_recipe
+from tests.conftest import REPO
+
+RECIPE = REPO / "recipes" / "tiny_ko.yaml"
+BASE = ["sft.max_steps=300", "sft.eval_steps=1000", "sft.save_steps=1000", "tracking.mode=disabled"]
+
+
+def _recipe(out, *overrides):
+    return load_recipe(RECIPE, [f"run.output_dir={out}", *BASE, *overrides])
+
+
+def build_chain(out):
+    from pipeline import rm, sft
+    from pipeline.data import main as data_main
+
+    assert data_main(["--recipe", str(RECIPE), f"run.output_dir={out}"]) == 0
+    recipe = _recipe(out)
+    sft.run(recipe)
+    rm.run(recipe)
+    return out
+
+
+def _fresh(chain, tmp_path):
+    """A run folder with the chain's data, SFT and RM (so each test's PPO starts from scratch)."""
+    for part in ("data", "sft/final", "rm/final"):
+        shutil.copytree(chain / "tiny_ko" / part, tmp_path / "tiny_ko" / part)
+    return tmp_path
+
+
+def _metrics(out) -> list[dict]:
+    lines = (out / "tiny_ko" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def _setup(chain, *overrides):
+    """The PPO models as the stage builds them, in this process."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from pipeline.ppo import build_setup
+
+    recipe = _recipe(chain, *overrides)
+    run = chain / "tiny_ko"
+    tok = AutoTokenizer.from_pretrained(run / "data" / "tokenizer")
+    s, _ = build_setup(
+        recipe, Accelerator(cpu=True), run / "sft" / "final", run / "rm" / "final", run / "rm" / "final", tok, 10
+    )
+    return s, tok

@@ -1,0 +1,432 @@
+"""PPO on the paths a real model takes: bf16 with fp32 master weights, the value model on the scores' scale, a
+generation config that nothing merges into, dropout rates the model copied at construction, <eos>-ended responses,
+the head's size under ZeRO-3, clipping policy and value apart, gradient checkpointing, the logged learning rate and
+metric names, and a NaN on one process of two. Each test names the defect it catches; where a check could pass
+with the defect present, a negative control shows it fails on the broken variant."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.core.config import ConfigError, load_recipe
+from tests.conftest import REPO
+from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup
+
+
+def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹차에 대해 알려 주세요.")):
+    return [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
+        for p in texts
+    ]
+
+
+def _changed_fraction(before: dict, after: dict) -> float:
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    return changed / sum(v.numel() for v in before.values())
+
+
+# W1 -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; a stage with another mixed precision needs a fresh one (a stage
+    normally runs in its own process)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_path, capsys, fresh_accelerator_state):
+    """Catches pure-bf16 AdamW (no fp32 master copy): at lr 3e-6 a bf16 weight keeps nearly every entry unchanged,
+    so the policy barely trains. Also catches rollout forwards outside autocast (the first ratio or KL not exact)."""
+    from safetensors.torch import load_file
+
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    args = ["run.precision=bf16", "ppo.learning_rate=3e-6", "ppo.total_episodes=64", "ppo.panel_every=0"]
+    final = ppo.run(_recipe(out, *args, "ppo.num_ppo_epochs=1"))
+    assert "; bf16;" in capsys.readouterr().out
+    first = _metrics(out)[0]
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # rollout and training forwards: one function
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy and reference under the same autocast
+    sft = load_file(out / "tiny_ko" / "sft" / "final" / "model.safetensors")
+    got = load_file(final / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    trained = _changed_fraction(sft, got)
+    assert trained > 0.9, trained
+    # Negative control: the same two Adam steps on bf16 weights (what was trained before) leave most entries as
+    # they were, far below the bound above.
+    torch.manual_seed(0)
+    w = {k: v.to(torch.bfloat16).clone().requires_grad_() for k, v in sft.items()}
+    opt = torch.optim.AdamW(list(w.values()), lr=3e-6, eps=1e-5, weight_decay=0.0)
+    for _ in range(2):
+        for v in w.values():
+            v.grad = torch.randn_like(v)
+        opt.step()
+    pure = {k: v.detach().float() for k, v in w.items()}
+    assert _changed_fraction({k: v.to(torch.bfloat16).float() for k, v in sft.items()}, pure) < 0.5
+
+
+def test_sft_under_bf16_steps_fp32_master_weights(chain, tmp_path, tiny_dir, fresh_accelerator_state, capsys):
+    """Catches SFT (and RM, which shares the loading) stepping bf16 weights: the model must load in fp32 and the
+    Trainer autocast, so a small learning rate still moves nearly every weight."""
+    from safetensors.torch import load_file
+
+    from pipeline import sft
+
+    out = tmp_path
+    shutil.copytree(chain / "tiny_ko" / "data", out / "tiny_ko" / "data")
+    final = sft.run(
+        load_recipe(
+            RECIPE,
+            [
+                f"run.output_dir={out}",
+                "run.precision=bf16",
+                "tracking.mode=disabled",
+                "sft.max_steps=3",
+                "sft.learning_rate=3e-6",
+                "sft.warmup_ratio=0",
+                "sft.lr_scheduler_type=constant",
+                "sft.eval_steps=1000",
+                "sft.save_steps=1000",
+            ],
+        )
+    )
+    assert "; bf16" in capsys.readouterr().out
+    base, got = load_file(tiny_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert _changed_fraction(base, {k: got[k] for k in base}) > 0.9
+
+
+def test_precision_is_a_checked_recipe_key():
+    """Catches an unknown precision silently meaning fp32."""
+    assert load_recipe(RECIPE, ["run.precision=bf16"]).run.precision == "bf16"
+    with pytest.raises(ConfigError, match="run.precision"):
+        load_recipe(RECIPE, ["run.precision=fp16"])
+
+
+# W2 -------------------------------------------------------------------------------------------------------------
+
+
+def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
+    """Catches a value model that outputs raw reward units while the scores are standardised: its first targets
+    would be off by the reward model's mean and scale (here 3.0 and 6.7)."""
+    from pipeline.core.rundir import RewardStats
+    from pipeline.core.sampling import left_pad, positions, score_at
+    from pipeline.ppo import build_setup
+
+    stats = RewardStats.read(chain / "tiny_ko" / "rm" / "final")
+    assert abs(stats.mean) > 1 and stats.std > 2  # the effect below is large for this reward model
+    s, tok = _setup(chain)
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    q = left_pad(_prompts(tok), s.pad_id, "cpu")
+    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [eot]
+    r = torch.tensor([resp + [s.pad_id] * 3] * q.size(0))
+    seq = torch.cat([q, r], 1)
+    mask = (seq != s.pad_id).long()
+    pos = positions(mask)
+    stop = len(resp) - 1
+    raw = score_at(s.reward, seq, mask, pos, torch.full((q.size(0),), q.size(1) + stop))
+    normalised = (raw - stats.mean) / stats.std
+
+    from accelerate import Accelerator
+
+    run = chain / "tiny_ko"
+    rm_dir = run / "rm" / "final"
+    recipe = _recipe(chain, "ppo.normalize_reward=true")
+    fixed, _ = build_setup(recipe, Accelerator(cpu=True), run / "sft" / "final", rm_dir, rm_dir, tok, 10, stats)
+    with torch.no_grad():
+        _, values, _ = fixed.model(seq, mask, pos, r, 1.0)
+        _, unscaled, _ = s.model(seq, mask, pos, r, 1.0)
+    # values[:, j] is the value of the state before response token j: at j = stop + 1, the stop token's state,
+    # exactly what the reward model scored.
+    assert torch.allclose(values[:, stop + 1], normalised, atol=1e-4)
+    assert (unscaled[:, stop + 1] - normalised).abs().min() > 0.3  # negative control: raw units
+
+
+def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, capsys):
+    """Catches the stage not passing the reward statistics on (or passing them for a value model from SFT)."""
+    from pipeline import ppo
+
+    out = _fresh(chain, tmp_path)
+    args = ["ppo.total_episodes=32", "ppo.panel_every=0", "ppo.normalize_reward=true", "ppo.learning_rate=0"]
+    ppo.run(_recipe(out, *args))
+    assert "values standardised like the scores" in capsys.readouterr().out
+    shutil.rmtree(out / "tiny_ko" / "ppo")
+    ppo.run(_recipe(out, *args, "ppo.value_init=sft"))
+    assert "values standardised" not in capsys.readouterr().out
+
+
+# E1 -------------------------------------------------------------------------------------------------------------
+
+
+def test_the_policy_own_generation_config_does_not_change_sampling(chain):
+    """Catches transformers merging the model's generation defaults (min_new_tokens, repetition_penalty,
+    suppress_tokens) into our config: the sampled distribution would not be the policy's."""
+    from transformers import GenerationConfig
+
+    from pipeline.core.sampling import generate, left_pad
+
+    s, tok = _setup(chain)
+    policy = s.unwrapped.policy
+    q = left_pad(_prompts(tok), s.pad_id, "cpu")
+    kwargs = dict(pad_id=s.pad_id, stop_ids=s.stop_ids, max_new_tokens=12)
+    clean = generate(policy, q, **kwargs)
+    own = policy.generation_config
+    own.min_new_tokens, own.repetition_penalty, own.suppress_tokens = 12, 5.0, [s.stop_ids[0]]
+    polluted = generate(policy, q, **kwargs)
+    assert torch.equal(polluted.responses, clean.responses)
+    assert clean.stopped.any()  # the clean answers do stop, so a suppressed stop would show
+    assert policy.generation_config.repetition_penalty == 5.0  # the model's config is given back
+    # Negative control: passing our config to generate() is not enough; the model's fields merge in.
+    gen = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=s.stop_ids, pad_token_id=s.pad_id)
+    with torch.no_grad():
+        merged = policy.generate(input_ids=q, attention_mask=(q != s.pad_id).long(), generation_config=gen)
+    assert not torch.equal(merged[:, q.size(1) :], clean.responses)
+
+
+# E2 -------------------------------------------------------------------------------------------------------------
+
+
+def test_attention_dropout_copied_at_construction_is_off(chain, tmp_path):
+    """Catches dropout zeroed on the config after the model is built: Gemma's attention copied the rate when it was
+    constructed, so two training-mode forwards would differ (and no rollout log-prob would match training)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.ppo import build_setup, disable_dropout, response_logprobs
+
+    run = chain / "tiny_ko"
+    policy_dir = tmp_path / "sft"
+    shutil.copytree(run / "sft" / "final", policy_dir)
+    cfg = json.loads((policy_dir / "config.json").read_text())
+    (policy_dir / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.5}))
+    _, tok = _setup(chain)
+    q = torch.tensor([_prompts(tok)[0] + [7, 8, 9, 10]])
+    mask, pos, resp = torch.ones_like(q), torch.arange(q.size(1)).unsqueeze(0), q[:, -4:]
+    for method in ("full", "lora"):
+        recipe = _recipe(chain, f"ppo.method={method}")
+        s, _ = build_setup(
+            recipe, Accelerator(cpu=True), policy_dir, run / "rm" / "final", run / "rm" / "final", tok, 10
+        )
+        s.model.train()
+        a, _, _ = s.model(q, mask, pos, resp, 1.0)
+        b, _, _ = s.model(q, mask, pos, resp, 1.0)
+        assert torch.equal(a, b), method
+        assert (s.ref is None) == (method == "lora")  # LoRA: the reference is the adapter-disabled base
+    # Negative control: built with the rate, then zeroed afterwards (what the stage did) - training forwards differ.
+    old = AutoModelForCausalLM.from_pretrained(policy_dir)
+    disable_dropout(old)
+    old.train()
+    c, _ = response_logprobs(old, q, mask, pos, resp, 1.0)
+    d, _ = response_logprobs(old, q, mask, pos, resp, 1.0)
+    assert not torch.equal(c, d)
+
+
+def test_ppo_lora_dropout_is_refused_not_ignored():
+    """Catches ``ppo.lora.dropout`` being accepted and silently not applied."""
+    from pipeline.core.config import validate
+
+    with pytest.raises(ConfigError, match="ppo.lora.dropout"):
+        validate(load_recipe(RECIPE, ["ppo.method=lora", "ppo.lora.dropout=0.1"]))
+    validate(load_recipe(RECIPE, ["sft.method=lora", "sft.lora.dropout=0.1"]))  # SFT keeps its LoRA dropout
+
+
+# E3 -------------------------------------------------------------------------------------------------------------
+
+
+def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatch):
+    """Catches an <eos>-ended response counting as ended: the reward model never learned to score there, and it
+    escaped the missing-stop penalty."""
+    from pipeline import ppo
+    from pipeline.core import ppo_math as pm
+    from pipeline.core.sampling import Generation, left_pad
+
+    s, tok = _setup(chain, "ppo.missing_eos_penalty=1.0", "ppo.response_length=6")
+    eot, eos = tok.convert_tokens_to_ids("<end_of_turn>"), tok.eos_token_id
+    words = tok("사과는 좋습니다", add_special_tokens=False)["input_ids"][:2]
+    assert len(words) == 2 and s.pad_id not in (eot, eos)
+    p = s.pad_id
+    rows = torch.tensor([words + [eot, p, p, p], words + [eos, p, p, p], words * 3])  # turn end, <eos>, cut
+    responses, seq_len, stopped = pm.truncate_after_stop(rows, s.stop_ids, s.pad_id)
+    prompts = _prompts(tok)
+    q = left_pad(prompts, s.pad_id, "cpu")
+    monkeypatch.setattr(ppo, "sample", lambda *a, **k: Generation(q, responses, seq_len, stopped, s.pad_id))
+    ro = ppo.rollout(s, prompts, 0.05)
+    assert stopped.tolist() == [True, True, False]
+    assert float(ro.stats["ppo/no_stop_rate"]) == pytest.approx(2 / 3)
+    assert float(ro.stats["ppo/eos_stop_rate"]) == pytest.approx(1 / 3)
+    penalty = float(ro.stats["objective/raw_scores"] - ro.stats["objective/scores"])
+    assert penalty == pytest.approx(2 / 3, abs=1e-5)  # two of three penalised (1/3 if <eos> counted as ended)
+
+
+# E6 -------------------------------------------------------------------------------------------------------------
+
+
+def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
+    """Catches the chunk size read from ``head.weight.shape[0]``, which is 0 under ZeRO-3: chunking silently turned
+    off and the whole batch's (B, L, vocabulary) logits came back. tests/test_launch.py checks the same line under
+    two-process ZeRO-3."""
+    from pipeline.ppo import LOGIT_CHUNK_ELEMENTS, logit_chunk_rows
+
+    s, _ = _setup(chain)
+    policy = s.unwrapped.policy
+    vocab = policy.config.vocab_size
+    expected = LOGIT_CHUNK_ELEMENTS // (64 * vocab)
+    policy.lm_head.weight = torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
+    assert logit_chunk_rows(policy, 64) == expected
+    assert LOGIT_CHUNK_ELEMENTS // max(1, 64 * policy.lm_head.weight.shape[0]) > 1000 * expected  # the old reading
+
+
+# E7 -------------------------------------------------------------------------------------------------------------
+
+
+def test_policy_and_value_gradients_are_clipped_apart(chain):
+    """Catches one joint clip: a large value gradient would shrink the policy's step."""
+    from accelerate import Accelerator
+
+    from pipeline.ppo import clip_each
+
+    s, _ = _setup(chain)
+    model = s.unwrapped
+    torch.manual_seed(0)
+    for part, norm in ((model.policy, 0.5), (model.value, 100.0)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        total = torch.norm(torch.stack([p.grad.norm() for p in params]))
+        for p in params:
+            p.grad *= norm / total
+    saved = [p.grad.clone() for p in model.parameters()]
+    # Negative control: one joint clip shrinks the policy's gradient about 100-fold.
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    shrunk = torch.norm(torch.stack([p.grad.norm() for p in model.policy.parameters()]))
+    assert float(shrunk) < 0.01
+    for p, g in zip(model.parameters(), saved):
+        p.grad = g.clone()
+    before = [p.grad.clone() for p in model.policy.parameters()]
+    pol, val = clip_each(Accelerator(cpu=True), model, 1.0)
+    assert float(pol) == pytest.approx(0.5, rel=1e-4) and float(val) == pytest.approx(100.0, rel=1e-4)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.policy.parameters()))  # untouched
+    value_norm = torch.norm(torch.stack([p.grad.norm() for p in model.value.parameters()]))
+    assert float(value_norm) == pytest.approx(1.0, rel=1e-3)
+
+
+# Gradient checkpointing -----------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(chain):
+    """Catches ``ppo.gradient_checkpointing`` not reaching the policy and value models (no recompute), or changing
+    the gradients."""
+    s_off, tok = _setup(chain)
+    s_on, _ = _setup(chain, "ppo.gradient_checkpointing=true")
+    q = torch.tensor([_prompts(tok)[0] + [7, 8, 9, 10]])
+    mask, pos, resp = torch.ones_like(q), torch.arange(q.size(1)).unsqueeze(0), q[:, -4:]
+    grads, calls = [], []
+    for s in (s_off, s_on):
+        seen: list[int] = []
+        # Count calls of each layer's MLP forward (module hooks do not run in the recompute).
+        mlps = [layer.mlp for m in (s.unwrapped.policy, s.unwrapped.value) for layer in m.model.layers]
+        for mlp in mlps:
+            mlp.forward = lambda *a, f=mlp.forward, seen=seen, **k: seen.append(1) or f(*a, **k)
+        s.model.train()
+        lp, values, _ = s.model(q, mask, pos, resp, 1.0)
+        (lp.sum() + values.sum()).backward()
+        calls.append((len(seen), len(mlps)))
+        grads.append([p.grad.clone() for p in s.unwrapped.parameters() if p.grad is not None])
+    (off_calls, n), (on_calls, _) = calls
+    assert off_calls == n and on_calls == 2 * n  # each layer runs again in the backward pass
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(*grads))
+
+
+# Logging --------------------------------------------------------------------------------------------------------
+
+
+def test_logged_lr_is_the_rate_used_and_metric_names_have_one_prefix(chain, tmp_path, monkeypatch):
+    """Catches the LR logged after ``scheduler.step()`` (the next update's rate) and keys like
+    ``ppo/ppo/response_length``."""
+    from pipeline import ppo
+    from pipeline.core.tracking import Tracker
+
+    logged: list[dict] = []
+    monkeypatch.setattr(Tracker, "log", lambda self, data, step=None: logged.append(dict(data)))
+    out = _fresh(chain, tmp_path)
+    ppo.run(_recipe(out, "ppo.total_episodes=64", "ppo.panel_every=0", "ppo.learning_rate=1e-5"))
+    lrs = [m["lr"] for m in _metrics(out)]
+    assert lrs == pytest.approx([1e-5, 0.5e-5])  # linear decay over 2 updates: the first update runs at the peak
+    keys = set().union(*logged)
+    assert "ppo/ppo/response_length" not in keys and "ppo/response_length" in keys and "ppo/objective/kl" in keys
+    assert {"ppo/policy/grad_norm", "ppo/value/grad_norm"} <= keys
+
+
+# A NaN on one process; NaN gradients under DeepSpeed ----------------------------------------------------------
+
+
+NAN_CASES = [
+    # Catches one rank raising alone while the other waits in the all-reduce until the launcher kills the group.
+    (
+        "ddp",
+        "ppo:2@1",  # update 2, process 1 only: its weight (and so its loss) is NaN
+        [
+            "non-finite PPO loss (nan) at update 2, epoch 1, minibatch 1",
+            "non-finite PPO loss (on another process) at update 2, epoch 1, minibatch 1",
+        ],
+    ),
+    # Catches DeepSpeed skipping the step on NaN gradients ("OVERFLOW! Skipping step") while the run carries on to
+    # a "finished" model that stopped training: before the check this case exited 0.
+    (
+        "zero2",
+        "ppo:2:grad",  # the loss stays finite; one weight's gradient is NaN
+        ["non-finite gradients at update 2, epoch 1, minibatch 1: DeepSpeed skipped the optimizer step"],
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, fault, messages", NAN_CASES, ids=[c[0] for c in NAN_CASES])
+def test_non_finite_numbers_on_two_processes_stop_every_process_by_name(chain, tmp_path, config, fault, messages):
+    from pipeline.core.faults import FAULT_ENV
+
+    out = _fresh(chain, tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        "ppo",
+        "--recipe",
+        str(RECIPE),
+        "--num-processes",
+        "2",
+        "--config-file",
+        f"configs/accelerate/{config}.yaml",
+        f"run.output_dir={out}",
+        *BASE,
+        "ppo.total_episodes=96",
+        "ppo.per_device_train_batch_size=4",
+        "ppo.gradient_accumulation_steps=2",
+        "ppo.panel_every=0",
+        "ppo.save_steps=1",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", FAULT_ENV: fault}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, text[-3000:]
+    for rank in (0, 1):  # every process stops with a named error
+        assert any(f"[rank {rank}] error: {m}" in text for m in messages), (rank, text[-3000:])
+    for m in messages:
+        assert m in text, text[-3000:]
+    ckpts = out / "tiny_ko" / "ppo" / "checkpoints"
+    assert (ckpts / "checkpoint-1" / "COMPLETE").is_file() and not (ckpts / "checkpoint-2").exists()
+    assert not (out / "tiny_ko" / "ppo" / "final").exists()
