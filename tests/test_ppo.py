@@ -35,7 +35,7 @@ def test_lr0_invariants(chain, tmp_path):
 
 def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path, monkeypatch):
     """Catches a wrong number of optimizer steps per update (TRL 1.12 takes num_ppo_epochs, or one per
-    micro-batch: quirk Q5). Counts the real AdamW steps, not a counter kept beside them (T9)."""
+    micro-batch: quirk Q5). Counts the real AdamW steps, not a counter kept beside them."""
     from pipeline import ppo
 
     real, calls = torch.optim.AdamW.step, {"inner": 0}
