@@ -129,7 +129,7 @@ def load_causal_lm(
     model: ModelConfig, location: str | None = None, dtype: Any = None, dropout_off: bool = False
 ) -> Any:
     """A causal LM from the recipe's base model (or ``location``), safetensors only unless the recipe opts in.
-    ``dropout_off``: every dropout rate in the config is 0 before the model is built (see ``_config``)."""
+    ``dropout_off``: every dropout rate in the config is 0 before the model is built (``without_dropout``)."""
     from transformers import AutoModelForCausalLM
 
     return _load(AutoModelForCausalLM, model, location, dtype, dropout_off)
