@@ -1,6 +1,7 @@
 # The user's entry point.   make help   lists targets and variables.
 #
 #   make demo                                    the embedded tiny default, on a CPU
+#   make demo-real                               the same chain on a real Gemma 3 270M base, on a CPU
 #   make test                                    the test suite
 #   make data RECIPE=recipes/gemma2b_ko.yaml     format a recipe's datasets into runs/<run>/data/
 
@@ -26,7 +27,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo report plan demo test bench lint embedded
+.PHONY: help setup recipe data sft rm ppo report plan demo demo-real test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -87,6 +88,14 @@ demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward mode
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+
+REAL_RECIPE := recipes/gemma3_270m_ko.yaml
+demo-real: setup  ## the same chain on a real Gemma base (Gemma 3 270M, built offline) on a CPU, with ETAs
+	$(PY) -m pipeline.data --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(LAUNCH) sft --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(LAUNCH) rm --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(LAUNCH) ppo --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe $(REAL_RECIPE) $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

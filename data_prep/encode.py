@@ -212,15 +212,32 @@ def drop_overlong(stage: str, ds, limit: int, limit_key: str, policy: str, rejec
     return ds.select(keep).remove_columns("length")
 
 
-def split_eval(ds, fraction: float, seed: int):
-    """Seeded random split: (train, eval) with ``ceil(fraction * n)`` eval rows (none when fraction is 0)."""
+def split_eval(ds, fraction: float, seed: int, group_column: str | None = None):
+    """Seeded split: (train, eval) with at least ``ceil(fraction * n)`` eval rows (none when fraction is 0).
+
+    With ``group_column`` rows with equal values there (e.g. the same prompt ids) stay on one side: whole groups are
+    held out, in a seeded order, until the eval share is reached, so no eval prompt occurs in training. Without it,
+    rows are split at random."""
     n = len(ds)
     k = min(n - 1, math.ceil(fraction * n)) if fraction > 0 and n > 1 else 0
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    eval_idx = sorted(order[:k])
-    train_idx = sorted(order[k:])
-    return ds.select(train_idx), ds.select(eval_idx)
+    if group_column is None:
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        eval_idx = sorted(order[:k])
+    else:
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(ds[group_column]):
+            groups.setdefault(tuple(key) if isinstance(key, list) else (key,), []).append(i)
+        keys = list(groups)
+        random.Random(seed).shuffle(keys)
+        eval_idx = []
+        for key in keys[:-1]:  # at least one group stays for training
+            if len(eval_idx) >= k:
+                break
+            eval_idx += groups[key]
+        eval_idx.sort()
+    held = set(eval_idx)
+    return ds.select([i for i in range(n) if i not in held]), ds.select(eval_idx)
 
 
 def user_texts(stage: str, records: list[tuple[str, Any]]) -> set[str]:

@@ -71,11 +71,16 @@ def fingerprint(recipe: Recipe, tok_fp: dict) -> str:
             "tokenizer": tok_fp,
             "seed": recipe.run.seed,
             "formatter": FORMATTER_VERSION,
+            "split": SPLIT_VERSION,
         },
         sort_keys=True,
         ensure_ascii=False,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+GROUP_COLUMN = {"preference": "prompt_ids", "prompts": "prompt_ids"}  # eval_fraction holds out whole prompts
+SPLIT_VERSION = "by-prompt-1"  # in the fingerprint: a data folder split another way is rebuilt
 
 
 def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict]):
@@ -100,10 +105,15 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
             raise DataError(f"data.{stage}.{split}: every row is longer than {key} {limit}")
         out[split] = ds
         print(f"[data] {stage}/{split}: {len(ds)} rows ({time.perf_counter() - t0:.1f}s)", flush=True)
+    how = "given" if "eval" in out else "none"
     if "train" in out and "eval" not in out and sd.eval_fraction > 0:
-        out["train"], out["eval"] = split_eval(out["train"], sd.eval_fraction, recipe.run.seed)
-        print(f"[data] {stage}: held out {len(out['eval'])} of the training rows for eval", flush=True)
-    return out, users
+        # Preference pairs and PPO prompts are held out by prompt: an eval pair whose prompt was trained on measures
+        # memory, not the reward model's reading of a new question. SFT dialogues are held out at random.
+        group = GROUP_COLUMN.get(stage)
+        out["train"], out["eval"] = split_eval(out["train"], sd.eval_fraction, recipe.run.seed, group)
+        how = "by prompt" if group else "random"
+        print(f"[data] {stage}: held out {len(out['eval'])} of the training rows for eval ({how})", flush=True)
+    return out, users, how
 
 
 def run(recipe: Recipe) -> Path:
@@ -133,9 +143,9 @@ def run(recipe: Recipe) -> Path:
     encoder = GemmaEncoder(tokenizer, control_tokens=recipe.data.control_tokens)
     rejects = Rejects(recipe.data.on_invalid)
     inputs: list[dict] = []
-    built, users = {}, {}
+    built, users, eval_split = {}, {}, {}
     for stage in DATA_SECTIONS:
-        built[stage], users[stage] = build_stage(stage, recipe, encoder, rejects, inputs)
+        built[stage], users[stage], eval_split[stage] = build_stage(stage, recipe, encoder, rejects, inputs)
 
     # Held-out prompts must not be trained on: count those that also appear in any training split.
     overlap = 0
@@ -168,6 +178,7 @@ def run(recipe: Recipe) -> Path:
         },
         "inputs": inputs,
         "counts": counts,
+        "eval_split": eval_split,
         "heldout_prompt_overlap": overlap,
         "seconds": round(time.perf_counter() - t_start, 2),
     }

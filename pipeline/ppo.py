@@ -55,6 +55,7 @@ from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.core.faults import NonFiniteLossError, poison_if_asked
 from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
+from pipeline.core.progress import eta
 from pipeline.core.rundir import (
     ADAPTER,
     VALUE,
@@ -632,6 +633,8 @@ class PPORun:
     local_seed: int
     progress: Progress = field(default_factory=Progress)
     counter: StepCounter = field(default_factory=StepCounter)
+    started: float = 0.0  # when this process began training, and the update it began at (for the ETA)
+    first_update: int = 0
 
     @property
     def accelerator(self) -> Any:
@@ -884,7 +887,12 @@ def record(ppo: PPORun, metrics: dict[str, float]) -> None:
             f"[ppo] update {p.update}/{ppo.sizes.num_updates} score {metrics['objective/scores']:.3f} "
             f"kl {metrics['objective/kl']:.3f} len {metrics['ppo/response_length']:.1f} "
             f"no-stop {metrics['ppo/no_stop_rate']:.2f} pg {metrics['loss/policy_avg']:.4f} "
-            f"vf {metrics['loss/value_avg']:.4f} clip {metrics['policy/clipfrac_avg']:.3f} {metrics['time/update']:.1f}s",
+            f"vf {metrics['loss/value_avg']:.4f} clip {metrics['policy/clipfrac_avg']:.3f} {metrics['time/update']:.1f}s "
+            + eta(
+                time.perf_counter() - ppo.started,
+                p.update - ppo.first_update,
+                ppo.sizes.num_updates - ppo.first_update,
+            ),
             flush=True,
         )
 
@@ -988,6 +996,7 @@ def run(recipe: Recipe) -> Path:
     ppo = setup(recipe, inputs)
     resume(ppo)
     t_start = time.perf_counter()
+    ppo.started, ppo.first_update = t_start, ppo.progress.update
     train(ppo)
     seconds = time.perf_counter() - t_start
     final = save(ppo, seconds)

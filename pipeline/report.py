@@ -38,17 +38,23 @@ CARD_SECTION = "Evaluation on held-out prompts"
 
 
 def ground_truth_check(kind: str):
-    """The rule for ``report.ground_truth``: (prompt, response, stopped) -> (property ok, arithmetic ok or None)."""
-    if kind == "polite_korean":
-        from data_prep.tiny_ko.rules import arithmetic_answer, is_arithmetic_correct, is_polite_korean
+    """The rule for ``report.ground_truth``: (prompt, response, stopped) -> {measure: ok, or None where the measure
+    does not apply to the prompt}. ``accuracy`` is the rule itself; ``polite_on_topic`` also reports its two parts
+    (``polite_accuracy``, ``on_topic_accuracy``); arithmetic prompts are measured apart (``arithmetic_accuracy``)."""
+    if kind == "none":
+        return None
+    from data_prep.tiny_ko.rules import arithmetic_answer, is_arithmetic_correct, is_on_topic, is_polite_korean
 
-        def check(prompt: str, response: str, stopped: bool):
-            if arithmetic_answer(prompt) is not None:
-                return None, is_arithmetic_correct(prompt, response, stopped)
-            return is_polite_korean(response, stopped), None
+    def check(prompt: str, response: str, stopped: bool) -> dict[str, bool | None]:
+        if arithmetic_answer(prompt) is not None:
+            return {"accuracy": None, "arithmetic_accuracy": is_arithmetic_correct(prompt, response, stopped)}
+        polite = is_polite_korean(response, stopped)
+        if kind == "polite_korean":
+            return {"accuracy": polite}
+        on_topic = is_on_topic(prompt, response, stopped)
+        return {"accuracy": polite and on_topic, "polite_accuracy": polite, "on_topic_accuracy": on_topic}
 
-        return check
-    return None
+    return check
 
 
 def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: Recipe, seed: int) -> list[Generation]:
@@ -157,10 +163,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     for name, groups in answers.items():
         if check is not None:
             checks = [check(p, text, stopped) for p, group in zip(texts, groups) for text, stopped in group]
-            result[f"{name}_accuracy"] = _rate([c[0] for c in checks])
-            arithmetic = _rate([c[1] for c in checks])
-            if arithmetic is not None:
-                result[f"{name}_arithmetic_accuracy"] = arithmetic
+            for measure in dict.fromkeys(k for c in checks for k in c):  # in the rule's order
+                rate = _rate([c.get(measure) for c in checks])
+                if rate is not None or measure == "accuracy":
+                    result[f"{name}_{measure}"] = rate
         result[f"{name}_rm_score"] = mean_score(rm_dir, generations[name])
         result[f"{name}_stop_rate"] = _rate([s for group in groups for _, s in group])
     ppo_rows = read_metrics(run_dir.stage("ppo"))
@@ -190,12 +196,16 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return result
 
 
+PARTS = [("polite_accuracy", "polite Korean (part of the rule)"), ("on_topic_accuracy", "on topic (part of the rule)")]
+
+
 def card_section(r: dict) -> str:
     """The report's before/after figures for the PPO model card."""
     rows = [
         f"| {label} | {r[f'sft_{key}']:.3f} | {r[f'ppo_{key}']:.3f} | {r[f'ppo_{key}'] - r[f'sft_{key}']:+.3f} |"
         for key, label in (
             ("accuracy", f"ground-truth rate ({r['ground_truth']})"),
+            *PARTS,
             ("arithmetic_accuracy", "arithmetic correct"),
             ("rm_score", "reward-model score"),
         )
@@ -226,6 +236,9 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
             f"| ground-truth rate ({r['ground_truth']}, held-out prompts) | {fmt(r['sft_accuracy'])} | "
             f"{fmt(r['ppo_accuracy'])} |"
         )
+    for key, label in PARTS:
+        if f"sft_{key}" in r:
+            lines.append(f"| {label} | {fmt(r[f'sft_{key}'])} | {fmt(r.get(f'ppo_{key}'))} |")
     if "sft_arithmetic_accuracy" in r:
         lines.append(
             f"| arithmetic correct (held-out problems) | {fmt(r['sft_arithmetic_accuracy'])} | "

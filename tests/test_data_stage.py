@@ -284,6 +284,35 @@ def test_eval_split_and_heldout_overlap_warning(tmp_path, capsys):
     assert m["heldout_prompt_overlap"] == 2
 
 
+def test_preference_eval_is_held_out_by_prompt(tmp_path):
+    """Catches held-out pairs whose prompts were trained on: the reward model's accuracy would measure memory. Ten
+    prompts with four pairs each; a 20% split must hold out whole prompts."""
+    import datasets
+
+    from data_prep.encode import split_eval
+
+    rows = [
+        {"prompt": f"질문 {i}", "chosen": f"좋은 답 {j}입니다.", "rejected": f"나쁜 답 {j}"}
+        for i in range(10)
+        for j in range(4)
+    ]
+    pref = write_jsonl(tmp_path / "pref.jsonl", rows)
+    recipe = write_recipe(tmp_path, {"preference": {"train": [{"path": str(pref)}], "eval_fraction": 0.2}})
+    assert _run(recipe) == 0
+    m = json.loads((_data_dir(tmp_path) / "manifest.json").read_text())
+    assert m["eval_split"]["preference"] == "by prompt" and m["eval_split"]["sft"] == "none"
+    split = {
+        name: datasets.Dataset.from_parquet(str(_data_dir(tmp_path) / "preference" / f"{name}.parquet"))
+        for name in ("train", "eval")
+    }
+    prompts = {name: {tuple(p) for p in ds["prompt_ids"]} for name, ds in split.items()}
+    assert len(split["eval"]) == 8 and len(prompts["eval"]) == 2  # two whole prompts
+    assert not prompts["train"] & prompts["eval"]
+    # Negative control: the row-random split (what the stage did) puts most held-out prompts in training too.
+    train, held = split_eval(split["train"], 0.2, 42)
+    assert {tuple(p) for p in train["prompt_ids"]} & {tuple(p) for p in held["prompt_ids"]}
+
+
 def test_undetectable_format_is_a_clear_error(tmp_path, capsys):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
     recipe = write_recipe(tmp_path, {"sft": {"train": [{"path": str(path)}]}})

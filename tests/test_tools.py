@@ -27,3 +27,14 @@ def test_data_bench_reports_ratio(capsys):
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert line["rows"] == 2000 and line["stage_rows_per_s"] > 0 and line["raw_tokenizer_rows_per_s"] > 0
     assert line["ratio_stage_vs_raw"] > 0
+
+
+def test_eta_from_the_pace_of_this_process():
+    """Catches an ETA from the whole run's count after a resume (it would credit the killed run's steps)."""
+    from pipeline.core.progress import eta
+
+    assert eta(10.0, 0, 5) == ""  # nothing done yet: no pace
+    assert eta(10.0, 1, 5) == "ETA 40s"
+    assert eta(100.0, 1, 5) == "ETA 6m40s"
+    assert eta(4000.0, 1, 3) == "ETA 2h13m"
+    assert eta(5.0, 5, 5) == "ETA 0s"

@@ -1,6 +1,7 @@
 """Generate the embedded Korean data shipped beside this file (deterministic; the files are committed).
 
     python -m data_prep.tiny_ko.generate          # rewrites sft.jsonl, preference.jsonl, prompts.jsonl, heldout.jsonl
+                                                  # and the topic set: topic_{sft,preference,prompts,heldout}.jsonl
 
 Design (what a tiny Gemma can learn on a CPU in minutes, and what a rule can check):
 * Varied Korean questions about 60 everyday nouns (4 question templates each, 240 prompts); 40 are held out of
@@ -12,6 +13,16 @@ Design (what a tiny Gemma can learn on a CPU in minutes, and what a rule can che
   has to learn the property rather than a few templates.
 * Arithmetic items ("3 더하기 4는?") with 40% wrong SFT answers and correct-over-wrong pairs: a second, harder
   measure (a tiny reward model does not generalise it to unseen problems).
+
+The topic set (``topic_*.jsonl``, the real-model demo's data) asks for a rule that needs the prompt: polite Korean
+*and* naming the question's subject (``rules.is_polite_and_on_topic``).
+* The 60 nouns above train; 20 more (``HELDOUT_NOUNS``) appear only in held-out prompts, so no held-out subject is
+  in any training file.
+* SFT answers are polite and on topic about half the time; the rest are casual or English, or polite about another
+  noun.
+* Preference pairs put polite-and-on-topic answers over polite answers about another noun, over on-topic answers
+  in casual speech or English, and over malformed ones: a reward model that reads only the style, or only the
+  nouns, cannot rank them.
 """
 
 from __future__ import annotations
@@ -21,7 +32,13 @@ import random
 from pathlib import Path
 
 from data_prep.tiny_ko import DATA_DIR
-from data_prep.tiny_ko.rules import arithmetic_answer, is_polite_korean
+from data_prep.tiny_ko.rules import (
+    arithmetic_answer,
+    is_on_topic,
+    is_polite_and_on_topic,
+    is_polite_korean,
+    prompt_subject,
+)
 
 SEED = 1234
 
@@ -164,6 +181,28 @@ MALFORMED = [
     lambda n, e: f"{topic(n)} {topic(n)} {topic(n)}",
     lambda n, e: f"{e} {n} good 요",
 ]
+HELDOUT_NOUNS = [  # subjects of the topic set's held-out prompts only
+    ("수박", "watermelons"),
+    ("딸기", "strawberries"),
+    ("만두", "dumplings"),
+    ("냉면", "naengmyeon"),
+    ("주스", "juice"),
+    ("피아노", "pianos"),
+    ("기타", "guitars"),
+    ("배구", "volleyball"),
+    ("농구", "basketball"),
+    ("공원", "parks"),
+    ("병원", "hospitals"),
+    ("시장", "markets"),
+    ("호수", "lakes"),
+    ("나무", "trees"),
+    ("꽃", "flowers"),
+    ("사자", "lions"),
+    ("코끼리", "elephants"),
+    ("펭귄", "penguins"),
+    ("안경", "glasses"),
+    ("냉장고", "refrigerators"),
+]
 SYSTEM_PROMPTS = ["당신은 친절한 도우미입니다.", "질문에 짧게 답하세요.", "You are a helpful assistant."]
 
 DIGIT_FINAL = {0: True, 1: True, 2: False, 3: True, 4: False, 5: False, 6: True, 7: True, 8: True, 9: False}
@@ -274,8 +313,70 @@ def _check(sft: list[dict], preference: list[dict], prompts: list[dict], heldout
     assert not held & train_texts, "held-out prompts leaked into training data"
 
 
+def build_topic() -> dict[str, list[dict]]:
+    """The topic set: see the module docstring."""
+    rng = random.Random(SEED + 1)
+    train = [(q(n), n, e) for n, e in NOUNS for q in QUESTIONS]
+    others = [n for n, _ in NOUNS]
+
+    def another(n: str) -> tuple[str, str]:
+        m = rng.choice([x for x in others if x != n and n not in x and x not in n])
+        return m, dict(NOUNS)[m]
+
+    def sft_answer(n: str, e: str) -> str:
+        r = rng.random()
+        if r < 0.5:
+            return rng.choice(POLITE)(n, e)
+        if r < 0.7:
+            return rng.choice(POLITE)(*another(n))  # polite, about something else
+        if r < 0.88:
+            return rng.choice(CASUAL)(n, e)
+        return rng.choice(ENGLISH)(n, e)
+
+    sft = []
+    for prompt, n, e in train:
+        for _ in range(3):
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": sft_answer(n, e)}]
+            if rng.random() < 0.1:
+                msgs.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+            sft.append({"messages": msgs})
+    rng.shuffle(sft)
+
+    preference = []
+    for prompt, n, e in train:
+        for kind in ("off_topic", "off_topic", "casual", "english", "malformed"):
+            chosen = rng.choice(POLITE + POLITE_EXTRA)(n, e)
+            if kind == "off_topic":
+                rejected = rng.choice(POLITE + POLITE_EXTRA)(*another(n))
+            else:
+                bank = {"casual": CASUAL + CASUAL_EXTRA, "english": ENGLISH, "malformed": MALFORMED}[kind]
+                rejected = rng.choice(bank)(n, e)
+            preference.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    rng.shuffle(preference)
+
+    prompts = [{"prompt": p} for p, _, _ in train]
+    rng.shuffle(prompts)
+    heldout = [{"prompt": q(n), "kind": "topic"} for n, _ in HELDOUT_NOUNS for q in QUESTIONS[:2]]
+    _check_topic(sft, preference, prompts, heldout)
+    return {"topic_sft": sft, "topic_preference": preference, "topic_prompts": prompts, "topic_heldout": heldout}
+
+
+def _check_topic(sft: list[dict], preference: list[dict], prompts: list[dict], heldout: list[dict]) -> None:
+    for pair in preference:
+        assert is_polite_and_on_topic(pair["prompt"], pair["chosen"]), pair
+        assert not is_polite_and_on_topic(pair["prompt"], pair["rejected"]), pair
+    kinds = [(is_polite_korean(p["rejected"]), is_on_topic(p["prompt"], p["rejected"])) for p in preference]
+    assert (True, False) in kinds and (False, True) in kinds  # both halves of the rule are needed to rank
+    held_subjects = {prompt_subject(h["prompt"]) for h in heldout}
+    assert None not in held_subjects
+    train_texts = [m["content"] for row in sft for m in row["messages"]]
+    train_texts += [t for p in preference for t in p.values()] + [p["prompt"] for p in prompts]
+    leaked = {s for s in held_subjects for t in train_texts if s in t}
+    assert not leaked, f"held-out subjects in training data: {leaked}"
+
+
 def write(out_dir: Path = DATA_DIR) -> dict[str, int]:
-    data = build()
+    data = {**build(), **build_topic()}
     counts = {}
     for name, rows in data.items():
         with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as fh:

@@ -3,6 +3,9 @@
 * Politeness (the main measure): the response ends with ``습니다.`` or ``요.``, at least half of its letters are
   Hangul, and the model stopped on its own (the response ended with ``<end_of_turn>``).
 * Arithmetic (a second, harder measure): for a prompt ``a 더하기 b는?`` (or ``b은?``) the response states ``a + b``.
+* On topic (needs the prompt): the response names the prompt's subject, the noun the question asks about
+  (``사과는 무엇인가요?`` asks about 사과). ``is_polite_and_on_topic`` is the conjunction: the rule the real-model
+  demo reports, which a reward model cannot satisfy by learning style alone.
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ import re
 POLITE_ENDINGS = ("습니다.", "요.")
 _ARITH_PROMPT = re.compile(r"^(\d+) 더하기 (\d+)[은는]\?$")
 _NUMBER = re.compile(r"\d+")
+# The question templates of the generated data (generate.QUESTIONS), each with the subject as its first group.
+_SUBJECT = [
+    re.compile(r"^(.+?)[은는] 무엇인가요\?$"),
+    re.compile(r"^(.+?)에 대해 알려 주세요\.$"),
+    re.compile(r"^(.+?)의 좋은 점은 뭐야\?$"),
+    re.compile(r"^(.+?)[을를] 한 문장으로 설명해 줘\.$"),
+]
 
 
 def is_hangul(ch: str) -> bool:
@@ -42,3 +52,23 @@ def is_arithmetic_correct(prompt: str, response: str, stopped: bool = True) -> b
     answer = arithmetic_answer(prompt)
     found = _NUMBER.search(response)
     return stopped and answer is not None and found is not None and int(found.group()) == answer
+
+
+def prompt_subject(prompt: str) -> str | None:
+    """The noun a generated question asks about, or None when the prompt is not one of the question templates."""
+    for pattern in _SUBJECT:
+        m = pattern.match(prompt.strip())
+        if m:
+            return m.group(1)
+    return None
+
+
+def is_on_topic(prompt: str, response: str, stopped: bool = True) -> bool:
+    """True when the response names the prompt's subject (and the model stopped)."""
+    subject = prompt_subject(prompt)
+    return stopped and subject is not None and subject in response
+
+
+def is_polite_and_on_topic(prompt: str, response: str, stopped: bool = True) -> bool:
+    """Polite Korean (``is_polite_korean``) and on topic (``is_on_topic``)."""
+    return is_polite_korean(response, stopped) and is_on_topic(prompt, response, stopped)

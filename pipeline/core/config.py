@@ -320,9 +320,10 @@ class TrackingConfig:
 
 @dataclass
 class ReportConfig:
-    ground_truth: Literal["none", "polite_korean"] = "none"
-    """Rule that checks answers to held-out prompts, independently of the reward model (``polite_korean``: the
-    embedded data's rule, data_prep/tiny_ko/rules.py)."""
+    ground_truth: Literal["none", "polite_korean", "polite_on_topic"] = "none"
+    """Rule that checks answers to held-out prompts, independently of the reward model (data_prep/tiny_ko/rules.py):
+    ``polite_korean`` (the style of the answer), ``polite_on_topic`` (polite Korean and naming the question's
+    subject; both parts are reported too)."""
     samples_per_prompt: int = 8
     """Sampled answers per held-out prompt for the ground-truth rate (temperature ppo.temperature)."""
     examples: int = 5

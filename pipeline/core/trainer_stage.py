@@ -30,6 +30,7 @@ from pipeline.core.checkpoint import (
 from pipeline.core.config import ConfigError, LoraSettings, Recipe
 from pipeline.core.faults import NonFiniteLossError, poison_if_asked
 from pipeline.core.notices import CARD_FILE, Derivation
+from pipeline.core.progress import eta
 from pipeline.core.rundir import ADAPTER, TRAINER_STATE, StageDir, checkpoint_dir
 
 # What a saved LoRA adapter folder keeps of the tokenizer: nothing (the tokenizer sits once, beside the weights).
@@ -191,6 +192,10 @@ def stage_callback(
     class StageCallback(TrainerCallback):
         def __init__(self) -> None:
             self.last: tuple[float, float] | None = None  # (time, num_tokens) at the previous log
+            self.start: tuple[float, int] | None = None  # (time, step) when this process began training
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = (time.perf_counter(), state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -216,7 +221,12 @@ def stage_callback(
                 line = " ".join(
                     f"{k.split('/', 2)[-1]} {v:.4g}" for k, v in metrics.items() if k.rsplit("/", 1)[-1] in shown
                 )
-                print(f"[{stage}] step {state.global_step}/{state.max_steps} {line}", flush=True)
+                t0, s0 = self.start or (now, state.global_step)
+                left = eta(now - t0, state.global_step - s0, state.max_steps - s0)
+                print(
+                    f"[{stage}] step {state.global_step}/{state.max_steps} {line}" + (f" {left}" if left else ""),
+                    flush=True,
+                )
 
         def on_step_begin(self, args, state, control, model=None, **kw):
             if model is not None:
