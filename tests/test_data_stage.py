@@ -341,6 +341,7 @@ def test_embedded_recipe_builds_with_heldout_prompts_kept_out(tmp_path):
     assert c["sft"]["train"] + c["sft"]["eval"] == 1160 and c["sft"]["overlong_dropped"] == 0
     assert c["preference"]["train"] + c["preference"]["eval"] == 1160
     assert c["prompts"] == {"train": 280, "eval": 60, "invalid_skipped": 0, "overlong_dropped": 0}
+    assert m["eval_split"] == {"sft": "random", "preference": "by prompt", "prompts": "given"}
 
 
 def test_worker_processes_give_identical_output(tmp_path):
