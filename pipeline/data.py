@@ -112,6 +112,11 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
         group = GROUP_COLUMN.get(stage)
         out["train"], out["eval"] = split_eval(out["train"], sd.eval_fraction, recipe.run.seed, group)
         how = "by prompt" if group else "random"
+        if len(out["eval"]) == 0:
+            raise DataError(
+                f"data.{stage}.eval_fraction: every row has the same prompt, so none can be held out by prompt; "
+                f"give data.{stage}.eval instead"
+            )
         print(f"[data] {stage}: held out {len(out['eval'])} of the training rows for eval ({how})", flush=True)
     return out, users, how
 
