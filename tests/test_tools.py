@@ -38,3 +38,28 @@ def test_eta_from_the_pace_of_this_process():
     assert eta(100.0, 1, 5) == "ETA 6m40s"
     assert eta(4000.0, 1, 3) == "ETA 2h13m"
     assert eta(5.0, 5, 5) == "ETA 0s"
+
+
+def test_report_rules_report_each_part_of_the_topic_rule():
+    """Catches the report's topic rule collapsing into one number (or into the style rule): each part and their
+    conjunction are reported, arithmetic prompts apart."""
+    from pipeline.report import card_section, ground_truth_check
+
+    topic, style = ground_truth_check("polite_on_topic"), ground_truth_check("polite_korean")
+    assert ground_truth_check("none") is None
+    off = ("사과는 무엇인가요?", "바나나는 정말 좋습니다.", True)
+    assert topic(*off) == {"accuracy": False, "polite_accuracy": True, "on_topic_accuracy": False}
+    assert style(*off) == {"accuracy": True}  # negative control: the style rule alone passes it
+    assert topic("3 더하기 4는?", "정답은 7이에요.", True) == {"accuracy": None, "arithmetic_accuracy": True}
+    r = {
+        "ground_truth": "polite_on_topic",
+        "heldout_prompts": 2,
+        "samples_per_prompt": 1,
+        "rm_accuracy": 1.0,
+        "ppo_kl": 0.5,
+        **{f"{m}_{k}": v for m, v in (("sft", 0.25), ("ppo", 0.75)) for k in ("accuracy", "polite_accuracy")},
+        **{f"{m}_on_topic_accuracy": 0.5 for m in ("sft", "ppo")},
+    }
+    card = card_section(r)
+    assert "| polite Korean (part of the rule) | 0.250 | 0.750 | +0.500 |" in card
+    assert "| on topic (part of the rule) | 0.500 | 0.500 | +0.000 |" in card
