@@ -58,25 +58,25 @@ def ground_truth_check(kind: str):
 
 
 def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: Recipe, seed: int) -> list[Generation]:
-    """``samples_per_prompt`` sampled answers per prompt, one Generation per prompt (the sampled ids kept)."""
+    """``samples_per_prompt`` sampled answers per prompt, one Generation per prompt (the sampled ids kept). The
+    samples of all prompts are drawn together, ``ppo.local_rollout_forward_batch_size`` rows per ``generate`` call."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     n = recipe.report.samples_per_prompt
     torch.manual_seed(seed)
-    return [
-        generate(
-            model,
-            left_pad([ids] * n, tok.pad_token_id, model.device),
-            pad_id=tok.pad_token_id,
-            stop_ids=stop_token_ids(tok),
-            max_new_tokens=recipe.ppo.response_length,
-            temperature=recipe.ppo.temperature,
-            chunk=n,
-        )
-        for ids in prompts
-    ]
+    g = generate(
+        model,
+        left_pad([ids for ids in prompts for _ in range(n)], tok.pad_token_id, model.device),
+        pad_id=tok.pad_token_id,
+        stop_ids=stop_token_ids(tok),
+        max_new_tokens=recipe.ppo.response_length,
+        temperature=recipe.ppo.temperature,
+        chunk=recipe.ppo.local_rollout_forward_batch_size,
+    )
+    rows = [slice(i * n, (i + 1) * n) for i in range(len(prompts))]
+    return [Generation(g.queries[r], g.responses[r], g.seq_len[r], g.stopped[r], g.pad_id) for r in rows]
 
 
 def mean_score(rm_dir: Path, generations: list[Generation]) -> float:
