@@ -225,6 +225,13 @@ def card_section(r: dict) -> str:
     )
 
 
+def cell(text: str, stopped: bool) -> str:
+    """An answer as one markdown table cell: a newline the model wrote shows as ⏎ (it would end the row), a pipe is
+    escaped, and an answer that never ended its turn says so."""
+    body = text.replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
+    return body + ("" if stopped else f" *(no `{END_OF_TURN}`)*")
+
+
 def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers: dict, images: list[str]) -> str:
     def fmt(v):
         return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -261,8 +268,7 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
     lines += [f"![{name}]({images_dir.as_posix()}/{name})" for name in images]
     lines += ["", "## Answers before and after PPO", "", "| prompt | SFT | PPO |", "|---|---|---|"]
     for i in range(min(recipe.report.examples, len(texts))):
-        sft, ppo = answers["sft"][i][0][0], answers["ppo"][i][0][0]
-        lines.append(f"| {texts[i]} | {sft.replace('|', '/')} | {ppo.replace('|', '/')} |")
+        lines.append(f"| {cell(texts[i], True)} | {cell(*answers['sft'][i][0])} | {cell(*answers['ppo'][i][0])} |")
     return "\n".join(lines) + "\n"
 
 

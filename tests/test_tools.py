@@ -63,3 +63,13 @@ def test_report_rules_report_each_part_of_the_topic_rule():
     card = card_section(r)
     assert "| polite Korean (part of the rule) | 0.250 | 0.750 | +0.500 |" in card
     assert "| on topic (part of the rule) | 0.500 | 0.500 | +0.000 |" in card
+
+
+def test_report_answer_cells_keep_the_table_whole():
+    """Catches an answer with a newline or a pipe breaking the report's markdown table (a model that runs on into
+    an invented turn writes newlines)."""
+    from pipeline.report import cell
+
+    got = cell("수박은 좋다. | 모델\nmodel\n다음", False)
+    assert "\n" not in got and "\\|" in got and got.endswith("*(no `<end_of_turn>`)*")
+    assert cell("수박은 정말 좋습니다.", True) == "수박은 정말 좋습니다."
