@@ -208,7 +208,11 @@ class Setup:
     reward_mean: float = 0.0
     reward_std: float = 1.0
     zero3: bool = False
-    turn_end_id: int = -1  # <end_of_turn>: the only stop that ends a turn (the reward model reads there)
+
+    @property
+    def turn_end_id(self) -> int:
+        """<end_of_turn> (the first stop id): the only stop that ends a turn (the reward model reads there)."""
+        return self.stop_ids[0] if self.stop_ids else -1
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -716,7 +720,6 @@ def build_setup(
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         zero3=zero3,
-        turn_end_id=stop_token_ids(tokenizer)[0],
     )
     return setup, scheduler
 

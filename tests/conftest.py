@@ -68,6 +68,25 @@ def write_recipe(tmp_path: Path, data: dict, name: str = "t", extra: dict | None
     return path
 
 
+def launch_command(stage: str, config: str, *args: str) -> list[str]:
+    """``python -m pipeline.launch <stage>`` on the embedded recipe with 2 processes and an accelerate config."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        stage,
+        "--recipe",
+        str(REPO / "recipes" / "tiny_ko.yaml"),
+        "--num-processes",
+        "2",
+        "--config-file",
+        f"configs/accelerate/{config}.yaml",
+        *args,
+    ]
+
+
 def kill_and_resume(stage: str, out: Path, overrides: list[str], kill_at: int, final_step: int) -> None:
     """Run ``stage`` as a subprocess, SIGKILL it once checkpoint ``kill_at`` is complete, run the same command
     again and check it resumes and ends at ``final_step``; a third run must skip the finished stage. The same

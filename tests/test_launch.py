@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.core.notices import missing_notices
 from pipeline.data import main as data_main
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_command
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 CONFIGS = [("ddp", "MULTI_CPU"), ("zero2", "DeepSpeed ZeRO-2"), ("zero3", "DeepSpeed ZeRO-3")]
@@ -29,22 +29,9 @@ def data_root(tmp_path_factory):
 
 
 def _launch(stage: str, root, run: str, config: str, *overrides: str) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.launch",
-        stage,
-        "--recipe",
-        str(RECIPE),
-        "--num-processes",
-        "2",
-        "--config-file",
-        f"configs/accelerate/{config}.yaml",
-        f"run.output_dir={root}",
-        f"run.name={run}",
-        "tracking.mode=disabled",
-        *overrides,
-    ]
+    cmd = launch_command(
+        stage, config, f"run.output_dir={root}", f"run.name={run}", "tracking.mode=disabled", *overrides
+    )
     res = subprocess.run(
         cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600
     )

@@ -10,13 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from pipeline.core.config import ConfigError, load_recipe
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_command
 from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup
 
 
@@ -402,17 +401,9 @@ def test_non_finite_numbers_on_two_processes_stop_every_process_by_name(chain, t
     from pipeline.core.faults import FAULT_ENV
 
     out = _fresh(chain, tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.launch",
+    cmd = launch_command(
         "ppo",
-        "--recipe",
-        str(RECIPE),
-        "--num-processes",
-        "2",
-        "--config-file",
-        f"configs/accelerate/{config}.yaml",
+        config,
         f"run.output_dir={out}",
         *BASE,
         "ppo.total_episodes=96",
@@ -420,7 +411,7 @@ def test_non_finite_numbers_on_two_processes_stop_every_process_by_name(chain, t
         "ppo.gradient_accumulation_steps=2",
         "ppo.panel_every=0",
         "ppo.save_steps=1",
-    ]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", FAULT_ENV: fault}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     text = res.stdout + res.stderr
