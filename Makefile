@@ -103,20 +103,29 @@ test: setup  ## run the test suite
 PEER_VENV ?= .peer-venv
 PEER_DIR ?= ../shared/peer
 BENCH_ITERS ?= 4
+REAL_BENCH_ITERS ?= 2
+SMALL_PPO := --batch 16 --response-length 48 --epochs 2 --minibatches 2 --iters $(BENCH_ITERS)
+REAL_PPO := --batch 8 --response-length 48 --epochs 1 --minibatches 1 --iters $(REAL_BENCH_ITERS)
 
-bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer (ratios, same machine)
-	$(PY) -m pipeline.bench data
-	$(PY) -m pipeline.core.embedded bench-gemma-32k > /dev/null
-	@mkdir -p build/bench
-	$(PY) -m pipeline.bench ppo --model-dir build/embedded/bench-gemma-32k --batch 16 --response-length 48 \
-		--epochs 2 --minibatches 2 --iters $(BENCH_ITERS) | tail -n 1 > build/bench/ppo_ours.json
+# One PPO comparison: $(1) name, $(2) model folder, $(3) settings, $(4) time and memory goals (ratios to the peer).
+define ppo_bench
+	$(PY) -m pipeline.bench ppo --model-dir $(2) $(3) | tail -n 1 > build/bench/ppo_$(1)_ours.json
 	@if [ -f $(PEER_DIR)/setup.sh ]; then \
 		bash $(PEER_DIR)/setup.sh $(PEER_VENV) && \
-		TRL_EXPERIMENTAL_SILENCE=1 $(PEER_VENV)/bin/python $(PEER_DIR)/trl112_ppo.py \
-			--model-dir build/embedded/bench-gemma-32k --batch 16 --response-length 48 --epochs 2 --minibatches 2 \
-			--iters $(BENCH_ITERS) 2>/dev/null | tail -n 1 > build/bench/ppo_peer.json && \
-		$(PY) -m pipeline.bench compare build/bench/ppo_ours.json build/bench/ppo_peer.json; \
-	else cat build/bench/ppo_ours.json; echo "peer baseline not found at $(PEER_DIR): PPO ratios skipped"; fi
+		TRL_EXPERIMENTAL_SILENCE=1 $(PEER_VENV)/bin/python $(PEER_DIR)/trl112_ppo.py --model-dir $(2) $(3) \
+			2>/dev/null | tail -n 1 > build/bench/ppo_$(1)_peer.json && \
+		$(PY) -m pipeline.bench compare build/bench/ppo_$(1)_ours.json build/bench/ppo_$(1)_peer.json --goals $(4); \
+	else cat build/bench/ppo_$(1)_ours.json; echo "peer baseline not found at $(PEER_DIR): PPO ratios skipped"; fi
+endef
+
+bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer on two models (ratios)
+	$(PY) -m pipeline.bench data
+	$(PY) -m pipeline.core.embedded bench-gemma-32k > /dev/null
+	$(PY) -m pipeline.core.embedded gemma-3-270m > /dev/null
+	@mkdir -p build/bench
+	$(PY) -m pipeline.bench chat-ready build/embedded/gemma-3-270m build/bench/gemma-3-270m > /dev/null
+	$(call ppo_bench,small,build/embedded/bench-gemma-32k,$(SMALL_PPO),0.5 0.6)
+	$(call ppo_bench,real,build/bench/gemma-3-270m,$(REAL_PPO),0.6 0.8)
 
 lint: setup  ## ruff check and format check
 	$(PY) -m ruff check pipeline data_prep tests

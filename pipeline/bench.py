@@ -122,26 +122,76 @@ BENCH_PROMPTS = [
 ]
 
 
-def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, minibatches: int, iters: int) -> dict:
+PPO_PHASES = ("ppo/sample", "ppo/values", "ppo/policy_and_values", "ppo/reference", "ppo/reward", "ppo/train")
+PEER_PHASES = {"batch_generation": "ppo/sample", "forward": "ppo/reference", "get_reward": "ppo/values_and_reward"}
+
+
+def _top_ops(event):
+    """The outermost aten operators under a profiler event (nested labels are walked through)."""
+    for child in event.cpu_children:
+        if child.name.startswith("aten::"):
+            yield child
+        else:
+            yield from _top_ops(child)
+
+
+def phase_breakdown(events, vocab: int, labels) -> dict:
+    """Seconds per labelled phase of a torch.profiler trace (one iteration), and the part of each spent in
+    operators that touch a vocabulary-sized dimension: the output head, its log-softmax and their backward."""
+    out: dict[str, dict[str, float]] = {}
+    inside = set()
+    for ev in events:
+        if ev.name not in labels:
+            continue
+        row = out.setdefault(ev.name, {"s": 0.0, "head_s": 0.0})
+        row["s"] += ev.cpu_time_total / 1e6
+        for op in _top_ops(ev):
+            inside.add(id(op))
+            if any(vocab in shape for shape in op.input_shapes if isinstance(shape, list)):
+                row["head_s"] += op.cpu_time_total / 1e6
+    rest = {"s": 0.0, "head_s": 0.0}  # top-level operators outside every label
+    for ev in events:
+        if ev.name.startswith("aten::") and ev.cpu_parent is None and id(ev) not in inside:
+            rest["s"] += ev.cpu_time_total / 1e6
+            if any(vocab in shape for shape in ev.input_shapes if isinstance(shape, list)):
+                rest["head_s"] += ev.cpu_time_total / 1e6
+    out["unlabelled"] = rest
+    return {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in out.items()}
+
+
+def bench_ppo(
+    model_dir: str,
+    batch: int,
+    response_length: int,
+    epochs: int,
+    minibatches: int,
+    iters: int,
+    overrides: dict | None = None,
+    profile: bool = False,
+) -> dict:
     """K PPO iterations of our loop on the causal-LM checkpoint in ``model_dir``: policy and reference from it,
     reward and value models as one-output sequence classifiers from it; fixed prompts; full response length; no
-    gradient checkpointing; fp32 on CPU. Same shape of output as the peer's script."""
+    gradient checkpointing; fp32 on CPU; ``overrides``: other PPOConfig settings (their defaults otherwise). Same
+    shape of output as the peer's script. ``profile``: one more iteration under torch.profiler, broken down by phase
+    (not counted in the timing)."""
     import resource
     import statistics
 
     import torch
     from accelerate import Accelerator, PartialState
+    from torch.profiler import ProfilerActivity, record_function
     from transformers import AutoTokenizer
 
     from data_prep.gemma_format import GemmaEncoder
     from pipeline.core import ppo_math as pm
     from pipeline.core.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
-    from pipeline.ppo import StepCounter, build_setup, rollout, train_on_rollout
+    from pipeline.ppo import StepCounter, build_setup, rollout, train_on_rollout, vocabulary_size
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = GemmaEncoder(tok)
     ids = [enc.encode([{"role": "user", "content": p}], add_generation_prompt=True).input_ids for p in BENCH_PROMPTS]
+    runs = iters + 1 + int(profile)
     cfg = PPOConfig(
         per_device_train_batch_size=batch // minibatches,
         gradient_accumulation_steps=minibatches,
@@ -149,8 +199,9 @@ def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, min
         num_ppo_epochs=epochs,
         response_length=response_length,
         temperature=0.7,
-        total_episodes=batch * (iters + 1),
+        total_episodes=batch * runs,
         local_rollout_forward_batch_size=64,
+        **(overrides or {}),
     )
     recipe = Recipe(
         run=RunConfig(name="bench"), model=ModelConfig(name_or_path=model_dir), ppo=cfg, launch=LaunchConfig()
@@ -160,20 +211,25 @@ def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, min
     )
     PartialState(cpu=not torch.cuda.is_available())
     acc = Accelerator(gradient_accumulation_steps=sizes.micro_per_mini)
-    s, scheduler = build_setup(recipe, acc, Path(model_dir), Path(model_dir), Path(model_dir), tok, iters + 1)
+    s, scheduler = build_setup(recipe, acc, Path(model_dir), Path(model_dir), Path(model_dir), tok, runs)
     s.stop_ids = []  # the full response length every time, as the peer benchmark samples
     counter = StepCounter()
-    stamps = [time.perf_counter()]
-    for it in range(iters + 1):
+
+    def iteration(it: int) -> None:
         prompts = [ids[(it * batch + j) % len(ids)] for j in range(batch)]
         s.model.eval()
         ro = rollout(s, prompts, cfg.kl_coef)
         s.model.train()
-        train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(it), counter, f"iteration {it}")
+        with record_function("ppo/train"):
+            train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(it), counter, f"iteration {it}")
         scheduler.step()
+
+    stamps = [time.perf_counter()]
+    for it in range(iters + 1):
+        iteration(it)
         stamps.append(time.perf_counter())
     per_iter = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first iteration is warm-up
-    return {
+    out = {
         "impl": "gemma-rlhf",
         "per_iter_s": statistics.median(per_iter),
         "iters": len(per_iter),
@@ -183,7 +239,82 @@ def bench_ppo(model_dir: str, batch: int, response_length: int, epochs: int, min
         "epochs": epochs,
         "minibatches": minibatches,
         "optimizer_steps": counter.steps,
+        "settings": {k: getattr(cfg, k) for k in ("rollout_logprobs", "frozen_precision", "logits_memory_mb")},
     }
+    if profile:
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            iteration(iters + 1)
+        out["profile"] = phase_breakdown(prof.events(), vocabulary_size(s.unwrapped.policy), PPO_PHASES)
+    return out
+
+
+def profile_peer(script: str, argv: list[str]) -> None:
+    """Run the peer's benchmark script (in its own venv, ``PYTHONPATH`` at this repository) with its rollout phases
+    labelled, and print the phase breakdown of its second iteration as one JSON line (keys as ``bench_ppo``'s)."""
+    import importlib.util
+    import sys
+
+    import torch
+    from torch.profiler import ProfilerActivity, record_function, schedule
+
+    spec = importlib.util.spec_from_file_location("peer_bench", script)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    import trl.experimental.ppo.ppo_trainer as trainer_module
+
+    def labelled(fn, label):
+        def wrapper(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+
+        return wrapper
+
+    for name, label in PEER_PHASES.items():
+        setattr(trainer_module, name, labelled(getattr(trainer_module, name), label))
+    prof = torch.profiler.profile(
+        activities=[ProfilerActivity.CPU], record_shapes=True, schedule=schedule(wait=1, warmup=0, active=1)
+    )
+    step_end = peer.IterTimer.on_step_end
+
+    def on_step_end(self, *a, **k):
+        step_end(self, *a, **k)
+        prof.step()
+
+    peer.IterTimer.on_step_end = on_step_end
+    vocab = {}
+    original_train = trainer_module.PPOTrainer.train
+
+    def train(self, *a, **k):
+        vocab["n"] = int(self.model.policy.config.vocab_size)
+        return original_train(self, *a, **k)
+
+    trainer_module.PPOTrainer.train = train
+    sys.argv = [script, *argv]
+    prof.start()
+    peer.main()
+    prof.stop()
+    print(
+        json.dumps(
+            {"impl": "trl-1.12", "profile": phase_breakdown(prof.events(), vocab["n"], set(PEER_PHASES.values()))}
+        )
+    )
+
+
+def chat_ready(model_dir: str, out: str) -> Path:
+    """``out``: the model in ``model_dir`` (linked, not copied) with its tokenizer carrying Gemma's chat template, as
+    the peer's script needs (a base model such as the embedded Gemma 3 270M ships without one)."""
+    from transformers import AutoTokenizer
+
+    from data_prep.gemma_format import install_chat_template
+
+    src, dst = Path(model_dir).resolve(), Path(out)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        link = dst / name
+        if (src / name).exists() and not link.exists():
+            link.symlink_to(src / name)
+    install_chat_template(AutoTokenizer.from_pretrained(src)).save_pretrained(dst)
+    return dst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,12 +331,31 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--epochs", type=int, default=2)
     pp.add_argument("--minibatches", type=int, default=2)
     pp.add_argument("--iters", type=int, default=4)
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another ppo setting")
+    pp.add_argument("--profile", action="store_true", help="one more iteration under torch.profiler, by phase")
+    peer = sub.add_parser("peer-profile", help="the peer's script with its phases profiled (run in its venv)")
+    peer.add_argument("script")
+    peer.add_argument("args", nargs=argparse.REMAINDER)
+    ready = sub.add_parser("chat-ready", help="link a model with a chat-template tokenizer (for the peer's script)")
+    ready.add_argument("model_dir")
+    ready.add_argument("out")
     cmp = sub.add_parser("compare", help="ratios of two JSON result lines (ours, then the peer's)")
     cmp.add_argument("ours")
     cmp.add_argument("peer")
+    cmp.add_argument("--goals", nargs=2, type=float, default=(0.5, 0.6), metavar=("TIME", "MEMORY"))
     a = ap.parse_args(argv)
     if a.what == "ppo":
-        print(json.dumps(bench_ppo(a.model_dir, a.batch, a.response_length, a.epochs, a.minibatches, a.iters)))
+        import yaml
+
+        overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+        r = bench_ppo(a.model_dir, a.batch, a.response_length, a.epochs, a.minibatches, a.iters, overrides, a.profile)
+        print(json.dumps(r))
+        return
+    if a.what == "peer-profile":
+        profile_peer(a.script, [x for x in a.args if x != "--"])
+        return
+    if a.what == "chat-ready":
+        print(chat_ready(a.model_dir, a.out))
         return
     if a.what == "compare":
         ours, peer = (json.loads(Path(p).read_text().strip().splitlines()[-1]) for p in (a.ours, a.peer))
@@ -217,8 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(
             f"PPO vs {peer['impl']}: {ours['per_iter_s']:.2f}s vs {peer['per_iter_s']:.2f}s per iteration "
-            f"-> {t:.2f}x time (goal <= 0.5); peak RSS {ours['peak_rss_mb']:.0f} vs {peer['peak_rss_mb']:.0f} MB "
-            f"-> {m:.2f}x (goal <= 0.6)"
+            f"-> {t:.2f}x time (goal <= {a.goals[0]}); peak RSS {ours['peak_rss_mb']:.0f} vs "
+            f"{peer['peak_rss_mb']:.0f} MB -> {m:.2f}x (goal <= {a.goals[1]})"
         )
         return
     if a.what == "data":

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from data_prep.gemma_format import stop_token_ids
 from pipeline.core import ppo_math as pm
@@ -100,13 +101,27 @@ class PolicyAndValue(nn.Module):
         self.value_shift = value_shift
         self.value_scale = value_scale
 
-    def forward(self, input_ids, attention_mask, position_ids, responses, temperature: float, entropy: bool = False):
-        """Log-probs of ``responses`` (B, L) under the policy, the value of the state before each response token
-        (B, L), and (with ``entropy``) the policy's entropy at each response position (B, L) or None."""
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        responses,
+        temperature: float,
+        entropy: bool = False,
+        valid: torch.Tensor | None = None,
+        memory_mb: int = 256,
+        policy: bool = True,
+    ):
+        """Log-probs of ``responses`` (B, L) under the policy (0 where ``valid`` is False), the value of the state
+        before each response token (B, L), and (with ``entropy``) the policy's entropy at each response position
+        (B, L) or None. ``policy=False``: the values alone (log-probs and entropy None)."""
         L = responses.size(1)
-        lp, ent = response_logprobs(
-            self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy
-        )
+        lp = ent = None
+        if policy:
+            lp, ent = response_logprobs(
+                self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy, valid, memory_mb
+            )
         values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
         if self.value_shift or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale
@@ -124,61 +139,75 @@ class PolicyAndValue(nn.Module):
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
 
-LOGIT_CHUNK_ELEMENTS = 1 << 22  # rows of logits computed at once: about 16 MB in fp32, whatever the vocabulary
-
-
 def vocabulary_size(model: nn.Module) -> int:
     """Rows of the output head, from the config: under ZeRO-3 the head's weight is a partitioned parameter whose
     local shape is (0,)."""
     return int(model.config.get_text_config().vocab_size)
 
 
-def logit_chunk_rows(model: nn.Module, L: int) -> int:
-    """Sequences whose (L, vocabulary) logits are computed at once by ``response_logprobs``."""
-    return max(1, LOGIT_CHUNK_ELEMENTS // max(1, L * vocabulary_size(model)))
+def logit_positions(model: nn.Module, memory_mb: float) -> int:
+    """Response positions whose fp32 logits fit in ``memory_mb`` (``ppo.logits_memory_mb``)."""
+    return max(1, int(memory_mb * (1 << 20)) // (4 * vocabulary_size(model)))
 
 
 def response_logprobs(
-    model: nn.Module, input_ids, attention_mask, position_ids, responses, temperature: float, entropy: bool = False
+    model: nn.Module,
+    input_ids,
+    attention_mask,
+    position_ids,
+    responses,
+    temperature: float,
+    entropy: bool = False,
+    valid: torch.Tensor | None = None,
+    memory_mb: float = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM, without ever holding the
-    (B, L, vocabulary) logits.
+    """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM; 0 where ``valid`` (B, L) is
+    False (prompt, padding and post-stop positions never reach the output head).
 
-    The backbone runs once; the output head and the log-softmax run over a few rows at a time, and when gradients
-    are needed each chunk is recomputed in the backward pass (activation checkpointing of the head) instead of being
-    kept. With Gemma's 256k vocabulary the full logits of a batch are the largest tensor of PPO.
+    The backbone runs once; the output head and the log-softmax run only on the valid response positions. When
+    their fp32 logits fit in ``memory_mb`` they are computed at once and kept for the backward pass; past it they
+    are computed that many positions at a time and, when gradients are needed, recomputed in the backward pass
+    (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the logits are the
+    largest tensor of PPO: 8 x 48 positions hold 403 MB.
     """
     from torch.utils.checkpoint import checkpoint
 
-    L = responses.size(1)
+    B, L = responses.shape
     backbone = model.get_decoder()
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state[:, -L - 1 : -1]  # (B, L, H): positions predicting y_t
+    if valid is None:
+        valid = torch.ones(B, L, dtype=torch.bool, device=responses.device)
+    where = valid.reshape(-1).nonzero().squeeze(1)
+    h, tokens = hidden.reshape(B * L, -1).index_select(0, where), responses.reshape(-1).index_select(0, where)
 
-    def chunk_logprobs(h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return pm.logprobs_from_logits(logits, tokens, temperature)
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        logits = head(x).float()
+        return torch.tanh(logits / cap) * cap if cap else logits
 
-    rows = logit_chunk_rows(model, L)
+    def chunk_logprobs(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        # Without soft-capping the head is linear, so the temperature divides the (N, H) hidden states instead of
+        # the (N, vocabulary) logits: one pass over the largest tensor less, forward and backward.
+        linear = not cap and getattr(head, "bias", None) is None
+        scaled = head(x / temperature).float() if linear else logits_of(x) / temperature
+        return pm.token_logprobs(scaled, tok)
+
+    n, rows = h.size(0), logit_positions(model, memory_mb)
+    recompute = torch.is_grad_enabled() and n > rows
     lps, ents = [], []
-    for a in range(0, hidden.size(0), rows):
-        h, tok = hidden[a : a + rows], responses[a : a + rows]
-        if torch.is_grad_enabled():
-            lps.append(checkpoint(chunk_logprobs, h, tok, use_reentrant=False))
-        else:
-            lps.append(chunk_logprobs(h, tok))
+    for a in range(0, n, rows):
+        x, tok = h[a : a + rows], tokens[a : a + rows]
+        lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False) if recompute else chunk_logprobs(x, tok))
         if entropy:
             with torch.no_grad():
-                logits = head(h).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                ents.append(pm.entropy_from_logits(logits, temperature))
-    return torch.cat(lps), (torch.cat(ents) if entropy else None)
+                ents.append(pm.entropy_from_logits(logits_of(x).unsqueeze(0), temperature).squeeze(0))
+    flat = torch.zeros(B * L, dtype=torch.float32, device=responses.device)
+    lp = flat.index_put((where,), torch.cat(lps) if lps else flat[:0]).reshape(B, L)
+    ent = flat.index_put((where,), torch.cat(ents) if ents else flat[:0]).reshape(B, L) if entropy else None
+    return lp, ent
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -269,11 +298,14 @@ def sample(s: Setup, queries: torch.Tensor, greedy: bool = False, model: nn.Modu
 
 
 @torch.no_grad()
-def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: bool = False):
+def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: bool = False, valid=None):
     """Rollout log-probs and values from the same forward the update uses; (B, L) each (and the entropy)."""
     lps, vals, ents = [], [], []
     for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
-        lp, values, ent = s.model(seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy)
+        v = None if valid is None else valid[a:b]
+        lp, values, ent = s.model(
+            seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy, v, s.cfg.logits_memory_mb
+        )
         lps.append(lp)
         vals.append(values.float())
         ents.append(ent)
@@ -281,17 +313,27 @@ def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: boo
 
 
 @torch.no_grad()
-def ref_logprobs(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
+def rollout_values(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
+    """The value model alone (the log-probs came from the sampler); (B, L)."""
+    out = []
+    for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
+        out.append(s.model(seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, policy=False)[1].float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def ref_logprobs(s: Setup, seq, mask, pos, responses, valid=None) -> torch.Tensor:
     out = []
     for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
         args = (seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature)
+        kwargs = {"valid": None if valid is None else valid[a:b], "memory_mb": s.cfg.logits_memory_mb}
         if s.ref is None:  # LoRA: the reference is the same base with the adapter disabled
             policy = s.unwrapped.policy
             with policy.disable_adapter():
-                out.append(response_logprobs(policy, *args)[0])
+                out.append(response_logprobs(policy, *args, **kwargs)[0])
         else:
             ref = s.ref.module if hasattr(s.ref, "module") else s.ref  # a DeepSpeed inference engine's model
-            out.append(response_logprobs(ref, *args)[0])
+            out.append(response_logprobs(ref, *args, **kwargs)[0])
     return torch.cat(out)
 
 
@@ -314,18 +356,28 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     cfg = s.cfg
     t0 = time.perf_counter()
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
-    g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
+    with record_function("ppo/sample"):
+        g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
     responses, seq_len, stopped = g.responses, g.seq_len, g.stopped
     t_gen = time.perf_counter() - t0
     seq, mask, pos = g.inputs()  # pad ids inside a response are never generated before the stop
-    # 3-5. Log-probs under the policy (same forward as training) and the reference; values.
+    valid = pm.valid_mask(seq_len, responses.size(1))
+    # 3-5. Log-probs under the policy (the sampler's, or a forward like the training one) and the reference; values.
     t1 = time.perf_counter()
-    logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, entropy=True)
-    ref_lp = ref_logprobs(s, seq, mask, pos, responses)
+    if cfg.rollout_logprobs == "sampler":
+        logprobs, entropy = g.logprobs, g.entropy
+        with record_function("ppo/values"):
+            values = rollout_values(s, seq, mask, pos, responses)
+    else:
+        with record_function("ppo/policy_and_values"):
+            logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, True, valid)
+    with record_function("ppo/reference"):
+        ref_lp = ref_logprobs(s, seq, mask, pos, responses, valid)
     # 6. Score at the stop token (or the last token when the response never stopped). Only <end_of_turn> ends a
     #    turn: a response that stopped on <eos> is read at a token the reward model never learned to score, so it
     #    counts as not ended (the missing-stop penalty applies), like one cut at the length limit.
-    raw_scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
+    with record_function("ppo/reward"):
+        raw_scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
     ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
     scores = pm.final_scores(
         raw_scores,
@@ -420,8 +472,16 @@ def train_on_rollout(
             for k in range(sizes.micro_per_mini):
                 mb = idx[k * cfg.per_device_train_batch_size : (k + 1) * cfg.per_device_train_batch_size]
                 with acc.accumulate(s.model):
-                    new_lp, vpred, _ = s.model(ro.seq[mb], ro.mask[mb], ro.pos[mb], ro.responses[mb], cfg.temperature)
                     am, vm = ro.action_mask[mb], ro.value_mask[mb]
+                    new_lp, vpred, _ = s.model(
+                        ro.seq[mb],
+                        ro.mask[mb],
+                        ro.pos[mb],
+                        ro.responses[mb],
+                        cfg.temperature,
+                        valid=am,
+                        memory_mb=cfg.logits_memory_mb,
+                    )
                     pg, pg_clipped, ratio = pm.clipped_policy_loss(
                         new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange
                     )
@@ -663,9 +723,10 @@ def build_setup(
     cfg = recipe.ppo
     prec = precision(recipe.run.precision)
     load = {"dtype": prec["dtype"], "dropout_off": True}
+    frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
     policy = load_causal_lm(recipe.model, str(policy_dir), **load)
     value = load_sequence_classifier(recipe.model, str(value_dir), **load)
-    reward = load_sequence_classifier(recipe.model, str(rm_dir), **load)
+    reward = load_sequence_classifier(recipe.model, str(rm_dir), **frozen)
     if cfg.gradient_checkpointing:
         for m in (policy, value):  # non-reentrant: also right for a LoRA policy whose inputs need no grad
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -684,7 +745,7 @@ def build_setup(
             ),
         )
     else:
-        ref = load_causal_lm(recipe.model, str(policy_dir), **load)
+        ref = load_causal_lm(recipe.model, str(policy_dir), **frozen)
     for m in (policy, value, reward, ref):
         if m is not None:
             disable_dropout(m)
@@ -694,8 +755,14 @@ def build_setup(
             frozen.eval()
     shift, scale = (reward_stats.mean, reward_stats.std) if reward_stats is not None else (0.0, 1.0)
     model = PolicyAndValue(policy, value, shift, max(scale, 1e-8))
+    # Fused: one kernel per parameter, no temporaries the size of the largest one (Gemma's 262k-row embedding), and
+    # the same arithmetic as the default loop.
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        eps=cfg.adam_eps,
+        weight_decay=0.0,
+        fused=True,
     )
     # The LR decays linearly to 0 over the run, stepped once per rollout batch; not handed to accelerate, which
     # would step it once per process.
@@ -791,8 +858,10 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
     if accelerator.is_main_process:
         policy = s.unwrapped.policy
         print(
-            f"[ppo] output head: {vocabulary_size(policy)} ids; log-probs of {logit_chunk_rows(policy, cfg.response_length)}"
-            f" response(s) at a time" + ("; values standardised like the scores" if value_stats else ""),
+            f"[ppo] output head: {vocabulary_size(policy)} ids; logits of up to "
+            f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
+            f"{cfg.logits_memory_mb}); rollout log-probs from the {cfg.rollout_logprobs}; frozen models in "
+            f"{cfg.frozen_precision}" + ("; values standardised like the scores" if value_stats else ""),
             flush=True,
         )
     s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std

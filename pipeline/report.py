@@ -76,7 +76,7 @@ def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: 
         chunk=recipe.ppo.local_rollout_forward_batch_size,
     )
     rows = [slice(i * n, (i + 1) * n) for i in range(len(prompts))]
-    return [Generation(g.queries[r], g.responses[r], g.seq_len[r], g.stopped[r], g.pad_id) for r in rows]
+    return [g.rows(r) for r in rows]
 
 
 def mean_score(rm_dir: Path, generations: list[Generation]) -> float:

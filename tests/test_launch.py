@@ -161,11 +161,9 @@ def test_ppo_two_processes(data_root, config, kind):
     assert missing_notices(data_root / run / "ppo" / "checkpoints" / "checkpoint-3") == []
     _engine_ran(data_root / run / "ppo" / "checkpoints" / "checkpoint-3", config)
     # The log-prob chunks are sized from the config's vocabulary, also where ZeRO-3 partitions the head (E6).
-    from pipeline.ppo import LOGIT_CHUNK_ELEMENTS
-
     vocab = json.loads((base / "sft" / "final" / "config.json").read_text())["vocab_size"]
-    rows = LOGIT_CHUNK_ELEMENTS // (recipe.ppo.response_length * vocab)
-    assert f"[ppo] output head: {vocab} ids; log-probs of {rows} response(s) at a time" in out, out[-4000:]
+    rows = (recipe.ppo.logits_memory_mb << 20) // (4 * vocab)
+    assert f"[ppo] output head: {vocab} ids; logits of up to {rows} response positions at a time" in out, out[-4000:]
     lineage = json.loads((final / "lineage.json").read_text())
     assert lineage["metrics"]["updates"] == 4 and lineage["metrics"]["optimizer_steps_this_session"] == 16
     from transformers import AutoModelForCausalLM

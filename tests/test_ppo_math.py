@@ -328,6 +328,26 @@ def test_logprobs_match_the_naive_formula_with_temperature():
     assert torch.allclose(logprobs_from_logits(logits, tokens, 0.7), naive, atol=1e-6)
 
 
+def test_token_logprobs_hand_written_backward_equals_autograd():
+    """Catches a wrong hand-written gradient of log softmax(logits)[token] (a missing one-hot term, a sign): value
+    and gradient equal autograd's composition, and gradcheck passes in float64. Negative control: dropping the
+    one-hot term is told apart by the same comparison."""
+    from pipeline.core.ppo_math import token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 13, (6,))
+    weights = torch.randn(6, dtype=torch.float64)
+    naive = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (expected,) = torch.autograd.grad((naive * weights).sum(), logits)
+    out = token_logprobs(logits, tokens)
+    (got,) = torch.autograd.grad((out * weights).sum(), logits)
+    assert torch.allclose(out, naive, atol=1e-12) and torch.allclose(got, expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, tokens), (logits,))
+    broken = -torch.softmax(logits.detach(), -1) * weights.unsqueeze(-1)  # the backward without the one-hot term
+    assert not torch.allclose(broken, expected, atol=1e-3)
+
+
 def test_explained_variance():
     mask = torch.ones(1, 4, dtype=torch.bool)
     assert explained_variance(t([[1.0, 2, 3, 4]]), t([[1.0, 2, 3, 4]]), mask) == pytest.approx(1.0)

@@ -279,15 +279,15 @@ def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
     """Catches the chunk size read from ``head.weight.shape[0]``, which is 0 under ZeRO-3: chunking silently turned
     off and the whole batch's (B, L, vocabulary) logits came back. tests/test_launch.py checks the same line under
     two-process ZeRO-3."""
-    from pipeline.ppo import LOGIT_CHUNK_ELEMENTS, logit_chunk_rows
+    from pipeline.ppo import logit_positions
 
     s, _ = _setup(chain)
     policy = s.unwrapped.policy
     vocab = policy.config.vocab_size
-    expected = LOGIT_CHUNK_ELEMENTS // (64 * vocab)
+    expected = (16 << 20) // (4 * vocab)
     policy.lm_head.weight = torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
-    assert logit_chunk_rows(policy, 64) == expected
-    assert LOGIT_CHUNK_ELEMENTS // max(1, 64 * policy.lm_head.weight.shape[0]) > 1000 * expected  # the old reading
+    assert logit_positions(policy, 16) == expected
+    assert (16 << 20) // max(1, 4 * policy.lm_head.weight.shape[0]) > 1000 * expected  # the old reading
 
 
 # E7 -------------------------------------------------------------------------------------------------------------

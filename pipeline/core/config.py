@@ -285,6 +285,17 @@ class PPOConfig:
     """Where the score lands: on the stop token (default) or one slot after it (TRL's placement)."""
     local_rollout_forward_batch_size: int = 64
     """Rows per no-grad forward or generate call during rollouts (bounds rollout memory)."""
+    rollout_logprobs: Literal["sampler", "forward"] = "sampler"
+    """The rollout's (old) log-probs: the sampler's own, computed while sampling (no extra policy forward), or a
+    second forward of the policy over the sampled responses, the same function as the training forward (docs/ppo.md
+    has the measured difference)."""
+    frozen_precision: Literal["fp32", "bf16"] = "fp32"
+    """Weights of the frozen models (the reference of a full-parameter policy, and the reward model): bf16 halves
+    their memory and, on hardware with bf16 matrix units, their time; their outputs change within the tolerance
+    docs/ppo.md states."""
+    logits_memory_mb: int = 256
+    """Output-head logits (fp32) that one micro-batch may hold for the backward pass. Within it the logits of the
+    response tokens are kept; past it they are computed in pieces of that size and recomputed in the backward pass."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never produce the stop token."""
     normalize_reward: bool = False
@@ -632,6 +643,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         )
     if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
         err("ppo.gamma/ppo.lam", "must be in [0, 1]")
+    if p.logits_memory_mb < 1:
+        err("ppo.logits_memory_mb", "must be at least 1")
     if not 0 <= recipe.rm.min_accuracy <= 1:
         err("rm.min_accuracy", "must be in [0, 1]")
 
