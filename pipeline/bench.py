@@ -124,39 +124,41 @@ BENCH_PROMPTS = [
 
 PPO_PHASES = ("ppo/sample", "ppo/values", "ppo/policy_and_values", "ppo/reference", "ppo/reward", "ppo/train")
 PEER_PHASES = {"batch_generation": "ppo/sample", "forward": "ppo/reference", "get_reward": "ppo/values_and_reward"}
+PEER_LABELS = {*PEER_PHASES.values(), "ppo/train_forward"}
 
 
-def _top_ops(event):
-    """The outermost aten operators under a profiler event (nested labels are walked through)."""
-    for child in event.cpu_children:
-        if child.name.startswith("aten::"):
-            yield child
-        else:
-            yield from _top_ops(child)
+def _phase_of(op, labels) -> str | None:
+    """The label an operator runs under (``unlabelled`` when none), or None when it runs inside another operator
+    (it is counted with that one)."""
+    parent = op.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return None
+        if parent.name in labels:
+            return parent.name
+        parent = parent.cpu_parent
+    return "unlabelled"
 
 
 def phase_breakdown(events, vocab: int, labels) -> dict:
     """Seconds per labelled phase of a torch.profiler trace (one iteration), and the part of each spent in
-    operators that touch a vocabulary-sized dimension: the output head, its log-softmax and their backward."""
-    out: dict[str, dict[str, float]] = {}
-    inside = set()
+    operators that touch a vocabulary-sized dimension (``head_s``): the output head, its log-softmax and their
+    backward, and in training also the embedding's dense gradient and the optimizer's update of those rows.
+    Operators under no label are summed as ``unlabelled`` (for the peer: its training epochs)."""
+    out: dict[str, dict[str, float]] = {"unlabelled": {"s": 0.0, "head_s": 0.0}}
     for ev in events:
-        if ev.name not in labels:
+        if ev.name in labels:
+            out.setdefault(ev.name, {"s": 0.0, "head_s": 0.0})["s"] += ev.cpu_time_total / 1e6
+    for op in events:
+        phase = _phase_of(op, labels) if op.name.startswith("aten::") else None
+        if phase is None:
             continue
-        row = out.setdefault(ev.name, {"s": 0.0, "head_s": 0.0})
-        row["s"] += ev.cpu_time_total / 1e6
-        for op in _top_ops(ev):
-            inside.add(id(op))
-            if any(vocab in shape for shape in op.input_shapes if isinstance(shape, list)):
-                row["head_s"] += op.cpu_time_total / 1e6
-    rest = {"s": 0.0, "head_s": 0.0}  # top-level operators outside every label
-    for ev in events:
-        if ev.name.startswith("aten::") and ev.cpu_parent is None and id(ev) not in inside:
-            rest["s"] += ev.cpu_time_total / 1e6
-            if any(vocab in shape for shape in ev.input_shapes if isinstance(shape, list)):
-                rest["head_s"] += ev.cpu_time_total / 1e6
-    out["unlabelled"] = rest
-    return {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in out.items()}
+        seconds = op.cpu_time_total / 1e6
+        if phase == "unlabelled":
+            out[phase]["s"] += seconds
+        if op.name != "aten::embedding" and any(vocab in s for s in op.input_shapes if isinstance(s, list)):
+            out[phase]["head_s"] += seconds  # a lookup reads a few rows; its dense backward does count
+    return {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in out.items()}
 
 
 def bench_ppo(
@@ -239,7 +241,10 @@ def bench_ppo(
         "epochs": epochs,
         "minibatches": minibatches,
         "optimizer_steps": counter.steps,
-        "settings": {k: getattr(cfg, k) for k in ("rollout_logprobs", "frozen_precision", "logits_memory_mb")},
+        "settings": {
+            "rollout_logprobs": "sampler" if s.sampler_logprobs else "forward",
+            **{k: getattr(cfg, k) for k in ("frozen_precision", "logits_memory_mb")},
+        },
     }
     if profile:
         with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -248,9 +253,11 @@ def bench_ppo(
     return out
 
 
-def profile_peer(script: str, argv: list[str]) -> None:
-    """Run the peer's benchmark script (in its own venv, ``PYTHONPATH`` at this repository) with its rollout phases
-    labelled, and print the phase breakdown of its second iteration as one JSON line (keys as ``bench_ppo``'s)."""
+def profile_peer(script: str, argv: list[str], profiler: bool) -> None:
+    """Run the peer's benchmark script (in its own venv, ``PYTHONPATH`` at this repository) with its phases timed,
+    and print the breakdown of its second iteration as one JSON line: wall seconds per phase (``train`` is the rest
+    of the iteration: its PPO epochs), or with ``profiler`` the torch.profiler breakdown with the head's part (the
+    profiler's per-operator cost inflates the peer's many small operators, so read it as shares)."""
     import importlib.util
     import sys
 
@@ -262,42 +269,65 @@ def profile_peer(script: str, argv: list[str]) -> None:
     spec.loader.exec_module(peer)
     import trl.experimental.ppo.ppo_trainer as trainer_module
 
+    seconds: dict[str, float] = {}
+    iterations: list[dict[str, float]] = []
+
     def labelled(fn, label):
-        def wrapper(*a, **k):
-            with record_function(label):
-                return fn(*a, **k)
+        def wrapper(*a, **k):  # TRL's ``forward`` also runs the training step's policy and value forward
+            name = "ppo/train_forward" if torch.is_grad_enabled() else label
+            t0 = time.perf_counter()
+            with record_function(name):
+                out = fn(*a, **k)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+            return out
 
         return wrapper
 
     for name, label in PEER_PHASES.items():
         setattr(trainer_module, name, labelled(getattr(trainer_module, name), label))
+    vocab: dict[str, int] = {}
+    captured: dict = {}
+
+    def ready(p) -> None:  # the second iteration's trace, once it is complete
+        captured.setdefault("profile", phase_breakdown(p.events(), vocab["n"], PEER_LABELS))
+
     prof = torch.profiler.profile(
-        activities=[ProfilerActivity.CPU], record_shapes=True, schedule=schedule(wait=1, warmup=0, active=1)
+        activities=[ProfilerActivity.CPU],
+        record_shapes=True,
+        schedule=schedule(wait=1, warmup=0, active=1, repeat=1),
+        on_trace_ready=ready,
     )
     step_end = peer.IterTimer.on_step_end
+    started = [time.perf_counter()]
 
     def on_step_end(self, *a, **k):
         step_end(self, *a, **k)
-        prof.step()
+        now = time.perf_counter()
+        rollout = sum(v for key, v in seconds.items() if key != "ppo/train_forward")
+        iterations.append({**seconds, "ppo/train": now - started[0] - rollout})
+        seconds.clear()
+        started[0] = now
+        if profiler:
+            prof.step()
 
     peer.IterTimer.on_step_end = on_step_end
-    vocab = {}
     original_train = trainer_module.PPOTrainer.train
 
     def train(self, *a, **k):
         vocab["n"] = int(self.model.policy.config.vocab_size)
+        started[0] = time.perf_counter()
         return original_train(self, *a, **k)
 
     trainer_module.PPOTrainer.train = train
     sys.argv = [script, *argv]
-    prof.start()
+    if profiler:
+        prof.start()
     peer.main()
-    prof.stop()
-    print(
-        json.dumps(
-            {"impl": "trl-1.12", "profile": phase_breakdown(prof.events(), vocab["n"], set(PEER_PHASES.values()))}
-        )
-    )
+    if profiler:
+        prof.stop()
+        print(json.dumps({"impl": "trl-1.12", **captured}))
+    else:
+        print(json.dumps({"impl": "trl-1.12", "seconds": {k: round(v, 3) for k, v in iterations[1].items()}}))
 
 
 def chat_ready(model_dir: str, out: str) -> Path:
@@ -334,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another ppo setting")
     pp.add_argument("--profile", action="store_true", help="one more iteration under torch.profiler, by phase")
     peer = sub.add_parser("peer-profile", help="the peer's script with its phases profiled (run in its venv)")
+    peer.add_argument("--profiler", action="store_true", help="torch.profiler shares instead of wall seconds")
     peer.add_argument("script")
     peer.add_argument("args", nargs=argparse.REMAINDER)
     ready = sub.add_parser("chat-ready", help="link a model with a chat-template tokenizer (for the peer's script)")
@@ -352,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
         return
     if a.what == "peer-profile":
-        profile_peer(a.script, [x for x in a.args if x != "--"])
+        profile_peer(a.script, [x for x in a.args if x != "--"], a.profiler)
         return
     if a.what == "chat-ready":
         print(chat_ready(a.model_dir, a.out))

@@ -244,6 +244,13 @@ class Setup:
         return self.stop_ids[0] if self.stop_ids else -1
 
     @property
+    def sampler_logprobs(self) -> bool:
+        """Whether the rollout takes the sampler's log-probs (``ppo.rollout_logprobs``; ``auto``: unless bf16)."""
+        if self.cfg.rollout_logprobs == "auto":
+            return self.accelerator.mixed_precision != "bf16"
+        return self.cfg.rollout_logprobs == "sampler"
+
+    @property
     def unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
 
@@ -364,7 +371,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     valid = pm.valid_mask(seq_len, responses.size(1))
     # 3-5. Log-probs under the policy (the sampler's, or a forward like the training one) and the reference; values.
     t1 = time.perf_counter()
-    if cfg.rollout_logprobs == "sampler":
+    if s.sampler_logprobs:
         logprobs, entropy = g.logprobs, g.entropy
         with record_function("ppo/values"):
             values = rollout_values(s, seq, mask, pos, responses)
@@ -860,7 +867,8 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
         print(
             f"[ppo] output head: {vocabulary_size(policy)} ids; logits of up to "
             f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
-            f"{cfg.logits_memory_mb}); rollout log-probs from the {cfg.rollout_logprobs}; frozen models in "
+            f"{cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
+            f"frozen models in "
             f"{cfg.frozen_precision}" + ("; values standardised like the scores" if value_stats else ""),
             flush=True,
         )

@@ -73,3 +73,27 @@ def test_report_answer_cells_keep_the_table_whole():
     got = cell("수박은 좋다. | 모델\nmodel\n다음", False)
     assert "\n" not in got and "\\|" in got and got.endswith("*(no `<end_of_turn>`)*")
     assert cell("수박은 정말 좋습니다.", True) == "수박은 정말 좋습니다."
+
+
+def test_ppo_bench_profile_splits_phases_and_head_time(tiny_dir):
+    """Catches a profile whose phases are missing (labels not reached, so all time lands in ``unlabelled``) or whose
+    head classification finds nothing: on the toy every phase appears, the sampler and the training step spend time
+    in vocabulary-sized operators, and the value and reward forwards (no output head) none. Negative control: the
+    same trace read without labels puts everything under ``unlabelled``."""
+    import torch
+    from torch.profiler import ProfilerActivity, record_function
+
+    from pipeline.bench import PPO_PHASES, bench_ppo, phase_breakdown
+
+    r = bench_ppo(str(tiny_dir), 8, 8, 1, 1, 1, {"rollout_logprobs": "sampler"}, profile=True)
+    p = r["profile"]
+    assert {"ppo/sample", "ppo/values", "ppo/reference", "ppo/reward", "ppo/train"} <= set(p)
+    assert p["ppo/sample"]["head_s"] > 0 and p["ppo/train"]["head_s"] > 0 and p["ppo/reference"]["head_s"] > 0
+    assert p["ppo/values"]["head_s"] == 0 and p["ppo/reward"]["head_s"] == 0
+    assert p["ppo/train"]["s"] > p["ppo/train"]["head_s"]
+    assert r["optimizer_steps"] == 2  # counted over the two timed iterations, before the profiled one
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with record_function("ppo/train"):
+            torch.randn(3, 77) @ torch.randn(77, 5)
+    assert phase_breakdown(prof.events(), 77, PPO_PHASES)["ppo/train"]["head_s"] > 0
+    assert set(phase_breakdown(prof.events(), 77, ())) == {"unlabelled"}

@@ -285,10 +285,11 @@ class PPOConfig:
     """Where the score lands: on the stop token (default) or one slot after it (TRL's placement)."""
     local_rollout_forward_batch_size: int = 64
     """Rows per no-grad forward or generate call during rollouts (bounds rollout memory)."""
-    rollout_logprobs: Literal["sampler", "forward"] = "sampler"
+    rollout_logprobs: Literal["auto", "sampler", "forward"] = "auto"
     """The rollout's (old) log-probs: the sampler's own, computed while sampling (no extra policy forward), or a
-    second forward of the policy over the sampled responses, the same function as the training forward (docs/ppo.md
-    has the measured difference)."""
+    second forward of the policy over the sampled responses, the same function as the training forward. ``auto``:
+    the sampler's in fp32 (they equal the forward's within 1e-5), the forward's under bf16 (the cached bf16 sampler
+    differs by about 1e-2 and the first ratio would not be 1). docs/ppo.md has the measurements."""
     frozen_precision: Literal["fp32", "bf16"] = "fp32"
     """Weights of the frozen models (the reference of a full-parameter policy, and the reward model): bf16 halves
     their memory and, on hardware with bf16 matrix units, their time; their outputs change within the tolerance
