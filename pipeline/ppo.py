@@ -371,7 +371,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     valid = pm.valid_mask(seq_len, responses.size(1))
     # 3-5. Log-probs under the policy (the sampler's, or a forward like the training one) and the reference; values.
     t1 = time.perf_counter()
-    if s.sampler_logprobs:
+    if s.sampler_logprobs and g.logprobs is not None:  # (a Generation built by hand has none)
         logprobs, entropy = g.logprobs, g.entropy
         with record_function("ppo/values"):
             values = rollout_values(s, seq, mask, pos, responses)
