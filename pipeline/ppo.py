@@ -164,10 +164,10 @@ def response_logprobs(
     """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM; 0 where ``valid`` (B, L) is
     False (prompt, padding and post-stop positions never reach the output head).
 
-    The backbone runs once; the output head and the log-softmax run only on the valid response positions. When
-    their fp32 logits fit in ``memory_mb`` they are computed at once and kept for the backward pass; past it they
-    are computed that many positions at a time and, when gradients are needed, recomputed in the backward pass
-    (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the logits are the
+    The backbone runs once; the output head and the log-softmax run only on the valid response positions. When the
+    fp32 logits of B x L positions fit in ``memory_mb`` they are computed at once and kept for the backward pass;
+    past it they are computed in pieces of at most that size and, when gradients are needed, recomputed in the
+    backward pass (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the logits are the
     largest tensor of PPO: 8 x 48 positions hold 403 MB.
     """
     from torch.utils.checkpoint import checkpoint
@@ -195,11 +195,13 @@ def response_logprobs(
         scaled = head(x / temperature).float() if linear else logits_of(x) / temperature
         return pm.token_logprobs(scaled, tok)
 
-    n, rows = h.size(0), logit_positions(model, memory_mb)
-    recompute = torch.is_grad_enabled() and n > rows
+    # The number of pieces (and whether they are recomputed) depends only on (B, L), the same on every process:
+    # under ZeRO-3 each head call gathers the head's weight collectively, so every process must call it equally
+    # often. The valid positions are spread evenly over the pieces (a piece may be empty).
+    pieces = -(-(B * L) // logit_positions(model, memory_mb))
+    recompute = torch.is_grad_enabled() and pieces > 1
     lps, ents = [], []
-    for a in range(0, n, rows):
-        x, tok = h[a : a + rows], tokens[a : a + rows]
+    for x, tok in zip(h.tensor_split(pieces), tokens.tensor_split(pieces)):
         lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False) if recompute else chunk_logprobs(x, tok))
         if entropy:
             with torch.no_grad():
@@ -844,9 +846,12 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
         cfg.num_ppo_epochs,
     )
     prec = precision(recipe.run.precision)
-    accelerator = make_accelerator(cfg, sizes, prec)
     if cfg.method == "lora" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError("ppo.method: lora is not supported under DeepSpeed ZeRO-3 (use ZeRO-2 or full)")
+    if cfg.frozen_precision == "bf16" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        # ZeRO-3 builds every model inside deepspeed.zero.Init, which casts new weights to the engine's dtype.
+        raise ConfigError("ppo.frozen_precision: bf16 is not supported under DeepSpeed ZeRO-3 (use fp32)")
+    accelerator = make_accelerator(cfg, sizes, prec)
     local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
     set_seed(local_seed)
     tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": inputs.rm_accuracy})
@@ -868,8 +873,8 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             f"[ppo] output head: {vocabulary_size(policy)} ids; logits of up to "
             f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
             f"{cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
-            f"frozen models in "
-            f"{cfg.frozen_precision}" + ("; values standardised like the scores" if value_stats else ""),
+            f"{'reward model' if cfg.method == 'lora' else 'reference and reward models'} in {cfg.frozen_precision}"
+            + ("; values standardised like the scores" if value_stats else ""),
             flush=True,
         )
     s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std

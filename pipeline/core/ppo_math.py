@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 INVALID_LOGPROB = 1.0  # fill value of log-probs at invalid positions (TRL's convention; never averaged)
 
@@ -50,9 +51,10 @@ class _TokenLogprob(torch.autograd.Function):
         return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         logits, tokens, lse = ctx.saved_tensors
-        out = torch.exp(logits - lse.unsqueeze(-1))
+        out = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, in the one (N, V) allocation
         out.mul_(-grad.unsqueeze(-1))
         out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
         return out, None

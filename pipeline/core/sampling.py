@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.core import ppo_math as pm
+from pipeline.core.faults import NonFiniteLossError
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any) -> torch.Tensor:
@@ -204,12 +205,16 @@ def _decode(
             token = scaled.argmax(-1)
         else:  # inverse transform sampling on the float64 cumulative distribution (see generate's docstring)
             cdf = logp.exp().double().cumsum(-1)
+            if not bool(torch.isfinite(cdf[:, -1]).all()):
+                raise NonFiniteLossError(
+                    f"non-finite logits at response token {t + 1}: the model's weights hold NaN or inf"
+                )
             u = torch.rand(B, 1, dtype=torch.float64, device=q.device) * cdf[:, -1:]
             token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
         token = token.masked_fill(done, pad_id)
         responses[:, t] = token
         logprobs[:, t] = logp.gather(1, token.unsqueeze(1)).squeeze(1)
-        entropy[:, t] = -(logp.exp() * logp).sum(-1)
+        entropy[:, t] = -(logp.exp() * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
         done |= torch.isin(token, stops)
         if t + 1 == max_new_tokens or (bool(done.all()) and not synced):
             break
