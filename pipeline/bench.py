@@ -336,10 +336,11 @@ def chat_ready(model_dir: str, out: str) -> Path:
     from transformers import AutoTokenizer
 
     from data_prep.gemma_format import install_chat_template
+    from pipeline.core.rundir import GENERATION_CONFIG, MODEL_CONFIG
 
     src, dst = Path(model_dir).resolve(), Path(out)
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "model.safetensors"):
+    for name in (MODEL_CONFIG, GENERATION_CONFIG, "model.safetensors"):
         link = dst / name
         if (src / name).exists() and not link.exists():
             link.symlink_to(src / name)
