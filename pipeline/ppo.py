@@ -110,7 +110,7 @@ class PolicyAndValue(nn.Module):
         temperature: float,
         entropy: bool = False,
         valid: torch.Tensor | None = None,
-        memory_mb: int = 256,
+        memory_mb: float = 256,
         policy: bool = True,
     ):
         """Log-probs of ``responses`` (B, L) under the policy (0 where ``valid`` is False), the value of the state
@@ -167,8 +167,8 @@ def response_logprobs(
     The backbone runs once; the output head and the log-softmax run only on the valid response positions. When the
     fp32 logits of B x L positions fit in ``memory_mb`` they are computed at once and kept for the backward pass;
     past it they are computed in pieces of at most that size and, when gradients are needed, recomputed in the
-    backward pass (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the logits are the
-    largest tensor of PPO: 8 x 48 positions hold 403 MB.
+    backward pass (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the
+    logits are the largest tensor of PPO: 8 x 48 positions hold 403 MB.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -184,16 +184,22 @@ def response_logprobs(
     where = valid.reshape(-1).nonzero().squeeze(1)
     h, tokens = hidden.reshape(B * L, -1).index_select(0, where), responses.reshape(-1).index_select(0, where)
 
-    def logits_of(x: torch.Tensor) -> torch.Tensor:
+    # Without soft-capping the head is linear, so the temperature divides the (N, H) hidden states instead of the
+    # (N, vocabulary) logits: one pass over the largest tensor less, forward and backward.
+    linear = not cap and getattr(head, "bias", None) is None
+
+    def scaled_logits(x: torch.Tensor) -> torch.Tensor:
+        """logits / T in fp32, (N, vocabulary)."""
+        if linear:
+            return head(x / temperature).float()
         logits = head(x).float()
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return (torch.tanh(logits / cap) * cap if cap else logits) / temperature
 
     def chunk_logprobs(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        # Without soft-capping the head is linear, so the temperature divides the (N, H) hidden states instead of
-        # the (N, vocabulary) logits: one pass over the largest tensor less, forward and backward.
-        linear = not cap and getattr(head, "bias", None) is None
-        scaled = head(x / temperature).float() if linear else logits_of(x) / temperature
-        return pm.token_logprobs(scaled, tok)
+        return pm.token_logprobs(scaled_logits(x), tok)
+
+    def chunk_entropy(scaled: torch.Tensor) -> torch.Tensor:
+        return pm.entropy_from_logits(scaled.detach().unsqueeze(0), 1.0).squeeze(0)
 
     # The number of pieces (and whether they are recomputed) depends only on (B, L), the same on every process:
     # under ZeRO-3 each head call gathers the head's weight collectively, so every process must call it equally
@@ -202,10 +208,16 @@ def response_logprobs(
     recompute = torch.is_grad_enabled() and pieces > 1
     lps, ents = [], []
     for x, tok in zip(h.tensor_split(pieces), tokens.tensor_split(pieces)):
-        lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False) if recompute else chunk_logprobs(x, tok))
-        if entropy:
-            with torch.no_grad():
-                ents.append(pm.entropy_from_logits(logits_of(x).unsqueeze(0), temperature).squeeze(0))
+        if recompute:  # nothing of the piece is kept, so the entropy needs its own head call
+            lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False))
+            if entropy:
+                with torch.no_grad():
+                    ents.append(chunk_entropy(scaled_logits(x)))
+        else:  # one head call for both
+            scaled = scaled_logits(x)
+            lps.append(pm.token_logprobs(scaled, tok))
+            if entropy:
+                ents.append(chunk_entropy(scaled))
     flat = torch.zeros(B * L, dtype=torch.float32, device=responses.device)
     lp = flat.index_put((where,), torch.cat(lps) if lps else flat[:0]).reshape(B, L)
     ent = flat.index_put((where,), torch.cat(ents) if ents else flat[:0]).reshape(B, L) if entropy else None

@@ -22,21 +22,6 @@ INVALID_LOGPROB = 1.0  # fill value of log-probs at invalid positions (TRL's con
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[token] for (B, L, V) logits and (B, L) tokens -> (B, L), in float32.
-
-    Row by row, so that no (B, L, V) log-softmax is ever materialised for the whole batch: peak extra memory is
-    one row's (L, V). Dividing by the sampling temperature keeps training log-probs identical to the sampler's
-    (N implementation details, "divide logits by temperature").
-    """
-    out = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        scaled = row_logits.float() / temperature  # (L, V)
-        picked = scaled.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(scaled, dim=-1))
-    return torch.stack(out)
-
-
 class _TokenLogprob(torch.autograd.Function):
     """log softmax(logits)[token] with a hand-written backward: ``g * (onehot(token) - softmax(logits))`` in one
     allocation. Autograd's composition (gather, logsumexp) makes about six full passes over the (N, vocabulary)

@@ -201,10 +201,11 @@ def _decode(
     for t in range(max_new_tokens):
         scaled = logits.float() if temperature is None else logits.float() / temperature
         logp = torch.log_softmax(scaled, dim=-1)
+        p = logp.exp()
         if temperature is None:
             token = scaled.argmax(-1)
         else:  # inverse transform sampling on the float64 cumulative distribution (see generate's docstring)
-            cdf = logp.exp().double().cumsum(-1)
+            cdf = p.double().cumsum(-1)
             if not bool(torch.isfinite(cdf[:, -1]).all()):
                 raise NonFiniteLossError(
                     f"non-finite logits at response token {t + 1}: the model's weights hold NaN or inf"
@@ -214,7 +215,7 @@ def _decode(
         token = token.masked_fill(done, pad_id)
         responses[:, t] = token
         logprobs[:, t] = logp.gather(1, token.unsqueeze(1)).squeeze(1)
-        entropy[:, t] = -(logp.exp() * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
+        entropy[:, t] = -(p * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
         done |= torch.isin(token, stops)
         if t + 1 == max_new_tokens or (bool(done.all()) and not synced):
             break
