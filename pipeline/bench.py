@@ -158,7 +158,7 @@ def phase_breakdown(events, vocab: int, labels) -> dict:
             out[phase]["s"] += seconds
         if op.name != "aten::embedding" and any(vocab in s for s in op.input_shapes if isinstance(s, list)):
             out[phase]["head_s"] += seconds  # a lookup reads a few rows; its dense backward does count
-    return {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in out.items()}
+    return {k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in out.items()}  # any operator takes >1 us
 
 
 def bench_ppo(

@@ -94,6 +94,6 @@ def test_ppo_bench_profile_splits_phases_and_head_time(tiny_dir):
     assert r["optimizer_steps"] == 2  # counted over the two timed iterations, before the profiled one
     with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         with record_function("ppo/train"):
-            torch.randn(3, 77) @ torch.randn(77, 5)
+            torch.randn(512, 77) @ torch.randn(77, 8192)
     assert phase_breakdown(prof.events(), 77, PPO_PHASES)["ppo/train"]["head_s"] > 0
     assert set(phase_breakdown(prof.events(), 77, ())) == {"unlabelled"}
