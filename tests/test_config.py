@@ -140,6 +140,8 @@ def test_apply_override_creates_missing_sections():
         ({"launch": {"accelerate_config": "nope.yaml"}}, "launch.accelerate_config"),
         ({"ppo": {"temperature": 0}}, "ppo.temperature"),
         ({"rm": {"save_total_limit": 1}}, "rm.save_total_limit': must be at least 2 so a failed save keeps"),
+        ({"publish": {"language": ["Korean"]}}, "key 'publish.language.0': 'Korean' is not an ISO 639"),
+        ({"publish": {"repo_id": "no slash"}}, "key 'publish.repo_id'"),
     ],
 )
 def test_validate_catches_before_anything_runs(tmp_path, patch, match):

@@ -328,6 +328,15 @@ class TrackingConfig:
     """W&B tags."""
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """``auto``: online when an API key is configured, otherwise offline."""
+    system_metrics: bool = True
+    """Log W&B's system charts (CPU, GPU, memory) for every stage."""
+    console_logs: bool = True
+    """Send each stage's console output to W&B's Logs tab."""
+    log_artifacts: bool = True
+    """Log the data folder and every final checkpoint as W&B artifacts by reference (lineage data -> SFT -> RM ->
+    PPO); no file is uploaded unless ``upload_weights`` is set."""
+    upload_weights: bool = False
+    """Upload the final checkpoints' files into their W&B artifacts instead of referencing them."""
 
 
 @dataclass
@@ -340,6 +349,16 @@ class ReportConfig:
     """Sampled answers per held-out prompt for the ground-truth rate (temperature ppo.temperature)."""
     examples: int = 5
     """Held-out prompts shown with their answers before and after PPO."""
+
+
+@dataclass
+class PublishConfig:
+    language: list[str] = field(default_factory=list)
+    """Languages of the model (ISO 639-1 codes, e.g. ``[ko]``): the model card's ``language`` front matter."""
+    repo_id: str | None = None
+    """Hub repository ``make publish`` uploads to when ``REPO_ID`` is not given."""
+    private: bool = False
+    """Create the Hub repository as private."""
 
 
 @dataclass
@@ -370,6 +389,8 @@ class Recipe:
     """Accelerate launch settings."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """The run report written after PPO."""
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    """The model card's language and the Hub repository of ``make publish``."""
 
     @property
     def run_dir(self) -> Path:
@@ -596,6 +617,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         elif not is_hub_id(p):
             err(key, f"{p!r} is neither an existing local path nor a valid hub id (owner/name)")
 
+    for i, code in enumerate(recipe.publish.language):
+        if not re.fullmatch(r"[a-z]{2,3}", code):
+            err(f"publish.language.{i}", f"{code!r} is not an ISO 639 language code (two or three lowercase letters)")
+    if recipe.publish.repo_id is not None and not is_hub_id(recipe.publish.repo_id):
+        err("publish.repo_id", f"{recipe.publish.repo_id!r} is not a hub repository id (owner/name)")
     check_location("model.name_or_path", recipe.model.name_or_path, "model directory")
     if recipe.model.tokenizer:
         check_location("model.tokenizer", recipe.model.tokenizer, "tokenizer directory")
