@@ -4,6 +4,7 @@
 #   make demo-real                               the same chain on a real Gemma 3 270M base, on a CPU
 #   make test                                    the test suite
 #   make data RECIPE=recipes/gemma2b_ko.yaml     format a recipe's datasets into runs/<run>/data/
+#   make publish REPO_ID=user/name               the final model, cleaned and checked, to the Hugging Face Hub
 
 RECIPE ?= recipes/tiny_ko.yaml
 OVERRIDES ?=
@@ -12,6 +13,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+REPO_ID ?=
+PUBLISH_ARGS ?=
 ACCELERATE_CONFIG ?=
 NUM_PROCESSES ?=
 NUM_MACHINES ?=
@@ -27,7 +30,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo report plan demo demo-real test bench lint embedded
+.PHONY: help setup recipe data sft rm ppo report publish plan demo demo-real test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -40,6 +43,8 @@ help:  ## this list
 	@echo "  ACCELERATE_CONFIG=configs/accelerate/...yaml   accelerate config (default: the recipe's launch section)"
 	@echo "  NUM_PROCESSES=N   processes in total; NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT for multi-node"
 	@echo "  GPU_GIB=80   GPU memory that make plan checks the plan against"
+	@echo "  REPO_ID=user/name   hub repository of make publish (default: the recipe's publish.repo_id)"
+	@echo "  PUBLISH_ARGS='--private --stage sft --dry-run'   options of make publish"
 
 # The venv is (re)built when pyproject.toml changes; the stamp file marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -80,6 +85,9 @@ plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU mem
 
 report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs PPO on held-out prompts, plots
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)
+
+publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
+	$(PY) -m pipeline.publish --recipe $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(PUBLISH_ARGS) $(OVERRIDES)
 
 demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, report
 	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(OVERRIDES)

@@ -54,6 +54,7 @@ from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, PPOConfig, Recipe
 from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.core.faults import NonFiniteLossError, poison_if_asked
+from pipeline.core.korean import korean_metrics
 from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
 from pipeline.core.progress import eta
@@ -371,6 +372,7 @@ class Rollout:
     action_mask: torch.Tensor  # (B, L) the response tokens up to and including the stop token
     value_mask: torch.Tensor  # (B, L) where values and rewards are defined
     stats: dict = field(default_factory=dict)
+    generation: Generation | None = None  # the sampled responses, for the answer measures
 
 
 def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
@@ -443,7 +445,19 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         "tokens/generated": action_mask.float().sum(),
         "val/explained_variance": torch.tensor(pm.explained_variance(values, returns, value_mask)),
     }
-    return Rollout(seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats)
+    return Rollout(
+        seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats, generation=g
+    )
+
+
+def answer_stats(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, float]:
+    """The Korean answer measures of this process's responses (pipeline/core/korean.py): each response's text up to
+    its stop token, without special tokens, in one batch decode; stopped means it ended its turn; the length counts
+    the stop token, as ``ppo/response_length`` does."""
+    seq_len, stopped = g.seq_len.tolist(), g.stopped.tolist()
+    ids = [r[: n + (0 if st else 1)] for r, n, st in zip(g.responses.tolist(), seq_len, stopped)]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return korean_metrics(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -953,7 +967,8 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     t_train = time.perf_counter() - t1
     lr = ppo.scheduler.get_last_lr()[0]  # the rate this update's steps used
     ppo.scheduler.step()
-    metrics = gather_stats(acc, {**ro.stats, **train_stats})
+    answers = answer_stats(ro.generation, ppo.inputs.tokenizer, s.turn_end_id)  # averaged over processes below
+    metrics = gather_stats(acc, {**ro.stats, **train_stats, **answers})
     elapsed = time.perf_counter() - t0
     metrics.update(
         {
@@ -1097,6 +1112,7 @@ def run(recipe: Recipe) -> Path:
     train(ppo)
     seconds = time.perf_counter() - t_start
     final = save(ppo, seconds)
+    ppo.tracker.log_lineage(final, {"sft": ppo.inputs.sft, "rm": ppo.inputs.rm})
     ppo.tracker.finish()
     if ppo.accelerator.is_main_process:
         print(f"[ppo] saved {final} ({ppo.progress.update} updates, {seconds:.0f}s)", flush=True)

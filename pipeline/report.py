@@ -1,29 +1,38 @@
-"""The run report: evidence that RLHF made the model better, by a measure the reward model cannot fake.
+"""The run report: the SFT and PPO models compared on held-out prompts, by a measure the reward model cannot fake
+where the recipe has one.
 
     make report RECIPE=recipes/tiny_ko.yaml
     python -m pipeline.report --recipe recipes/tiny_ko.yaml
 
-Samples ``report.samples_per_prompt`` answers per held-out prompt (``data.prompts.eval``) from the SFT model and from
-the PPO model with the same settings (temperature ``ppo.temperature``, top_k 0, top_p 1, at most
-``ppo.response_length`` tokens, stopping at ``<end_of_turn>``), checks them with the recipe's ground-truth rule
-(``report.ground_truth``) and scores the sampled ids with the reward model at their stop token, as PPO does; plots
-the SFT and RM losses and PPO's score, KL and response length; and writes ``runs/<run>/report.md``,
-``runs/<run>/report.json`` and the PNGs in ``runs/<run>/report/``.
+Samples ``report.samples_per_prompt`` answers per held-out prompt (the data stage's prompts eval split: given as
+``data.prompts.eval`` or held out of ``data.prompts.train`` by ``data.prompts.eval_fraction``) from the SFT model and
+from the PPO model with the same settings (temperature ``ppo.temperature``, top_k 0, top_p 1, at most
+``ppo.response_length`` tokens, stopping at ``<end_of_turn>``), on the accelerator in bf16 when there is one
+(``sampling_device``). The answers are checked with the recipe's ground-truth rule (``report.ground_truth``, when it
+has one), described by the Korean answer measures (pipeline/core/korean.py), and the sampled ids are scored with the
+reward model at their stop token, as PPO does; that score is the reward model's view, what PPO optimised, not
+evidence of quality. Held-out prompts are checked against every training prompt (``heldout_overlap``) and the report
+says how many were trained on. It plots the SFT and RM losses and PPO's score, KL and response length, and writes
+``runs/<run>/report.md``, ``runs/<run>/report.json`` and the PNGs in ``runs/<run>/report/``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
-from data_prep.gemma_format import END_OF_TURN, stop_token_ids
+from data_prep.gemma_format import END_OF_TURN, USER, GemmaEncoder, stop_token_ids
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.korean import korean_metrics
+from pipeline.core.loading import load_causal_lm, load_sequence_classifier
 from pipeline.core.notices import replace_card_section
 from pipeline.core.rundir import (
+    DataOutput,
     IncompleteError,
     RewardStats,
     RunDir,
@@ -38,8 +47,8 @@ CARD_SECTION = "Evaluation on held-out prompts"
 
 
 def ground_truth_check(kind: str):
-    """The rule for ``report.ground_truth``: (prompt, response, stopped) -> {measure: ok, or None where the measure
-    does not apply to the prompt}. ``accuracy`` is the rule itself; ``polite_on_topic`` also reports its two parts
+    """The rule for ``report.ground_truth``: (prompt, response, stopped: whether the answer ended its turn on
+    ``<end_of_turn>``) -> {measure: ok, or None where the measure does not apply to the prompt}. ``accuracy`` is the rule itself; ``polite_on_topic`` also reports its two parts
     (``polite_accuracy``, ``on_topic_accuracy``); arithmetic prompts are measured apart (``arithmetic_accuracy``)."""
     if kind == "none":
         return None
@@ -57,35 +66,112 @@ def ground_truth_check(kind: str):
     return check
 
 
-def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: Recipe, seed: int) -> list[Generation]:
-    """``samples_per_prompt`` sampled answers per prompt, one Generation per prompt (the sampled ids kept). The
-    samples of all prompts are drawn together, ``ppo.local_rollout_forward_batch_size`` rows per ``generate`` call."""
+def sampling_device() -> tuple[str, Any]:
+    """``(device, dtype)`` the report samples and scores on: the GPU in bf16 when CUDA is available and supports
+    bf16, else the CPU in fp32 (bf16 on a CPU is slower than fp32 and changes the samples for nothing)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def sample_answers(model_dir: Path, tok: Any, prompts: list[list[int]], recipe: Recipe, seed: int) -> Generation:
+    """``samples_per_prompt`` sampled answers per prompt, the samples of prompt ``i`` in rows ``i * n`` to
+    ``(i + 1) * n - 1`` (the sampled ids kept, on the sampling device). All prompts' samples are drawn together,
+    ``ppo.local_rollout_forward_batch_size`` rows per decoding batch."""
+    import torch
+
+    device, dtype = sampling_device()
+    model = load_causal_lm(recipe.model, str(model_dir), dtype=dtype).to(device).eval()
     n = recipe.report.samples_per_prompt
     torch.manual_seed(seed)
-    g = generate(
+    return generate(
         model,
-        left_pad([ids for ids in prompts for _ in range(n)], tok.pad_token_id, model.device),
+        left_pad([ids for ids in prompts for _ in range(n)], tok.pad_token_id, device),
         pad_id=tok.pad_token_id,
         stop_ids=stop_token_ids(tok),
         max_new_tokens=recipe.ppo.response_length,
         temperature=recipe.ppo.temperature,
         chunk=recipe.ppo.local_rollout_forward_batch_size,
     )
-    rows = [slice(i * n, (i + 1) * n) for i in range(len(prompts))]
-    return [g.rows(r) for r in rows]
 
 
-def mean_score(rm_dir: Path, generations: list[Generation]) -> float:
-    """Mean reward-model score of the sampled answers, read at each one's stop token (as PPO reads it)."""
-    from transformers import AutoModelForSequenceClassification
+def mean_scores(recipe: Recipe, rm_dir: Path, generations: dict[str, Generation]) -> dict[str, float]:
+    """Mean reward-model score of each model's sampled ids, read at each answer's stop token (as PPO reads it); the
+    reward model loaded once, on the sampling device and dtype, scoring in batches."""
+    device, dtype = sampling_device()
+    rm = load_sequence_classifier(recipe.model, str(rm_dir), dtype=dtype).to(device).eval()
+    chunk = recipe.ppo.local_rollout_forward_batch_size
+    return {name: float(score(rm, g, chunk).float().mean()) for name, g in generations.items()}
 
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    scores = [float(x) for g in generations for x in score(rm, g)]
-    return sum(scores) / len(scores)
+
+def normalise_prompt(text: str) -> str:
+    """A prompt as the held-out check compares it: NFC, every run of whitespace one space, ends stripped."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def sft_user_turns(path: Path, tokenizer: Any) -> set[str]:
+    """The normalised user turns of the SFT rows in ``path``. SFT rows keep only ids: each user turn is the content
+    between ``<start_of_turn>user\n`` and the next ``<end_of_turn>`` (content never holds that token: the data stage
+    refuses control-token text or keeps it as plain text), decoded once per distinct turn."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    enc = GemmaEncoder(tokenizer)
+    header = enc.header_ids[USER]
+    segments: dict[bytes, list[int]] = {}
+    for chunk in pq.read_table(path, columns=["input_ids"]).column("input_ids").chunks:
+        flat = chunk.flatten().to_numpy()  # every row's ids end to end: a user turn never crosses a row's end
+        starts = np.flatnonzero(flat == enc.sot_id)
+        for j, hid in enumerate(header):
+            starts = starts[(starts + 1 + j < len(flat))]
+            starts = starts[flat[starts + 1 + j] == hid]
+        starts = starts + 1 + len(header)
+        ends_at = np.flatnonzero(flat == enc.eot_id)
+        ends = ends_at[np.minimum(np.searchsorted(ends_at, starts), len(ends_at) - 1)] if len(ends_at) else starts
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            if b >= a:
+                seg = flat[a:b]
+                segments.setdefault(seg.tobytes(), seg.tolist())
+    return {normalise_prompt(t) for t in tokenizer.batch_decode(list(segments.values()), skip_special_tokens=False)}
+
+
+def message_user_turns(path: Path) -> set[str]:
+    """The normalised user turns of the ``messages`` column (preference and PPO prompt rows)."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
+    return {normalise_prompt(m["content"]) for row in column for m in json.loads(row) if m["role"] == USER}
+
+
+OVERLAP_SOURCES = {
+    "sft": "the SFT training rows",
+    "preference": "the preference training prompts",
+    "prompts": "the PPO training prompts",
+}
+
+
+def heldout_overlap(data: DataOutput, tokenizer: Any, heldout: list[str]) -> tuple[dict[str, int], int]:
+    """How many held-out prompts (their last user turn) are also a user turn of a training row, per source (the
+    train splits of ``OVERLAP_SOURCES``, 0 for one the recipe does not have), and how many are in any of them.
+
+    The last user turn is what a held-out prompt asks; it is compared with every user turn of the training rows,
+    after ``normalise_prompt``, so a question trained on inside a longer dialogue counts too."""
+    held = [normalise_prompt(t) for t in heldout]
+    hit_any = [False] * len(held)
+    counts = {}
+    for source in OVERLAP_SOURCES:
+        path = data.split(source, "train")
+        seen = (
+            set()
+            if path is None
+            else (sft_user_turns(path, tokenizer) if source == "sft" else message_user_turns(path))
+        )
+        hits = [t in seen for t in held]
+        counts[source] = sum(hits)
+        hit_any = [a or b for a, b in zip(hit_any, hits)]
+    return counts, sum(hit_any)
 
 
 def _rate(values: list[bool | None]) -> float | None:
@@ -133,42 +219,70 @@ def plots(run: RunDir, out: Path) -> list[str]:
     return made
 
 
+NO_HELDOUT = (
+    "the report needs held-out prompts, and {path} has no prompts eval split: set data.prompts.eval (prompts that no "
+    "training file contains) or data.prompts.eval_fraction (a share of data.prompts.train held out by prompt), then "
+    "re-run `make data`"
+)
+
+
+def per_prompt(g: Generation, tokenizer: Any, n: int) -> list[list[tuple[str, bool, int]]]:
+    """Per prompt, its ``n`` answers as ``(text before the stop token, whether it ended its turn on <end_of_turn>,
+    length in tokens with the stop token)``. An answer that stopped on ``<eos>`` did not end its turn (as in PPO)."""
+    rows = list(zip(g.texts(tokenizer), g.ended_on(stop_token_ids(tokenizer)[0]), (g.seq_len + 1).tolist()))
+    return [rows[i : i + n] for i in range(0, len(rows), n)]
+
+
+def measures(
+    ground_truth: str, texts: list[str], answers: dict[str, list[list[tuple[str, bool, int]]]], rm_scores: dict
+) -> dict[str, Any]:
+    """Per model (``sft``, ``ppo``): the ground-truth rates when the recipe has a rule, the mean reward-model score,
+    the stop rate and the Korean answer measures (``<model>_korean``, named as in pipeline/core/korean.py without
+    the ``korean/`` prefix)."""
+    result: dict[str, Any] = {}
+    check = ground_truth_check(ground_truth)
+    for name, groups in answers.items():
+        flat = [a for group in groups for a in group]
+        if check is not None:
+            checks = [check(p, text, ended) for p, group in zip(texts, groups) for text, ended, _ in group]
+            for measure in dict.fromkeys(k for c in checks for k in c):  # in the rule's order
+                rate = _rate([c.get(measure) for c in checks])
+                if rate is not None or measure == "accuracy":
+                    result[f"{name}_{measure}"] = rate
+        result[f"{name}_rm_score"] = rm_scores[name]
+        result[f"{name}_stop_rate"] = _rate([ended for _, ended, _ in flat])
+        result[f"{name}_korean"] = {k.split("/", 1)[1]: v for k, v in korean_metrics(flat).items()}
+    return result
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
 
     run_dir = RunDir.of(recipe)
     data = data_output(run_dir, "the data stage output")
+    eval_path = data.split("prompts", "eval")
+    if eval_path is None:
+        raise ConfigError(NO_HELDOUT.format(path=data.path))
     sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint")
     rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model")
     ppo_dir = require_checkpoint(run_dir.stage("ppo").final, "the PPO checkpoint")
-    eval_path = data.split("prompts", "eval")
-    if eval_path is None:
-        raise ConfigError("the report needs held-out prompts: set data.prompts.eval")
     datasets.disable_progress_bars()
     held = datasets.Dataset.from_parquet(str(eval_path))
     prompts = list(held["prompt_ids"])
     texts = [json.loads(m)[-1]["content"] for m in held["messages"]]
 
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)  # the one every stage used
+    overlap, overlap_any = heldout_overlap(data, tokenizer, texts)
+    device, dtype = sampling_device()
+    print(f"[report] sampling and scoring on {device} ({str(dtype).removeprefix('torch.')})", flush=True)
     generations = {
         name: sample_answers(d, tokenizer, prompts, recipe, recipe.run.seed)
         for name, d in (("sft", sft_dir), ("ppo", ppo_dir))
     }
-    answers = {  # per prompt: (text before the stop token, whether it stopped) of each sample
-        name: [list(zip(g.texts(tokenizer), g.stopped.tolist())) for g in gens] for name, gens in generations.items()
-    }
-    result: dict[str, Any] = {}
-    check = ground_truth_check(recipe.report.ground_truth)
-    for name, groups in answers.items():
-        if check is not None:
-            checks = [check(p, text, stopped) for p, group in zip(texts, groups) for text, stopped in group]
-            for measure in dict.fromkeys(k for c in checks for k in c):  # in the rule's order
-                rate = _rate([c.get(measure) for c in checks])
-                if rate is not None or measure == "accuracy":
-                    result[f"{name}_{measure}"] = rate
-        result[f"{name}_rm_score"] = mean_score(rm_dir, generations[name])
-        result[f"{name}_stop_rate"] = _rate([s for group in groups for _, s in group])
+    n = recipe.report.samples_per_prompt
+    answers = {name: per_prompt(g, tokenizer, n) for name, g in generations.items()}
+    result = measures(recipe.report.ground_truth, texts, answers, mean_scores(recipe, rm_dir, generations))
     ppo_rows = read_metrics(run_dir.stage("ppo"))
     last = ppo_rows[-10:]
     result["rm_accuracy"] = RewardStats.read(rm_dir).accuracy
@@ -179,8 +293,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
         seconds[stage] = lineage_metrics(d).get("seconds_this_session")
     seconds["ppo"] = round(sum(r["time/update"] for r in ppo_rows), 1)
     result["stage_seconds"] = seconds
-    result["samples_per_prompt"] = recipe.report.samples_per_prompt
+    result["samples_per_prompt"] = n
     result["heldout_prompts"] = len(prompts)
+    result["heldout_overlap"] = overlap
+    result["heldout_overlap_any"] = overlap_any
     result["ground_truth"] = recipe.report.ground_truth
 
     run_dir.report_images.mkdir(parents=True, exist_ok=True)
@@ -197,6 +313,31 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 PARTS = [("polite_accuracy", "polite Korean (part of the rule)"), ("on_topic_accuracy", "on topic (part of the rule)")]
+KOREAN_ROWS = [
+    ("hangul_ratio", "Hangul share of the letters"),
+    ("script_switch_rate", "Korean answers that switch script"),
+    ("repetition", "repeated character trigrams"),
+    ("length", "answer length (tokens)"),
+]
+RM_VIEW = "reward-model score (the reward model's view: what PPO optimised, not evidence of quality)"
+
+
+def heldout_sentence(r: dict) -> str:
+    """What is true of the held-out prompts: never trained on only when no source contains one of them."""
+    m, hit = r["heldout_prompts"], r.get("heldout_overlap_any", 0)
+    if not hit:
+        return f"{m} held-out prompts (never in any training data: none is a user turn of {_sources()})"
+    per = r["heldout_overlap"]
+    parts = ", ".join(f"{per.get(k, 0)} in {label}" for k, label in OVERLAP_SOURCES.items())
+    return (
+        f"{hit} of {m} held-out prompts also appear in the training data ({parts}); on those the comparison "
+        "measures answers to prompts the models were trained on, not held-out behaviour"
+    )
+
+
+def _sources() -> str:
+    labels = list(OVERLAP_SOURCES.values())
+    return ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
 def card_section(r: dict) -> str:
@@ -207,14 +348,22 @@ def card_section(r: dict) -> str:
             ("accuracy", f"ground-truth rate ({r['ground_truth']})"),
             *PARTS,
             ("arithmetic_accuracy", "arithmetic correct"),
-            ("rm_score", "reward-model score"),
+            ("rm_score", RM_VIEW),
         )
         if r.get(f"sft_{key}") is not None and r.get(f"ppo_{key}") is not None
     ]
+    rows += [
+        f"| {label} | {r['sft_korean'][key]:.3f} | {r['ppo_korean'][key]:.3f} | "
+        f"{r['ppo_korean'][key] - r['sft_korean'][key]:+.3f} |"
+        for key, label in KOREAN_ROWS
+        if "sft_korean" in r and "ppo_korean" in r
+    ]
+    overlap = r.get("heldout_overlap_any", 0)
     return "\n".join(
         [
-            f"{r['heldout_prompts']} held-out prompts, {r['samples_per_prompt']} "
-            "sampled answers each; reward-model held-out accuracy "
+            f"{r['heldout_prompts']} held-out prompts"
+            + (f" ({overlap} of them also in the training data)" if overlap else "")
+            + f", {r['samples_per_prompt']} sampled answers each; reward-model held-out accuracy "
             f"{r['rm_accuracy']:.3f}; KL to the SFT model {r['ppo_kl']:.3f}.",
             "",
             "| measure | SFT | PPO | change |",
@@ -236,27 +385,46 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
     def fmt(v):
         return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
+    def row(label: str, sft: Any, ppo: Any) -> str:
+        return f"| {label} | {fmt(sft)} | {fmt(ppo)} |"
+
     lines = [f"# Run report: {recipe.run.name}", ""]
+    if r["ground_truth"] == "none":
+        lines += [
+            "No ground-truth rule (`report.ground_truth: none`): nothing below measures whether the answers are "
+            "right. The Korean answer measures describe the text (script, repetition, stopping, length); the "
+            "reward-model score is the reward model's own view, the quantity PPO was trained to raise, so a higher "
+            "score after PPO is not evidence of better answers.",
+            "",
+        ]
     lines += ["| measure | SFT | PPO |", "|---|---|---|"]
     if "sft_accuracy" in r:
         lines.append(
-            f"| ground-truth rate ({r['ground_truth']}, held-out prompts) | {fmt(r['sft_accuracy'])} | "
-            f"{fmt(r['ppo_accuracy'])} |"
+            row(f"ground-truth rate ({r['ground_truth']}, held-out prompts)", r["sft_accuracy"], r["ppo_accuracy"])
         )
     for key, label in PARTS:
         if f"sft_{key}" in r:
-            lines.append(f"| {label} | {fmt(r[f'sft_{key}'])} | {fmt(r.get(f'ppo_{key}'))} |")
+            lines.append(row(label, r[f"sft_{key}"], r.get(f"ppo_{key}")))
     if "sft_arithmetic_accuracy" in r:
         lines.append(
-            f"| arithmetic correct (held-out problems) | {fmt(r['sft_arithmetic_accuracy'])} | "
-            f"{fmt(r.get('ppo_arithmetic_accuracy'))} |"
+            row(
+                "arithmetic correct (held-out problems)",
+                r["sft_arithmetic_accuracy"],
+                r.get("ppo_arithmetic_accuracy"),
+            )
         )
-    lines.append(f"| mean reward-model score | {fmt(r['sft_rm_score'])} | {fmt(r['ppo_rm_score'])} |")
-    lines.append(f"| answers ending with `{END_OF_TURN}` | {fmt(r['sft_stop_rate'])} | {fmt(r['ppo_stop_rate'])} |")
+    lines.append(row(f"answers ending with `{END_OF_TURN}`", r["sft_stop_rate"], r["ppo_stop_rate"]))
+    for key, label in KOREAN_ROWS:
+        lines.append(row(label, r["sft_korean"][key], r["ppo_korean"][key]))
+    lines.append(row(f"mean {RM_VIEW}", r["sft_rm_score"], r["ppo_rm_score"]))
     lines += [
         "",
-        f"{r['heldout_prompts']} held-out prompts (never in any training data), {r['samples_per_prompt']} "
-        f"sampled answers each per model, temperature {recipe.ppo.temperature}, top_k 0, top_p 1.",
+        f"{heldout_sentence(r)}; {r['samples_per_prompt']} sampled answers each per model, temperature "
+        f"{recipe.ppo.temperature}, top_k 0, top_p 1.",
+        "",
+        "Korean answer measures (pipeline/core/korean.py): Hangul letters over all letters (digits, punctuation and "
+        "spaces are not letters); the share of answers with Hangul that also use another script (Latin, Hanja, "
+        "kana, ...); the share of repeated character trigrams; the length in tokens with the stop token.",
         "",
         f"- Reward model held-out pairwise accuracy: {fmt(r['rm_accuracy'])}",
         f"- PPO KL to the SFT model (mean of the last 10 updates, nats per response): {fmt(r['ppo_kl'])}",
@@ -268,7 +436,8 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
     lines += [f"![{name}]({images_dir.as_posix()}/{name})" for name in images]
     lines += ["", "## Answers before and after PPO", "", "| prompt | SFT | PPO |", "|---|---|---|"]
     for i in range(min(recipe.report.examples, len(texts))):
-        lines.append(f"| {cell(texts[i], True)} | {cell(*answers['sft'][i][0])} | {cell(*answers['ppo'][i][0])} |")
+        sft, ppo = answers["sft"][i][0], answers["ppo"][i][0]
+        lines.append(f"| {cell(texts[i], True)} | {cell(sft[0], sft[1])} | {cell(ppo[0], ppo[1])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -256,6 +256,8 @@ def run(recipe: Recipe) -> Path:
         load_base=partial(load_sequence_classifier, recipe.model, str(parent), dtype=prec["dtype"]),
         extra=partial(write_reward_stats, reward_stats),
     )
+    from_sft = Path(parent).resolve() == RunDir.of(recipe).stage("sft").final.resolve()
+    tracker.log_lineage(final, {"sft" if from_sft else "rm-init": parent})  # rm.init_from: not this run's SFT
     tracker.finish()
     if state.is_main_process:
         print(f"[rm] saved {final} (held-out accuracy {stats['accuracy']:.3f})", flush=True)

@@ -172,6 +172,7 @@ def run(recipe: Recipe) -> Path:
         load_base=partial(load_causal_lm, recipe.model, dtype=prec["dtype"]),
     )
     log_final(tracker, STAGE, metrics, trainer.state.global_step)
+    tracker.log_lineage(final)
     tracker.finish()
     if state.is_main_process:
         print(f"[sft] saved {final} ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})", flush=True)

@@ -8,8 +8,10 @@ import os
 import subprocess
 
 import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.notices import missing_notices
+from pipeline.core.notices import missing_notices, read_safetensors_metadata
 from tests.conftest import REPO
 
 # Fake tokens in the environment of the whole chain: none may reach a file the run writes or its console output.
@@ -20,10 +22,16 @@ SECRETS = {
 }
 
 
-def _make(out, target: str, tracking: str = "disabled") -> subprocess.CompletedProcess:
+def _make(out, target: str, tracking: str = "disabled", *variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **SECRETS}
     return subprocess.run(
-        ["make", target, "RECIPE=recipes/tiny_ko.yaml", f"OVERRIDES=run.output_dir={out} tracking.mode={tracking}"],
+        [
+            "make",
+            target,
+            "RECIPE=recipes/tiny_ko.yaml",
+            f"OVERRIDES=run.output_dir={out} tracking.mode={tracking}",
+            *variables,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -62,3 +70,46 @@ def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
     again = _make(tmp_path, "report")
     assert again.returncode == 0
     assert again.stdout.count("already finished") == 3 and "up to date" in again.stdout
+
+    # Nothing any final checkpoint carries names a local folder (the run directory, the repository, the home).
+    for ckpt in [run / s / "final" for s in ("sft", "rm", "ppo")]:
+        for root in (str(tmp_path), str(REPO), os.path.expanduser("~")):
+            assert _naming(ckpt, root) == [], f"{ckpt} names {root}"
+
+    # The publish export of the finished chain: what a plain upload would have published, cleaned and checked.
+    pub = _make(tmp_path, "publish", "disabled", "REPO_ID=someone/tiny-ko", "PUBLISH_ARGS=--dry-run")
+    assert pub.returncode == 0, pub.stdout[-3000:] + pub.stderr[-3000:]
+    out = run / "publish"
+    assert "dry run: nothing uploaded" in pub.stdout and not (out / "value").exists()
+    assert missing_notices(out, lineage=False) == []
+    for root in (str(tmp_path), str(REPO), os.path.expanduser("~")):
+        assert _naming(out, root) == []
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["language"] == ["ko"]
+    for stage, data in (("sft", "sft.jsonl"), ("rm", "preference.jsonl"), ("ppo", "prompts.jsonl")):
+        assert f"{stage}: `data_prep/tiny_ko/{data}`" in card, f"the card does not name the {stage} data"
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "사과의 좋은 점은 뭐야?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    answer = model.generate(**ids, do_sample=False, max_new_tokens=48)[0, ids["input_ids"].shape[1] :].tolist()
+    assert answer[-1] == tok.convert_tokens_to_ids("<end_of_turn>") and len(answer) < 48, tok.decode(answer)
+
+
+def _naming(folder, root: str) -> list[str]:
+    """Files under ``folder`` whose text, or safetensors header, contains ``root``."""
+    hits = []
+    for f in folder.rglob("*"):
+        if not f.is_file():
+            continue
+        text = (
+            json.dumps(read_safetensors_metadata(f)) if f.suffix == ".safetensors" else f.read_text("utf-8", "replace")
+        )
+        if root in text:
+            hits.append(str(f.relative_to(folder)))
+    return hits

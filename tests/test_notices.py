@@ -130,3 +130,77 @@ def test_resuming_with_changed_settings_names_each_change(tmp_path, capsys):
     warn_if_changed("sft", ckpt, lowered, ("sft",))
     out = capsys.readouterr().out
     assert "[sft] warning: resuming from" in out and "sft.learning_rate" in out and "do not take effect" in out
+
+
+def _texts_naming(folder, root: str) -> list[str]:
+    """Files under ``folder`` (text, or a safetensors header) whose content names ``root``."""
+    hits = []
+    for f in folder.rglob("*"):
+        if f.is_file():
+            blob = (
+                json.dumps(read_safetensors_metadata(f))
+                if f.suffix == ".safetensors"
+                else f.read_text("utf-8", "replace")
+            )
+            if root in blob:
+                hits.append(f.relative_to(folder).as_posix())
+    return hits
+
+
+def test_card_names_the_whole_lineage_and_no_local_path(tmp_path, tiny_dir):
+    """Bugs: the PPO card listed only the prompt data (not the SFT and preference data of its lineage), had no
+    language, and the card, config.json, lineage, safetensors metadata and PEFT's adapter config carried absolute
+    local paths ('Parent checkpoint: /home/.../runs/r/sft/final')."""
+    import yaml
+
+    run = tmp_path / "runs" / "r"
+    sft, rm, ppo = (run / s / "final" for s in ("sft", "rm", "ppo"))
+    sft.mkdir(parents=True)
+    rm.mkdir(parents=True)
+    sft_lineage = {"stage": "sft", "datasets": ["beomi/KoAlpaca-v1.1a"], "parent": "google/gemma-2b"}
+    (sft / "lineage.json").write_text(json.dumps(sft_lineage))
+    rm_lineage = {"stage": "rm", "datasets": ["maywell/ko_Ultrafeedback_binarized"], "parent_lineage": sft_lineage}
+    (rm / "lineage.json").write_text(json.dumps(rm_lineage))
+    shutil.copytree(tiny_dir, ppo)
+    (ppo / "COMPLETE").unlink()
+    (ppo / "adapter").mkdir()
+    (ppo / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(sft)}))
+    d = _derivation(
+        stage="ppo",
+        parent=str(sft),
+        datasets=[str(tmp_path / "elsewhere" / "prompts.jsonl")],
+        inputs={"reward model": str(rm)},
+        run_root=run,
+        language=["ko"],
+        tracking_runs={"sft": "https://wandb.ai/e/p/runs/abc123"},
+        data_manifest={"inputs": {str(tmp_path / "elsewhere" / "prompts.jsonl"): "0f" * 32}},
+        recipe={"run": {"name": "r", "output_dir": str(tmp_path / "runs")}},
+    )
+    write_notices(ppo, d)
+    card = (ppo / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["language"] == ["ko"] and front["base_model"] == "google/gemma-2b"
+    assert front["datasets"] == ["beomi/KoAlpaca-v1.1a", "maywell/ko_Ultrafeedback_binarized"]
+    for line in ("sft: `beomi/KoAlpaca-v1.1a`", "rm: `maywell/ko_Ultrafeedback_binarized`", "ppo: `prompts.jsonl`"):
+        assert line in card
+    assert "- sft: https://wandb.ai/e/p/runs/abc123" in card and "Parent checkpoint:** `sft/final`" in card
+    lineage = json.loads((ppo / "lineage.json").read_text())
+    assert lineage["parent"] == "sft/final" and lineage["inputs"]["reward model"]["path"] == "rm/final"
+    assert lineage["inputs"]["reward model"]["lineage"]["stage"] == "rm"
+    assert json.loads((ppo / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "sft/final"
+    assert _texts_naming(ppo, str(tmp_path)) == []
+    # negative control: the scan finds a planted path
+    (ppo / "planted.json").write_text(json.dumps({"p": str(sft)}))
+    assert _texts_naming(ppo, str(tmp_path)) == ["planted.json"]
+
+
+def test_card_without_hub_base_or_runs_has_no_such_entries(tmp_path, tiny_dir):
+    """An embedded toy has no hub base model: front matter must not name 'embedded:...' as base_model (the Hub
+    rejects it); no W&B URL means no 'Training runs' section."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    write_notices(ckpt, _derivation(base_model="embedded:tiny-gemma-ko", parent="embedded:tiny-gemma-ko"))
+    card = (ckpt / "README.md").read_text()
+    assert "base_model:" not in card.split("---")[1] and "## Training runs" not in card
+    write_notices(ckpt, _derivation(base_model="embedded:gemma-3-270m", parent="embedded:gemma-3-270m"))
+    assert "base_model: google/gemma-3-270m" in (ckpt / "README.md").read_text().split("---")[1]

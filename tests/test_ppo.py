@@ -31,6 +31,13 @@ def test_lr0_invariants(chain, tmp_path):
         assert m["policy/clipfrac_avg"] == 0.0 and m["val/clipfrac_avg"] == 0.0
         assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
         assert m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"], abs=1e-6)
+        # The Korean answer measures reach metrics.jsonl every update, measured on the same responses: the stop
+        # rate and length agree with the rollout's own (a decode of the wrong rows or fields would not).
+        for key in ("korean/hangul_ratio", "korean/script_switch_rate", "korean/repetition", "korean/stop_rate"):
+            assert 0.0 <= m[key] <= 1.0, (key, m[key])
+        assert m["korean/stop_rate"] == pytest.approx(1 - m["ppo/no_stop_rate"], abs=1e-6)
+        assert m["korean/length"] == pytest.approx(m["ppo/response_length"], abs=1e-4)
+        assert m["korean/hangul_ratio"] > 0.5  # the SFT model of the tiny chain answers in Korean
 
 
 def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path, monkeypatch):

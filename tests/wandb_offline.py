@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import struct
+import time
 import warnings
 import zlib
 
@@ -87,8 +88,43 @@ def _pop(d: dict, item) -> None:
     d.pop(last, None)
 
 
-def read_offline_run(run_dir: str, verify_crc: bool = True, strict: bool = False) -> dict:
-    """Return {'run_id','project','name','tags','history','config','summary','tables'}.
+def _artifact(a) -> dict:
+    """An ``ArtifactRecord`` or ``UseArtifactRecord`` as a dict; ``entries`` is the manifest: a ``file://`` ``ref``
+    for a reference, a ``local_path`` for a file wandb uploads. (wandb hands a large manifest over as a file instead,
+    named in ``manifest_file``; entries is then empty.)"""
+    manifest = a.manifest if hasattr(a, "manifest") else None
+    return {
+        "name": a.name,
+        "type": a.type,
+        "digest": getattr(a, "digest", ""),
+        "metadata": json.loads(a.metadata) if getattr(a, "metadata", "") else {},
+        "use_after_commit": getattr(a, "use_after_commit", False),
+        "entries": [
+            {"path": e.path, "ref": e.ref, "local_path": e.local_path, "digest": e.digest, "size": e.size}
+            for e in (manifest.contents if manifest is not None else [])
+        ],
+        "manifest_file": manifest.manifest_file_path if manifest is not None else "",
+    }
+
+
+def _finished(path: str) -> bool:
+    """Whether the log holds the run's exit record yet."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        for raw in _iter_raw_records(path, verify_crc=False):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "exit":
+                return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def read_offline_run(run_dir: str, verify_crc: bool = True, strict: bool = False, wait: float = 0.0) -> dict:
+    """Return {'run_id','project','name','tags','history','config','summary','tables','artifacts','use_artifacts',
+    'stats','console'}.
 
     history: list of dicts (metric -> value, incl. '_step', '_runtime', '_timestamp');
     config: final config dict ('_wandb' internals dropped);
@@ -96,13 +132,24 @@ def read_offline_run(run_dir: str, verify_crc: bool = True, strict: bool = False
              has one; None only if no summary record exists at all). Its `_runtime` is whole seconds;
              use history[-1]["_runtime"] for the precise value;
     tables: {key: {'path': abs path of *.table.json, 'columns': [...], 'data': [[...]],
-             'step': step}} for every wandb.Table found in history/summary.
+             'step': step}} for every wandb.Table found in history/summary;
+    artifacts: every artifact record ({'name','type','digest','metadata','use_after_commit','entries'}); one
+             with use_after_commit is an input of the run (what ``use_artifact`` of a new artifact writes);
+    use_artifacts: the ``use_artifact`` records (name, type; written by ``use_artifact`` online);
+    stats: how many system-metrics samples (CPU, memory, GPU) the run holds;
+    console: the captured console output, one string per captured piece (empty when console capture is off).
+
+    wait: seconds to wait for the run's exit record. wandb-core may still be writing the file when ``run.finish()``
+    returns (right after finish it can hold only the file header), so a test reading a run it just finished waits.
     """
     from wandb.proto import wandb_internal_pb2 as pb
 
     files = glob.glob(os.path.join(run_dir, "run-*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb in {run_dir}, found {files}")
+    deadline = time.monotonic() + wait
+    while wait and not _finished(files[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     out = {
         "run_id": None,
         "project": None,
@@ -112,6 +159,10 @@ def read_offline_run(run_dir: str, verify_crc: bool = True, strict: bool = False
         "config": {},
         "summary": None,
         "tables": {},
+        "artifacts": [],
+        "use_artifacts": [],
+        "stats": 0,
+        "console": [],
     }
     for raw in _iter_raw_records(files[0], verify_crc, strict):
         rec = pb.Record()
@@ -134,6 +185,14 @@ def read_offline_run(run_dir: str, verify_crc: bool = True, strict: bool = False
             if rec.history.HasField("step") and "_step" not in row:
                 row["_step"] = rec.history.step.num
             out["history"].append(row)
+        elif kind == "artifact":
+            out["artifacts"].append(_artifact(rec.artifact))
+        elif kind == "use_artifact":
+            out["use_artifacts"].append(_artifact(rec.use_artifact))
+        elif kind == "stats":
+            out["stats"] += 1
+        elif kind in ("output_raw", "output"):
+            out["console"].append(getattr(rec, kind).line)
         elif kind == "summary":
             if out["summary"] is None:
                 out["summary"] = {}

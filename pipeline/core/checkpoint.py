@@ -18,6 +18,7 @@ from typing import Any
 from data_prep.gemma_format import stop_token_ids
 from pipeline.core.atomic import commit_dir, staging_dir
 from pipeline.core.config import to_dict, to_yaml
+from pipeline.core.locations import portable
 from pipeline.core.notices import Derivation, missing_notices, write_notices
 from pipeline.core.rundir import (
     GENERATION_CONFIG,
@@ -149,7 +150,7 @@ def changed_since(ckpt: str | Path, recipe: Any, sections: tuple[str, ...]) -> l
     if lineage is None:
         return []
     old = _flat(lineage.get("recipe") or {})
-    new = _flat(to_dict(recipe))
+    new = _flat(portable(to_dict(recipe), recipe.run_dir))  # the lineage holds the recipe with portable paths
     return [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))

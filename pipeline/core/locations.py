@@ -34,3 +34,49 @@ def local_path(p: str) -> Path | None:
 
 def is_hub_id(p: str) -> bool:
     return bool(_HUB_ID.match(p)) and ".." not in p and not p.endswith(".")
+
+
+def portable_path(p: str, run_root: Path | None) -> str:
+    """A local path as a distributed checkpoint may carry it: relative to the run directory when inside it
+    (``sft/final``), relative to the repository when inside it (``data_prep/tiny_ko/sft.jsonl``), otherwise the file
+    or folder name alone (an absolute path names the machine's folders and its user). Hub ids, embedded model names
+    and other strings are returned as they are."""
+    if not p or p.startswith(EMBEDDED_PREFIX) or not Path(p).expanduser().is_absolute():
+        return p
+    q = Path(p).expanduser().resolve()
+    for root in (run_root, REPO_ROOT):
+        if root is None:
+            continue
+        try:
+            rel = q.relative_to(Path(root).resolve())
+        except ValueError:
+            continue
+        return rel.as_posix() or "."
+    return q.name
+
+
+def portable(value, run_root: Path | None):
+    """``value`` (nested dicts, lists and strings, e.g. a manifest or a lineage) with every absolute path, among
+    the values and the keys, made portable by ``portable_path``."""
+    if isinstance(value, str):
+        return portable_path(value, run_root)
+    if isinstance(value, dict):
+        return {portable(k, run_root) if isinstance(k, str) else k: portable(v, run_root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, run_root) for v in value]
+    return value
+
+
+def scrub_paths(text: str, run_root: Path | None) -> str:
+    """``text`` with the run directory, the repository and the home folder, wherever they appear inside it, written
+    relative (for files other libraries write with absolute paths in them, e.g. PEFT's ``adapter_config.json``)."""
+    roots = [(Path(run_root).resolve(), "")] if run_root is not None else []
+    roots += [(REPO_ROOT, ""), (Path.home().resolve(), "~/")]
+    for root, replacement in roots:
+        if str(root) in ("/", ""):
+            continue
+        # the root and a slash, or the root itself; never a longer folder name that starts with it
+        bare = replacement.rstrip("/") or "."
+        pattern = re.escape(str(root)) + r"(/|(?![\w.\-]))"
+        text = re.sub(pattern, lambda m, r=replacement, b=bare: r if m.group(1) else b, text)
+    return text

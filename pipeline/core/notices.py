@@ -31,8 +31,8 @@ import yaml
 
 from data_prep.gemma_format import END_OF_TURN, GENERATION_PROMPT
 from pipeline.core.config import recipe_hash, to_dict
-from pipeline.core.embedded import embedded_dir
-from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local
+from pipeline.core.embedded import EMBEDDED_MODELS, embedded_dir
+from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, portable, scrub_paths
 from pipeline.core.rundir import (
     CARD_FILE,
     LINEAGE,
@@ -40,6 +40,7 @@ from pipeline.core.rundir import (
     NOTICE_FILE,
     RECIPE_FILE,
     TERMS,
+    RunDir,
     lineage_metrics,
     read_lineage,
 )
@@ -50,6 +51,7 @@ PROHIBITED_USE_URL = "https://ai.google.dev/gemma/prohibited_use_policy"
 TERMS_FILE = f"{TERMS}.md"  # the copy's name when the source is markdown (its suffix is kept)
 _GENERATION_PROMPT_SHOWN = GENERATION_PROMPT.replace("\n", "\\n")  # as written in the card: `...model\n`
 CONFIG_NOTICE_KEY = "gemma_derivative"
+PROVENANCE = "Provenance files"  # the card section naming the run-directory files a published export leaves out
 _TERMS_NAMES = ("gemma_terms_of_use", "terms_of_use", "gemma-terms-of-use", "terms-of-use")
 _warned_terms = False
 
@@ -88,6 +90,14 @@ class Derivation:
     """Hub pipeline tag of the checkpoint."""
     extra_sections: list[str] = field(default_factory=list)
     """More model-card sections (markdown), e.g. a stage summary."""
+    run_root: Path | None = None
+    """The run directory: local paths are written relative to it (or to the repository), never absolute."""
+    language: list[str] = field(default_factory=list)
+    """The model's languages (the card's ``language``)."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Other checkpoints this one was made with, by role (PPO: the reward model); their lineage is recorded."""
+    tracking_runs: dict[str, str] = field(default_factory=dict)
+    """W&B run URLs of the stages so far, by stage (linked from the card)."""
 
 
 def stage_derivation(
@@ -101,7 +111,12 @@ def stage_derivation(
     step: int | None,
     pipeline_tag: str = "text-generation",
 ) -> Derivation:
-    """A stage's Derivation, with everything that comes from the recipe filled in."""
+    """A stage's Derivation, with everything that comes from the recipe filled in. PPO's reward model is an input of
+    its lineage beside the parent (the SFT checkpoint)."""
+    from pipeline.core.rundir import wandb_runs
+
+    run = RunDir.of(recipe)
+    inputs = {"reward model": str(run.stage("rm").final)} if stage == "ppo" else {}
     return Derivation(
         stage=stage,
         method=method,
@@ -117,6 +132,10 @@ def stage_derivation(
         step=step,
         terms_source=recipe.model.terms_of_use,
         pipeline_tag=pipeline_tag,
+        run_root=run.root,
+        language=list(recipe.publish.language),
+        inputs=inputs,
+        tracking_runs={stage: r["url"] for stage, r in wandb_runs(run).items() if r.get("url")},
     )
 
 
@@ -214,25 +233,58 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 def _modification_line(d: Derivation, date: str) -> str:
     what = f"{d.stage.upper()} ({d.method})"
-    return f"Modified by the gemma-rlhf pipeline: {what} on {date} from {d.parent} (recipe {d.recipe_hash[:12]})"
+    parent = portable(d.parent, d.run_root)
+    return f"Modified by the gemma-rlhf pipeline: {what} on {date} from {parent} (recipe {d.recipe_hash[:12]})"
+
+
+def hub_base_model(base_model: str) -> str | None:
+    """The hub id a card's ``base_model`` can name: the recipe's hub id, the upstream of an embedded model built
+    from a hub model, or None (a local folder, or a model built here)."""
+    if base_model.startswith(EMBEDDED_PREFIX):
+        return getattr(EMBEDDED_MODELS.get(base_model[len(EMBEDDED_PREFIX) :]), "upstream", None)
+    return base_model if is_hub_id(base_model) and not looks_local(base_model) else None
+
+
+def lineage_datasets(d: Derivation) -> list[tuple[str, str]]:
+    """(stage, dataset) for the training data of every stage in a checkpoint's lineage, earliest first, once each:
+    the parent's chain, the other inputs' chains (PPO: the reward model's), then this stage's own data."""
+    found: list[tuple[str, str]] = []
+
+    def walk(lineage: dict | None) -> None:
+        if not lineage:
+            return
+        walk(lineage.get("parent_lineage"))
+        for given in (lineage.get("inputs") or {}).values():
+            walk(given.get("lineage"))
+        found.extend((lineage.get("stage", "?"), x) for x in lineage.get("datasets") or [])
+
+    walk(read_lineage(d.parent))
+    for path in d.inputs.values():
+        walk(read_lineage(path))
+    found.extend((d.stage, x) for x in d.datasets)
+    return list(dict.fromkeys((stage, portable(x, d.run_root)) for stage, x in found))
 
 
 def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) -> str:
     """The card; ``terms_copy`` is the file name of the Terms of Use copy beside it (None: there is none)."""
-    front = {
-        "license": "gemma",
-        "license_link": TERMS_URL,
-        "base_model": d.base_model,
-        "base_model_relation": "finetune",
-        "library_name": "transformers",
-        "pipeline_tag": d.pipeline_tag,
-        "tags": ["gemma", "gemma-rlhf", d.stage, "trl"] + (["lora"] if "lora" in d.method else []),
-    }
-    hub_datasets = [x for x in d.datasets if not looks_local(x) and is_hub_id(x)]
+    front: dict = {"license": "gemma", "license_link": TERMS_URL}
+    hub_base = hub_base_model(d.base_model)
+    if hub_base:
+        front.update(base_model=hub_base, base_model_relation="finetune")
+    if d.language:
+        front["language"] = list(d.language)
+    front.update(
+        library_name="transformers",
+        pipeline_tag=d.pipeline_tag,
+        tags=["gemma", "gemma-rlhf", d.stage, "trl"] + (["lora"] if "lora" in d.method else []),
+    )
+    data = lineage_datasets(d)
+    hub_datasets = list(dict.fromkeys(x for _, x in data if not looks_local(x) and is_hub_id(x)))
     if hub_datasets:
         front["datasets"] = hub_datasets
     title = f"{d.run_name} / {d.stage}" + (f" (checkpoint at step {d.step})" if d.step is not None else "")
-    data_lines = "\n".join(f"  - `{x}`" for x in d.datasets) or "  - (none)"
+    data_lines = "\n".join(f"  - {stage}: `{x}`" for stage, x in data) or "  - (none)"
+    base = portable(d.base_model, d.run_root)
     terms = (
         f"A copy of the Gemma Terms of Use is included in this directory as `{terms_copy}`; they are also at {TERMS_URL}."
         if terms_copy
@@ -249,14 +301,14 @@ def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) ->
         "## Modifications\n\n"
         "The files in this directory were modified from the base model by this pipeline:\n\n"
         f"- **Stage:** {d.stage} ({d.method})\n"
-        f"- **Base model:** `{d.base_model}`" + (f" (revision `{d.base_revision}`)" if d.base_revision else "") + "\n"
-        f"- **Parent checkpoint:** `{d.parent}`\n"
-        f"- **Data:**\n{data_lines}\n"
+        f"- **Base model:** `{base}`" + (f" (revision `{d.base_revision}`)" if d.base_revision else "") + "\n"
+        f"- **Parent checkpoint:** `{portable(d.parent, d.run_root)}` (paths are relative to the run directory)\n"
+        f"- **Data** (the training data of every stage that led here):\n{data_lines}\n"
         f"- **Date:** {date}\n"
-        f"- **Recipe hash:** `{d.recipe_hash}` (the resolved recipe is in `{RECIPE_FILE}`)\n"
+        f"- **Recipe hash:** `{d.recipe_hash}`\n"
         f"- **Pipeline commit:** `{commit}`\n\n"
-        f"Every weight file carries this modification notice in its safetensors metadata, `{MODEL_CONFIG}` carries it "
-        f"under `{CONFIG_NOTICE_KEY}`, and `{LINEAGE}` records the full lineage.",
+        f"Every weight file carries this modification notice in its safetensors metadata, and `{MODEL_CONFIG}` "
+        f"carries it under `{CONFIG_NOTICE_KEY}`.",
         "## Use restrictions (binding on recipients)\n\n"
         "This model is subject to the use restrictions of section 3.2 of the Gemma Terms of Use. You, and anyone you "
         "distribute it to, must not use it:\n\n"
@@ -271,6 +323,13 @@ def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) ->
         f"generation prompt with `{_GENERATION_PROMPT_SHOWN}`. A model turn ends with "
         f"`{END_OF_TURN}`: stop generation on that token.",
     ]
+    if d.tracking_runs:
+        runs = "\n".join(f"- {stage}: {url}" for stage, url in d.tracking_runs.items())
+        sections.append(f"## Training runs\n\nWeights & Biases runs of the stages:\n\n{runs}")
+    sections.append(
+        f"## {PROVENANCE}\n\nThe resolved recipe is in `{RECIPE_FILE}` and the full lineage (base model, parent "
+        f"checkpoints, data manifests, metrics) in `{LINEAGE}`."
+    )
     if metrics:
         sections.append(f"## Metrics\n\n| metric | value |\n|---|---|\n{metrics}")
     sections.extend(d.extra_sections)
@@ -312,7 +371,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
             {
                 "gemma_notice": NOTICE_LINE,
                 "modification": modification,
-                "base_model": d.base_model,
+                "base_model": portable(d.base_model, d.run_root),
                 "recipe_hash": d.recipe_hash,
             },
         )
@@ -333,6 +392,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "base_model": {"id": d.base_model, "revision": d.base_revision},
         "parent": d.parent,
         "parent_lineage": read_lineage(d.parent),
+        "inputs": {role: {"path": path, "lineage": read_lineage(path)} for role, path in d.inputs.items()},
         "datasets": d.datasets,
         "data_manifest": d.data_manifest,
         "recipe_hash": d.recipe_hash,
@@ -341,14 +401,34 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "metrics": d.metrics,
     }
     (ckpt / LINEAGE).write_text(
-        json.dumps(lineage, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        json.dumps(portable(lineage, d.run_root), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
     )
-    (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(d.recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    recipe = portable(d.recipe, d.run_root)
+    (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
     (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms_copy), encoding="utf-8")
+    scrub_text_files(ckpt, d.run_root)
 
 
-def missing_notices(ckpt: str | Path) -> list[str]:
-    """What a checkpoint directory lacks of its notices (empty: all present)."""
+_TEXT_SUFFIXES = (".json", ".md", ".yaml", ".yml", ".txt", ".jinja")
+_SCRUB_MAX_BYTES = 16 << 20  # a tokenizer.json of a 262k vocabulary is ~33 MB and names no path
+
+
+def scrub_text_files(ckpt: Path, run_root: Path | None) -> None:
+    """Rewrite absolute local paths that other libraries wrote into a checkpoint's text files (PEFT's
+    ``adapter_config.json`` and adapter card name the base model's folder) relative to the run directory or the
+    repository, so that nothing a checkpoint carries names this machine's folders."""
+    for f in sorted(ckpt.rglob("*")):
+        if not f.is_file() or f.suffix not in _TEXT_SUFFIXES or f.stat().st_size > _SCRUB_MAX_BYTES:
+            continue
+        text = f.read_text(encoding="utf-8", errors="surrogateescape")
+        clean = scrub_paths(text, run_root)
+        if clean != text:
+            f.write_text(clean, encoding="utf-8", errors="surrogateescape")
+
+
+def missing_notices(ckpt: str | Path, lineage: bool = True) -> list[str]:
+    """What a checkpoint directory lacks of its notices (empty: all present). A published export carries no
+    ``lineage.json`` (``lineage=False``)."""
     ckpt = Path(ckpt)
     missing = []
     notice = ckpt / NOTICE_FILE
@@ -361,7 +441,7 @@ def missing_notices(ckpt: str | Path) -> list[str]:
         text = card.read_text(encoding="utf-8")
         if "license: gemma" not in text or "## Modifications" not in text or "Use restrictions" not in text:
             missing.append(f"{CARD_FILE} (license, Modifications or use restrictions)")
-    if not (ckpt / LINEAGE).is_file():
+    if lineage and not (ckpt / LINEAGE).is_file():
         missing.append(LINEAGE)
     for st in sorted(ckpt.rglob("*.safetensors")):
         if read_safetensors_metadata(st).get("gemma_notice") != NOTICE_LINE:
@@ -380,7 +460,7 @@ def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
         return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
 
     def paths(specs) -> str:
-        return ", ".join(f"`{s.path}`" for s in specs)
+        return ", ".join(f"`{portable(s.path, recipe.run_dir)}`" for s in specs)
 
     data = recipe.data
     return "\n".join(

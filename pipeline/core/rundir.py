@@ -10,7 +10,9 @@
         final/                               the finished checkpoint: lineage.json, recipe.yaml, COMPLETE, ...
                                              rm: reward_stats.json; ppo: value/ (the value model); LoRA: adapter/
         metrics.jsonl                        ppo: one line per update
+        wandb_run.json                       the stage's W&B run (id, project, entity, mode, url); kept to resume it
       report.md  report.json  report/        the run report and its plots
+      publish/                               the clean model folder ``make publish`` uploads
       wandb/                                 W&B's local files
 
 A stage never spells a file name of another stage: it asks this module for the path or for a typed reader
@@ -38,6 +40,7 @@ TOKENIZER = "tokenizer"
 LINEAGE = "lineage.json"
 REWARD_STATS = "reward_stats.json"
 METRICS = "metrics.jsonl"
+WANDB_RUN = "wandb_run.json"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -84,6 +87,11 @@ class StageDir:
         """One JSON line per PPO update (ppo)."""
         return self.path / METRICS
 
+    @property
+    def wandb_run(self) -> Path:
+        """The stage's W&B run record (pipeline.core.tracking): a resumed stage continues that run."""
+        return self.path / WANDB_RUN
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -115,6 +123,11 @@ class RunDir:
     @property
     def report_images(self) -> Path:
         return self.root / "report"
+
+    @property
+    def publish(self) -> Path:
+        """The export ``make publish`` uploads (``--dry-run`` stops there)."""
+        return self.root / "publish"
 
     @property
     def wandb(self) -> Path:
@@ -360,3 +373,35 @@ def keep_metrics_until(stage: StageDir, update: int) -> None:
 def append_metrics(stage: StageDir, row: dict) -> None:
     with open(stage.metrics, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The W&B run of each stage (written by pipeline.core.tracking when the stage's run starts)
+# --------------------------------------------------------------------------------------------------------------
+
+WANDB_RUN_KEYS = ("id", "project", "entity", "mode", "url")
+
+
+def read_wandb_run(stage: StageDir) -> dict | None:
+    """The stage's W&B run {id, project, entity, mode, url} (``url`` None for a run logged offline), or None when
+    the stage has not started one or the record is unreadable."""
+    try:
+        raw = json.loads(stage.wandb_run.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+        return None
+    return {k: raw.get(k) for k in WANDB_RUN_KEYS}
+
+
+def write_wandb_run(stage: StageDir, record: dict) -> None:
+    """Only the record's keys are written (nothing else the caller holds can slip in, a secret least of all)."""
+    stage.path.mkdir(parents=True, exist_ok=True)
+    tmp = stage.wandb_run.with_name(WANDB_RUN + ".tmp")
+    tmp.write_text(json.dumps({k: record.get(k) for k in WANDB_RUN_KEYS}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, stage.wandb_run)
+
+
+def wandb_runs(run: RunDir) -> dict[str, dict]:
+    """The W&B run of every training stage that started one: stage -> its record (``read_wandb_run``)."""
+    return {name: rec for name in TRAINING_STAGES if (rec := read_wandb_run(run.stage(name))) is not None}

@@ -1,0 +1,248 @@
+"""The run report on any recipe: held-out prompts checked against every training prompt, the wording that follows
+from the counts, the report without a ground-truth rule, and where it samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.core.config import ConfigError, load_recipe
+from pipeline.core.rundir import RunDir, data_output
+from pipeline.data import main as data_main
+from tests.conftest import write_jsonl, write_recipe
+from tests.ppo_chain import RECIPE, _fresh, _recipe
+
+
+def _chat(user: str, answer: str = "네, 그렇습니다.") -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def _data(tmp_path, data: dict):
+    """A recipe with this data section and its finished data folder."""
+    path = write_recipe(tmp_path, data)
+    assert data_main(["--recipe", str(path)]) == 0
+    recipe = load_recipe(path)
+    return recipe, data_output(RunDir.of(recipe))
+
+
+def _tokenizer(data):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(data.tokenizer)
+
+
+def _heldout_texts(data) -> list[str]:
+    """The held-out prompts as the report reads them: each row's last user turn."""
+    import datasets
+
+    rows = datasets.Dataset.from_parquet(str(data.split("prompts", "eval")))["messages"]
+    return [json.loads(m)[-1]["content"] for m in rows]
+
+
+def test_heldout_prompts_are_checked_against_every_training_source(tmp_path):
+    """Catches held-out prompts trained on going unreported: an SFT row (read back from its ids, a later user turn
+    of a dialogue included), a preference prompt and a PPO prompt each count for their source, compared on
+    normalised text; a prompt that is only a prefix of training prompts, or new, counts nowhere."""
+    sft = [_chat(f"질문 {i}번") for i in range(10)]
+    sft.append(
+        {
+            "messages": [
+                {"role": "user", "content": "안녕하세요"},
+                {"role": "assistant", "content": "안녕하세요!"},
+                {"role": "user", "content": "두 번째 질문입니다"},
+                {"role": "assistant", "content": "네."},
+            ]
+        }
+    )
+    pref = [{"prompt": f"선호 질문 {i}", "chosen": "좋습니다.", "rejected": "좋아."} for i in range(4)]
+    held = ["질문 3번", "두 번째   질문입니다", "선호 질문 2", "훈련 질문 1", "질문", "완전히 새 질문"]
+    recipe, data = _data(
+        tmp_path,
+        {
+            "sft": {"train": [{"path": str(write_jsonl(tmp_path / "sft.jsonl", sft))}]},
+            "preference": {"train": [{"path": str(write_jsonl(tmp_path / "pref.jsonl", pref))}]},
+            "prompts": {
+                "train": [{"path": str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "훈련 질문 1"}]))}],
+                "eval": [{"path": str(write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in held]))}],
+            },
+        },
+    )
+    from pipeline.report import heldout_overlap
+
+    tok = _tokenizer(data)
+    texts = _heldout_texts(data)
+    assert texts == held  # the inner spaces of "두 번째   질문입니다" are still there: normalisation must match it
+    counts, hit = heldout_overlap(data, tok, texts)
+    assert counts == {"sft": 2, "preference": 1, "prompts": 1} and hit == 4
+    # Negative control: prompts in no training row count nowhere.
+    assert heldout_overlap(data, tok, ["완전히 새 질문", "질문 11번"]) == (
+        {"sft": 0, "preference": 0, "prompts": 0},
+        0,
+    )
+
+
+def test_split_off_heldout_prompts_that_sft_trained_on_are_counted(tmp_path):
+    """Catches the gemma2b_ko case reported as "never in any training data": PPO prompts are the SFT instructions,
+    and the held-out prompts are split off the PPO prompts (eval_fraction), so each held-out prompt was trained on
+    by SFT though none is a PPO training prompt."""
+    questions = [f"{i}번째 지시문을 따라 주세요." for i in range(20)]
+    recipe, data = _data(
+        tmp_path,
+        {
+            "sft": {"train": [{"path": str(write_jsonl(tmp_path / "sft.jsonl", [_chat(q) for q in questions]))}]},
+            "prompts": {
+                "train": [{"path": str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": q} for q in questions]))}],
+                "eval_fraction": 0.2,
+            },
+        },
+    )
+    from pipeline.report import heldout_overlap
+
+    held = _heldout_texts(data)
+    assert len(held) == 4
+    assert heldout_overlap(data, _tokenizer(data), held) == ({"sft": 4, "preference": 0, "prompts": 0}, 4)
+
+
+def test_no_heldout_split_is_one_clear_error(tmp_path):
+    """Catches a report that samples without held-out prompts (or fails on a missing file) instead of naming the
+    recipe keys that give them."""
+    from pipeline import report
+
+    recipe, _ = _data(
+        tmp_path, {"sft": {"train": [{"path": str(write_jsonl(tmp_path / "s.jsonl", [_chat("질문")]))}]}}
+    )
+    with pytest.raises(ConfigError) as e:
+        report.run(recipe)
+    assert "data.prompts.eval " in str(e.value) and "data.prompts.eval_fraction" in str(e.value)
+
+
+ANSWERS = {  # one held-out prompt, two samples per model: (text, ended its turn, length in tokens)
+    "sft": [[("사과는 맛있습니다.", True, 5), ("apple", False, 16)]],
+    "ppo": [[("사과는 좋아요.", True, 7), ("사과 good이에요.", True, 4)]],
+}
+
+
+def _result(ground_truth: str, overlap: dict[str, int], hit: int) -> dict:
+    from pipeline.report import measures
+
+    r = measures(ground_truth, ["사과는 무엇인가요?"], ANSWERS, {"sft": -0.5, "ppo": 1.25})
+    r.update(
+        rm_accuracy=0.9,
+        ppo_kl=0.3,
+        ppo_updates=3,
+        stage_seconds={"data": 1.0, "sft": 2.0, "rm": 3.0, "ppo": 4.0},
+        samples_per_prompt=2,
+        heldout_prompts=1 if not hit else 5,
+        heldout_overlap=overlap,
+        heldout_overlap_any=hit,
+        ground_truth=ground_truth,
+    )
+    return r
+
+
+def test_report_without_a_rule_shows_korean_measures_and_labels_the_reward_models_view(tmp_path):
+    """Catches a report without a ground-truth rule that shows the reward-model score as if it measured quality, or
+    drops the Korean measures; and wrong Korean means (computed here by hand)."""
+    from pipeline.report import RM_VIEW, card_section, markdown
+
+    r = _result("none", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    assert "sft_accuracy" not in r and "ppo_accuracy" not in r
+    assert r["sft_korean"] == pytest.approx(
+        {"hangul_ratio": 0.5, "script_switch_rate": 0.0, "repetition": 0.0, "stop_rate": 0.5, "length": 10.5}
+    )
+    # 사과 good이에요.: 5 Hangul of 9 letters, a switch; 사과는 좋아요.: all Hangul.
+    assert r["ppo_korean"]["hangul_ratio"] == pytest.approx((1 + 5 / 9) / 2)
+    assert r["ppo_korean"]["script_switch_rate"] == 0.5 and r["ppo_korean"]["stop_rate"] == 1.0
+    recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}", "report.ground_truth=none"])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    assert "No ground-truth rule (`report.ground_truth: none`)" in md and "not evidence of better answers" in md
+    assert f"| mean {RM_VIEW} | -0.500 | 1.250 |" in md
+    assert "| Hangul share of the letters | 0.500 | 0.778 |" in md
+    assert "| Korean answers that switch script | 0.000 | 0.500 |" in md
+    assert "ground-truth rate" not in md
+    assert "1 held-out prompts (never in any training data" in md
+    card = card_section(r)
+    assert f"| {RM_VIEW} | -0.500 | 1.250 | +1.750 |" in card and "| answer length (tokens) | 10.500 | 5.500 |" in card
+
+
+def test_report_with_a_rule_keeps_its_keys_and_adds_the_korean_measures(tmp_path):
+    """Catches the Korean measures replacing the ground-truth rate (the keys other tests and the README read) or the
+    no-rule disclaimer showing when a rule judges the answers."""
+    from pipeline.report import markdown
+
+    r = _result("polite_korean", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    # Polite, ended and at least half Hangul: both PPO answers; of the SFT ones only 사과는 맛있습니다.
+    assert r["sft_accuracy"] == 0.5 and r["ppo_accuracy"] == 1.0
+    names = {"hangul_ratio", "script_switch_rate", "repetition", "stop_rate", "length"}
+    assert set(r["sft_korean"]) == set(r["ppo_korean"]) == names
+    recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    assert "| ground-truth rate (polite_korean, held-out prompts) | 0.500 | 1.000 |" in md
+    assert "| Hangul share of the letters |" in md and "No ground-truth rule" not in md
+
+
+def test_report_says_how_many_heldout_prompts_were_trained_on(tmp_path):
+    """Catches "never in any training data" printed when held-out prompts do appear in training data; the counts
+    per source are named."""
+    from pipeline.report import card_section, markdown
+
+    r = _result("none", {"sft": 2, "preference": 0, "prompts": 1}, 2)
+    recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}", "report.ground_truth=none"])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    assert "never in any training data" not in md
+    assert (
+        "2 of 5 held-out prompts also appear in the training data (2 in the SFT training rows, 0 in the preference "
+        "training prompts, 1 in the PPO training prompts)" in md
+    )
+    assert "5 held-out prompts (2 of them also in the training data)" in card_section(r)
+
+
+@pytest.mark.parametrize(
+    "cuda, bf16, expected",
+    [
+        (False, None, ("cpu", torch.float32)),
+        (True, False, ("cpu", torch.float32)),
+        (True, True, ("cuda", torch.bfloat16)),
+    ],
+)
+def test_sampling_device(monkeypatch, cuda, bf16, expected):
+    """Catches the report sampling on the CPU in fp32 beside an idle bf16 GPU, trying bf16 on a GPU without it, or
+    asking a machine without CUDA whether it supports bf16 (that call fails there)."""
+    from pipeline.report import sampling_device
+
+    def bf16_supported(*args, **kwargs):
+        if bf16 is None:
+            raise AssertionError("bf16 support asked without CUDA")
+        return bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert sampling_device() == expected
+
+
+@pytest.mark.slow
+def test_report_runs_on_the_chain_without_a_rule(chain, tmp_path):
+    """Catches the report failing end to end on a recipe without a rule, or its held-out check disagreeing with the
+    data stage's own (the tiny recipe's held-out prompts are in no training file): one PPO update on the shared
+    chain, then the report with 2 samples per prompt."""
+    from pipeline import ppo, report
+
+    out = _fresh(chain, tmp_path)
+    recipe = _recipe(
+        out, "ppo.total_episodes=32", "ppo.panel_every=0", "report.ground_truth=none", "report.samples_per_prompt=2"
+    )
+    ppo.run(recipe)
+    r = report.run(recipe)
+    saved = json.loads(RunDir.of(recipe).report_json.read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(r))
+    assert saved["heldout_overlap"] == {"sft": 0, "preference": 0, "prompts": 0} and saved["heldout_overlap_any"] == 0
+    assert data_output(RunDir.of(recipe)).manifest.raw["heldout_prompt_overlap"] == 0
+    assert "sft_accuracy" not in saved and {"rm_accuracy", "ppo_kl", "stage_seconds"} <= set(saved)
+    for name in ("sft", "ppo"):
+        k = saved[f"{name}_korean"]
+        assert all(0 <= k[m] <= 1 for m in ("hangul_ratio", "script_switch_rate", "repetition", "stop_rate"))
+        assert k["hangul_ratio"] > 0.5 and k["stop_rate"] == pytest.approx(saved[f"{name}_stop_rate"])
+    md = RunDir.of(recipe).report_md.read_text(encoding="utf-8")
+    assert "No ground-truth rule" in md and "60 held-out prompts (never in any training data" in md
