@@ -54,7 +54,7 @@ from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, PPOConfig, Recipe
 from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.core.faults import NonFiniteLossError, poison_if_asked
-from pipeline.core.korean import korean_metrics
+from pipeline.core.korean import korean_totals
 from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
 from pipeline.core.progress import eta
@@ -450,14 +450,23 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     )
 
 
-def answer_stats(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, float]:
-    """The Korean answer measures of this process's responses (pipeline/core/korean.py): each response's text up to
-    its stop token, without special tokens, in one batch decode; stopped means it ended its turn; the length counts
-    the stop token, as ``ppo/response_length`` does."""
+def answer_totals(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, tuple[float, int]]:
+    """The Korean answer measures of this process's responses (pipeline/core/korean.py) as (sum, count): each
+    response's text up to its stop token, without special tokens, in one batch decode; stopped means it ended its
+    turn; the length counts the stop token, as ``ppo/response_length`` does."""
     seq_len, stopped = g.seq_len.tolist(), g.stopped.tolist()
     ids = [r[: n + (0 if st else 1)] for r, n, st in zip(g.responses.tolist(), seq_len, stopped)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return korean_metrics(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
+    return korean_totals(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
+
+
+def pooled_means(acc: Any, totals: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Means over every process's answers (sums and counts reduced, so a process with fewer answers of a kind
+    weighs less); a measure no answer on any process has (no Korean answer: no switch rate) is left out."""
+    keys = list(totals)
+    t = torch.tensor([list(totals[k]) for k in keys], dtype=torch.float32, device=acc.device)
+    t = acc.reduce(t, reduction="sum").tolist()
+    return {k: s / n for k, (s, n) in zip(keys, t) if n > 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -967,8 +976,8 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     t_train = time.perf_counter() - t1
     lr = ppo.scheduler.get_last_lr()[0]  # the rate this update's steps used
     ppo.scheduler.step()
-    answers = answer_stats(ro.generation, ppo.inputs.tokenizer, s.turn_end_id)  # averaged over processes below
-    metrics = gather_stats(acc, {**ro.stats, **train_stats, **answers})
+    metrics = gather_stats(acc, {**ro.stats, **train_stats})
+    metrics.update(pooled_means(acc, answer_totals(ro.generation, ppo.inputs.tokenizer, s.turn_end_id)))
     elapsed = time.perf_counter() - t0
     metrics.update(
         {

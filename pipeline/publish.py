@@ -17,7 +17,9 @@ exported text file or weight header still names a local absolute path.
 The upload is one commit (the repository never shows a half-published model) made with ``huggingface_hub``, with
 the token from ``HF_TOKEN`` or the login cache (``hf auth login``); there is no token option, so a token never lands
 in a shell history, a Makefile or a log. Files of an earlier upload that the export no longer has are deleted in
-the same commit. ``--dry-run`` writes the export and uploads nothing.
+the same commit (model files it would write, and run-directory files such as ``value/`` that a plain upload of a
+checkpoint folder publishes); other files of the repository are kept and listed. ``--dry-run`` writes the export
+and uploads nothing.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ from pipeline.core.atomic import staging_dir
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import EXIT_INPUT, EXIT_RUN, add_recipe_arguments, print_error, recipe_from
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.locations import REPO_ROOT, is_hub_id
+from pipeline.core.locations import REPO_ROOT, is_hub_id, path_pattern
 from pipeline.core.notices import PROVENANCE, missing_notices, read_safetensors_metadata
 from pipeline.core.rundir import (
+    ADAPTER,
     CARD_FILE,
     GENERATION_CONFIG,
+    LINEAGE,
+    MARKER,
     MODEL_CONFIG,
     NOTICE_FILE,
+    RECIPE_FILE,
+    REWARD_STATS,
     TERMS,
+    VALUE,
     IncompleteError,
     RunDir,
 )
@@ -63,15 +71,32 @@ class PublishError(RuntimeError):
     """The checkpoint cannot be published as it is, or the upload failed."""
 
 
+def is_model_file(name: str) -> bool:
+    """Whether a top-level file name is one a published model carries."""
+    keep = {MODEL_CONFIG, GENERATION_CONFIG, CARD_FILE, NOTICE_FILE, WEIGHT_INDEX, *TOKENIZER_FILES}
+    return name in keep or name.endswith(".safetensors") or name.startswith(TERMS)
+
+
 def exported_names(ckpt: Path) -> list[str]:
     """The files of a finished checkpoint that a published model carries (top level only: ``value/`` and
     ``adapter/`` stay in the run directory)."""
-    keep = {MODEL_CONFIG, GENERATION_CONFIG, CARD_FILE, NOTICE_FILE, WEIGHT_INDEX, *TOKENIZER_FILES}
-    return sorted(
-        p.name
-        for p in ckpt.iterdir()
-        if p.is_file() and (p.name in keep or p.suffix == ".safetensors" or p.name.startswith(TERMS))
-    )
+    return sorted(p.name for p in ckpt.iterdir() if p.is_file() and is_model_file(p.name))
+
+
+def stale_files(repo_files: list[str], exported: list[str]) -> tuple[list[str], list[str]]:
+    """(delete, keep) among a Hub repository's files that the export does not have. Deleted: model files this
+    export would write (an older shard, a tokenizer file the model no longer has) and run-directory files a plain
+    upload of a checkpoint folder publishes (``value/``, ``adapter/``, the marker, the lineage, the recipe, reward
+    statistics). Kept, and listed: anything else the owner put there (a GGUF, images the card shows)."""
+    run_files = {MARKER, LINEAGE, RECIPE_FILE, REWARD_STATS}
+    delete, keep = [], []
+    for name in repo_files:
+        if name in exported or name == ".gitattributes":
+            continue
+        top = name.split("/", 1)[0]
+        ours = ("/" not in name and (is_model_file(name) or name in run_files)) or top in (VALUE, ADAPTER)
+        (delete if ours else keep).append(name)
+    return delete, keep
 
 
 def drop_card_section(card: str, title: str) -> str:
@@ -105,6 +130,7 @@ def local_paths_in(folder: Path, roots: list[str | Path]) -> list[str]:
     """``file: root`` for every exported text file or weight header that names one of ``roots`` (absolute local
     folders: the repository, the run directory, the home folder)."""
     needles = [str(Path(r).resolve()) for r in roots if str(Path(r).resolve()) not in ("/", "")]
+    patterns = {n: path_pattern(n) for n in needles}
     found = []
     for f in sorted(folder.rglob("*")):
         if not f.is_file():
@@ -115,7 +141,7 @@ def local_paths_in(folder: Path, roots: list[str | Path]) -> list[str]:
             text = f.read_text(encoding="utf-8", errors="replace")
         else:
             continue
-        found += [f"{f.relative_to(folder)}: {n}" for n in needles if n in text]
+        found += [f"{f.relative_to(folder)}: {n}" for n, p in patterns.items() if p.search(text)]
     return found
 
 
@@ -171,7 +197,9 @@ def upload(folder: Path, repo_id: str, private: bool, message: str) -> str:
                 "private on the Hub first, or publish without --private)"
             )
         files = sorted(p.name for p in folder.iterdir() if p.is_file())
-        stale = [f for f in api.list_repo_files(repo_id) if f not in files and f != ".gitattributes"]
+        stale, kept = stale_files(api.list_repo_files(repo_id), files)
+        if kept:
+            print(f"[publish] left in {repo_id} (not written by this pipeline): {', '.join(kept)}", flush=True)
         ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
         ops += [CommitOperationDelete(path_in_repo=name) for name in stale]
         info = api.create_commit(repo_id, operations=ops, commit_message=message)

@@ -67,12 +67,13 @@ def ground_truth_check(kind: str):
 
 
 def sampling_device() -> tuple[str, Any]:
-    """``(device, dtype)`` the report samples and scores on: the GPU in bf16 when CUDA is available and supports
-    bf16, else the CPU in fp32 (bf16 on a CPU is slower than fp32 and changes the samples for nothing)."""
+    """``(device, dtype)`` the report samples and scores on: the GPU when CUDA is available, in bf16 where it is
+    supported and fp32 elsewhere; else the CPU in fp32 (bf16 on a CPU is slower than fp32 and changes the samples for
+    nothing)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "cuda", torch.bfloat16
+    if torch.cuda.is_available():  # a GPU without bf16 (T4, V100) still samples far faster than the CPU, in fp32
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return "cpu", torch.float32
 
 
@@ -357,6 +358,7 @@ def card_section(r: dict) -> str:
         f"{r['ppo_korean'][key] - r['sft_korean'][key]:+.3f} |"
         for key, label in KOREAN_ROWS
         if "sft_korean" in r and "ppo_korean" in r
+        and r["sft_korean"][key] is not None and r["ppo_korean"][key] is not None  # None: no Korean answer
     ]
     overlap = r.get("heldout_overlap_any", 0)
     return "\n".join(

@@ -3,12 +3,11 @@ move it."""
 
 from __future__ import annotations
 
-import math
 import unicodedata
 
 import pytest
 
-from pipeline.core.korean import KEYS, hangul_ratio, korean_metrics, repetition, switches_script
+from pipeline.core.korean import KEYS, hangul_ratio, korean_metrics, korean_totals, repetition, switches_script
 
 
 def test_hangul_ratio_counts_letters_only():
@@ -77,17 +76,28 @@ def test_korean_metrics_means_over_the_answers_each_applies_to():
     assert got["korean/length"] == pytest.approx(30 / 5)
 
 
-def test_korean_metrics_stay_finite_without_korean_and_refuse_no_answers():
-    """Catches a NaN from an empty mean (PPO stops on non-finite metrics) and a silent 0 for an empty batch."""
+def test_korean_metrics_without_korean_are_none_not_zero_and_refuse_no_answers():
+    """Catches a switch rate of 0.0 for a model that stopped writing Korean (it would read as 'never switches'), a
+    NaN from an empty mean, and a silent 0 for an empty batch."""
     got = korean_metrics([("...", False, 16), ("12", True, 3)])
-    assert all(math.isfinite(v) for v in got.values())
-    assert got["korean/hangul_ratio"] == 0.0 and got["korean/script_switch_rate"] == 0.0
-    assert got["korean/stop_rate"] == 0.5 and got["korean/length"] == 9.5
+    assert got["korean/hangul_ratio"] is None and got["korean/script_switch_rate"] is None
+    assert got["korean/stop_rate"] == 0.5 and got["korean/length"] == 9.5 and got["korean/repetition"] == 0.0
     with pytest.raises(ValueError, match="at least one answer"):
         korean_metrics([])
 
 
-def test_ppo_answer_stats_decode_each_response_up_to_its_stop(tokenizer):
+def test_totals_pool_processes_by_answers_not_by_process():
+    """Catches averaging per-process means: one process with one Korean answer that switches and one with three
+    that do not give 1/4 pooled, not (1 + 0) / 2; a process with no Korean answer adds nothing (not a 0)."""
+    a = korean_totals([("사과 apple", True, 3)])
+    b = korean_totals([("사과", True, 2), ("배", True, 2), ("감", True, 2)])
+    c = korean_totals([("apple", True, 2)])
+    s, n = (sum(t["korean/script_switch_rate"][i] for t in (a, b, c)) for i in (0, 1))
+    assert (s, n) == (1.0, 4) and s / n == 0.25
+    assert c["korean/script_switch_rate"] == (0.0, 0)
+
+
+def test_ppo_answer_totals_decode_each_response_up_to_its_stop(tokenizer):
     """Catches PPO's per-update measures reading the wrong tokens: the stop token or the padding after it decoded
     into the text, a response cut at the length limit losing its last token, or an answer that stopped on <eos>
     counted as having ended its turn."""
@@ -95,7 +105,7 @@ def test_ppo_answer_stats_decode_each_response_up_to_its_stop(tokenizer):
 
     from data_prep.gemma_format import stop_token_ids
     from pipeline.core.sampling import Generation
-    from pipeline.ppo import answer_stats
+    from pipeline.ppo import answer_totals
 
     eot, eos = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
@@ -111,7 +121,7 @@ def test_ppo_answer_stats_decode_each_response_up_to_its_stop(tokenizer):
         stopped=torch.tensor([True, False, True]),
         pad_id=pad,
     )
-    got = answer_stats(g, tokenizer, eot)
+    got = {k: total / n for k, (total, n) in answer_totals(g, tokenizer, eot).items()}
     assert got["korean/hangul_ratio"] == pytest.approx((2 / 7 + 1 + 1) / 3)
     assert got["korean/script_switch_rate"] == pytest.approx(1 / 3)  # only 사과 apple
     assert got["korean/repetition"] == pytest.approx((1 - 4 / 9) / 3)  # the whole loop, its last token included

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.core.locations import REPO_ROOT, portable, portable_path, scrub_paths
 from pipeline.core.notices import missing_notices, read_safetensors_metadata
-from pipeline.publish import PublishError, drop_card_section, export, exported_names, local_paths_in
+from pipeline.publish import PublishError, drop_card_section, export, exported_names, local_paths_in, stale_files
 from tests.fake_hub import FakeHub
 from tests.ppo_chain import _recipe
 
@@ -50,6 +50,50 @@ def test_portable_paths_never_absolute(tmp_path):
     # longer folder name that merely starts with a root is left alone
     text = f'"{run}/sft/final" {REPO_ROOT}/build/x {run}2/y'
     assert scrub_paths(text, run) == f'"sft/final" build/x {run}2/y'
+
+
+def test_paths_are_found_only_where_a_path_can_start(monkeypatch):
+    """Bug: with the repository at /gemma, scrubbing turned the notice's 'ai.google.dev/gemma/terms' into
+    'ai.google.devterms' and a W&B link '.../team/gemma/runs/x' into '.../teamruns/x'."""
+    import pipeline.core.locations as locations
+
+    monkeypatch.setattr(locations, "REPO_ROOT", locations.Path("/gemma"))
+    text = "at ai.google.dev/gemma/terms, https://wandb.ai/team/gemma/runs/x, `/gemma/runs/r` and (/gemma)"
+    assert (
+        locations.scrub_paths(text, None)
+        == "at ai.google.dev/gemma/terms, https://wandb.ai/team/gemma/runs/x, `runs/r` and (.)"
+    )
+    # negative control: the plain substring the scrub used to replace is there
+    assert text.count("/gemma") == 4
+
+
+def test_stale_files_delete_only_what_this_pipeline_writes():
+    """Bug: every repository file missing from the export was deleted, a GGUF or the card's images included."""
+    repo = [
+        "README.md",
+        ".gitattributes",
+        "model-00002-of-00002.safetensors",
+        "value/model.safetensors",
+        "value/config.json",
+        "adapter/adapter_config.json",
+        "COMPLETE",
+        "lineage.json",
+        "recipe.yaml",
+        "model-q4.gguf",
+        "images/plot.png",
+        "notes/README.md",
+    ]
+    delete, keep = stale_files(repo, ["README.md", "model.safetensors", "config.json"])
+    assert delete == [
+        "model-00002-of-00002.safetensors",
+        "value/model.safetensors",
+        "value/config.json",
+        "adapter/adapter_config.json",
+        "COMPLETE",
+        "lineage.json",
+        "recipe.yaml",
+    ]
+    assert keep == ["model-q4.gguf", "images/plot.png", "notes/README.md"]
 
 
 def test_drop_card_section_keeps_the_rest():
@@ -181,17 +225,16 @@ def _publish(run_copy, hub_url: str | None, *args: str, token: str | None = "hf_
 
 def test_upload_is_one_commit_of_exactly_the_export(run_copy):
     with FakeHub() as hub:
-        hub.repos["someone/tiny-ko"] = {
-            "private": False,
-            "files": {"value/model.safetensors": b"old", "README.md": b"old"},
-        }
+        old = {"value/model.safetensors": b"old", "README.md": b"old", "images/plot.png": b"png"}
+        hub.repos["someone/tiny-ko"] = {"private": False, "files": dict(old)}
         res = _publish(run_copy, hub.url, "--repo-id", "someone/tiny-ko")
         assert res.returncode == 0, res.stderr[-3000:]
         out = run_copy / "tiny_ko" / "publish"
         assert len(hub.commits) == 1
         files = hub.repos["someone/tiny-ko"]["files"]
-        assert set(files) == {p.name for p in out.iterdir()}, "exactly the export; the stale value/ is deleted"
+        assert set(files) == {p.name for p in out.iterdir()} | {"images/plot.png"}, "the stale value/ is deleted"
         assert all(files[p.name] == p.read_bytes() for p in out.iterdir())
+        assert "left in someone/tiny-ko (not written by this pipeline): images/plot.png" in res.stdout
         assert hub.commits[0]["deleted"] == ["value/model.safetensors"]
         assert {auth for *_, auth in hub.requests} == {"Bearer hf_fakePublishToken123"}
         assert "hf_fakePublishToken123" not in res.stdout + res.stderr

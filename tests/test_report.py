@@ -203,13 +203,14 @@ def test_report_says_how_many_heldout_prompts_were_trained_on(tmp_path):
     "cuda, bf16, expected",
     [
         (False, None, ("cpu", torch.float32)),
-        (True, False, ("cpu", torch.float32)),
+        (True, False, ("cuda", torch.float32)),
         (True, True, ("cuda", torch.bfloat16)),
     ],
 )
 def test_sampling_device(monkeypatch, cuda, bf16, expected):
-    """Catches the report sampling on the CPU in fp32 beside an idle bf16 GPU, trying bf16 on a GPU without it, or
-    asking a machine without CUDA whether it supports bf16 (that call fails there)."""
+    """Catches the report sampling on the CPU beside an idle GPU (a bf16 one, or a T4/V100 without bf16, which then
+    runs fp32), trying bf16 on a GPU without it, or asking a machine without CUDA whether it supports bf16 (that call
+    fails there)."""
     from pipeline.report import sampling_device
 
     def bf16_supported(*args, **kwargs):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pipeline.core.config import load_recipe
-from pipeline.core.rundir import RunDir, wandb_runs
+from pipeline.core.rundir import RunDir, wandb_runs, write_marker
 from pipeline.core.tracking import Tracker
 from tests.conftest import REPO
 from tests.wandb_offline import read_offline_run
@@ -52,6 +52,13 @@ def _run_ids(recipe) -> list[str]:
     return [read_offline_run(str(p), wait=10)["run_id"] for p in _offline_runs(recipe)]
 
 
+def _checkpoint(recipe, stage="sft", step=10) -> None:
+    """A complete resumable checkpoint of the stage: what a resumed stage starts from."""
+    path = RunDir.of(recipe).stage(stage).checkpoint(step)
+    path.mkdir(parents=True)
+    write_marker(path, {"stage": stage, "kind": "intermediate", "step": step})
+
+
 def _start(recipe, stage="sft", metric=1.0) -> str:
     """Start a stage's tracker, log one metric, finish; the W&B run id it used."""
     tracker = Tracker(recipe, stage, is_main=True)
@@ -85,15 +92,21 @@ def test_a_resumed_stage_continues_its_wandb_run_and_a_deleted_stage_folder_star
     record = json.loads(record_path.read_text())
     assert record == {"id": first, "project": recipe.tracking.project, "entity": None, "mode": "offline", "url": None}
     assert wandb_runs(run_dir) == {"sft": record}
-    resumed = _start(recipe, metric=2.0)  # the record is there: a resumed stage
+    _checkpoint(recipe)
+    resumed = _start(recipe, metric=2.0)  # the record and a checkpoint are there: a resumed stage
     assert resumed == first
     assert _run_ids(recipe) == [first, first]
     history = [read_offline_run(str(p))["history"][0]["sft/train/loss"] for p in _offline_runs(recipe)]
     assert history == [3.0, 2.0]
-    # Negative control: without the stage folder (its record), the stage starts a new W&B run.
+    # Trained again from scratch (the checkpoints deleted, as the resume warning advises): a new W&B run, although
+    # the record is still there.
+    shutil.rmtree(run_dir.stage("sft").checkpoints)
+    again = _start(recipe)
+    assert again != first and wandb_runs(run_dir)["sft"]["id"] == again
+    # Without the stage folder (its record), the stage starts a new W&B run too.
+    _checkpoint(recipe)
     shutil.rmtree(run_dir.stage("sft").path)
-    assert _start(recipe) != first
-    assert wandb_runs(run_dir)["sft"]["id"] != first
+    assert _start(recipe) not in (first, again)
 
 
 def test_an_unreadable_run_record_starts_a_new_run_instead_of_failing(tmp_path):
@@ -182,6 +195,7 @@ def test_a_saved_run_id_deleted_on_the_server_gets_a_new_run(tmp_path, fake_wand
     record = RunDir.of(recipe).stage("sft").wandb_run
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"id": "gone1234", "project": "gemma-rlhf", "mode": "online"}))
+    _checkpoint(recipe)  # the stage resumes
     refusal = "run e/gemma-rlhf/gone1234 was previously created and deleted; try a new run name"
     fake_wandb["answer"] = lambda body: (
         (409, refusal) if deleted and "gone1234" in body else (401, "user is not logged in")

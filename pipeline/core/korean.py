@@ -78,14 +78,29 @@ def repetition(text: str, n: int = REPETITION_N) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def _mean(values: Iterable[float | bool | None]) -> float:
-    kept = [float(v) for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else 0.0
+def korean_totals(answers: Iterable[tuple[str, bool, int]]) -> dict[str, tuple[float, int]]:
+    """``(sum, count)`` per measure in ``KEYS`` over ``(text, stopped, length)`` answers (text before the stop token,
+    whether the answer ended its turn, its length in tokens): the form that pools over processes by summing, so a
+    process with fewer (or no) answers of a kind weighs less, not as much as the others. The count of
+    ``korean/hangul_ratio`` is the answers with a letter, of ``korean/script_switch_rate`` the Korean answers (with
+    Hangul), of the others every answer."""
+    rows = list(answers)
+    columns = {
+        "korean/hangul_ratio": [hangul_ratio(t) for t, _, _ in rows],
+        "korean/script_switch_rate": [switches_script(t) for t, _, _ in rows],
+        "korean/repetition": [repetition(t) for t, _, _ in rows],
+        "korean/stop_rate": [bool(s) for _, s, _ in rows],
+        "korean/length": [int(n) for _, _, n in rows],
+    }
+    out = {}
+    for key, values in columns.items():
+        kept = [float(v) for v in values if v is not None]
+        out[key] = (sum(kept), len(kept))
+    return out
 
 
-def korean_metrics(answers: Iterable[tuple[str, bool, int]]) -> dict[str, float]:
-    """Means over ``(text, stopped, length)`` answers (text before the stop token, whether the answer ended its turn,
-    its length in tokens), under the names in ``KEYS``:
+def korean_metrics(answers: Iterable[tuple[str, bool, int]]) -> dict[str, float | None]:
+    """Means of ``korean_totals`` under the names in ``KEYS``:
 
     - ``korean/hangul_ratio``: mean ``hangul_ratio`` over the answers that have a letter;
     - ``korean/script_switch_rate``: share of the Korean answers (with Hangul) that also use another script;
@@ -93,15 +108,9 @@ def korean_metrics(answers: Iterable[tuple[str, bool, int]]) -> dict[str, float]
     - ``korean/stop_rate``: share of answers that ended their turn;
     - ``korean/length``: mean length in tokens.
 
-    A mean over no answer (no answer with a letter, no Korean answer) is 0.0, so the value stays a finite number
-    that can be logged and averaged over processes."""
+    A mean over no answer (no answer with a letter, no Korean answer) is None: not 0.0, which would read as "no
+    answer switches script" when no answer is Korean at all."""
     rows = list(answers)
     if not rows:
         raise ValueError("korean_metrics needs at least one answer")
-    return {
-        "korean/hangul_ratio": _mean(hangul_ratio(t) for t, _, _ in rows),
-        "korean/script_switch_rate": _mean(switches_script(t) for t, _, _ in rows),
-        "korean/repetition": _mean(repetition(t) for t, _, _ in rows),
-        "korean/stop_rate": _mean(bool(s) for _, s, _ in rows),
-        "korean/length": _mean(int(n) for _, _, n in rows),
-    }
+    return {k: (total / n if n else None) for k, (total, n) in korean_totals(rows).items()}

@@ -67,6 +67,13 @@ def portable(value, run_root: Path | None):
     return value
 
 
+def path_pattern(root: str | Path) -> re.Pattern:
+    """Where the absolute folder ``root`` appears as a path in text: not inside a longer word or URL before it
+    (``ai.google.dev/gemma/terms`` holds no path ``/gemma``), and followed by a slash (group 1) or by the end of the
+    name (a longer folder name that starts with it is another folder)."""
+    return re.compile(r"(?<![\w.\-~/:])" + re.escape(str(root)) + r"(/|(?![\w.\-]))")
+
+
 def scrub_paths(text: str, run_root: Path | None) -> str:
     """``text`` with the run directory, the repository and the home folder, wherever they appear inside it, written
     relative (for files other libraries write with absolute paths in them, e.g. PEFT's ``adapter_config.json``)."""
@@ -75,8 +82,6 @@ def scrub_paths(text: str, run_root: Path | None) -> str:
     for root, replacement in roots:
         if str(root) in ("/", ""):
             continue
-        # the root and a slash, or the root itself; never a longer folder name that starts with it
         bare = replacement.rstrip("/") or "."
-        pattern = re.escape(str(root)) + r"(/|(?![\w.\-]))"
-        text = re.sub(pattern, lambda m, r=replacement, b=bare: r if m.group(1) else b, text)
+        text = path_pattern(root).sub(lambda m, r=replacement, b=bare: r if m.group(1) else b, text)
     return text

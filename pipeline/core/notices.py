@@ -441,6 +441,8 @@ def missing_notices(ckpt: str | Path, lineage: bool = True) -> list[str]:
         text = card.read_text(encoding="utf-8")
         if "license: gemma" not in text or "## Modifications" not in text or "Use restrictions" not in text:
             missing.append(f"{CARD_FILE} (license, Modifications or use restrictions)")
+        if NOTICE_LINE not in text:
+            missing.append(f"{CARD_FILE} (the notice)")
     if lineage and not (ckpt / LINEAGE).is_file():
         missing.append(LINEAGE)
     for st in sorted(ckpt.rglob("*.safetensors")):

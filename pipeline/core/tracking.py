@@ -9,8 +9,9 @@ Keys are read by wandb from the environment only; they are never written into co
 run record.
 
 Run identity: the first start of a stage draws a random W&B run id and records it, with where the run lives, in the
-stage's folder (``StageDir.wandb_run``). A resumed stage finds the record and continues that W&B run; a new run
-folder (or a deleted stage folder) starts a new W&B run, so two people with the same recipe, or a re-run after
+stage's folder (``StageDir.wandb_run``). A stage that resumes from a checkpoint finds the record and continues that
+W&B run; a stage started from scratch (a new run folder, a deleted stage folder or deleted checkpoints) starts a new
+W&B run, so two people with the same recipe, or a re-run after
 deleting ``runs/<run>``, never write into one run.
 
 W&B never stops a stage: when online start fails (network, credentials, timeout) the stage says so in one line and
@@ -31,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.core.config import Recipe, recipe_hash, to_dict
-from pipeline.core.rundir import RunDir, wandb_runs, write_wandb_run
+from pipeline.core.rundir import RunDir, checkpoints, is_complete, wandb_runs, write_wandb_run
 
 # W&B's answer when a run id belonged to a run deleted on the server (ids of deleted runs are kept for days):
 # "run <entity>/<project>/<id> was previously created and deleted; try a new run name" (HTTP 409; wandb issues
@@ -102,7 +103,10 @@ class Tracker:
         t = recipe.tracking
         run_dir = RunDir.of(recipe)
         run_dir.wandb.mkdir(parents=True, exist_ok=True)
-        saved = wandb_runs(run_dir).get(stage)
+        # Continue the recorded W&B run only when the stage resumes from a checkpoint of that run; a stage trained
+        # again from scratch (its checkpoints deleted, as the resume warning advises) starts a new W&B run.
+        resumes = any(is_complete(c) for c in checkpoints(run_dir.stage(stage).checkpoints))
+        saved = wandb_runs(run_dir).get(stage) if resumes else None
         run_id = saved["id"] if saved else new_run_id()
 
         def start(run_id: str, mode: str):
