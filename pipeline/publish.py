@@ -31,11 +31,11 @@ import sys
 from pathlib import Path
 
 from data_prep.gemma_format import END_OF_TURN
-from pipeline.core.atomic import staging_dir
+from pipeline.core.atomic import staging_dir, storage_full, storage_full_message
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import EXIT_INPUT, EXIT_RUN, add_recipe_arguments, print_error, recipe_from
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.locations import REPO_ROOT, is_hub_id, path_pattern
+from pipeline.core.locations import REPO_ROOT, is_hub_id, local_path, path_pattern
 from pipeline.core.notices import PROVENANCE, missing_notices, read_safetensors_metadata
 from pipeline.core.rundir import (
     ADAPTER,
@@ -163,7 +163,8 @@ def export(recipe: Recipe, stage: str) -> Path:
         problems = missing_notices(tmp, lineage=False)
         if problems:
             raise PublishError(f"the export of {ckpt} lacks its Gemma derivative notices: {', '.join(problems)}")
-        leaks = local_paths_in(tmp, [REPO_ROOT, run.root, Path.home()])
+        base = local_path(recipe.model.name_or_path)  # a base model folder outside the repository, if any
+        leaks = local_paths_in(tmp, [REPO_ROOT, run.root, Path.home(), *([base] if base else [])])
         if leaks:
             raise PublishError(f"the export of {ckpt} names local folders: {'; '.join(leaks)}")
         old = out.with_name(f".{out.name}.old")
@@ -249,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     except PublishError as e:
         print_error(e)
+        return EXIT_RUN
+    except OSError as e:
+        if not storage_full(e):
+            raise
+        print_error(storage_full_message(e, "publish"))
         return EXIT_RUN
     return 0
 

@@ -357,8 +357,10 @@ def card_section(r: dict) -> str:
         f"| {label} | {r['sft_korean'][key]:.3f} | {r['ppo_korean'][key]:.3f} | "
         f"{r['ppo_korean'][key] - r['sft_korean'][key]:+.3f} |"
         for key, label in KOREAN_ROWS
-        if "sft_korean" in r and "ppo_korean" in r
-        and r["sft_korean"][key] is not None and r["ppo_korean"][key] is not None  # None: no Korean answer
+        if "sft_korean" in r
+        and "ppo_korean" in r
+        and r["sft_korean"][key] is not None
+        and r["ppo_korean"][key] is not None  # None: no Korean answer
     ]
     overlap = r.get("heldout_overlap_any", 0)
     return "\n".join(

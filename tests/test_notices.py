@@ -165,10 +165,12 @@ def test_card_names_the_whole_lineage_and_no_local_path(tmp_path, tiny_dir):
     (ppo / "COMPLETE").unlink()
     (ppo / "adapter").mkdir()
     (ppo / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(sft)}))
+    folder = tmp_path / "elsewhere" / "ko_sft"  # a local dataset folder outside the run and the repository
+    (ppo / "adapter" / "README.md").write_text(f"trained on {folder}\n")  # as a library might write it
     d = _derivation(
         stage="ppo",
         parent=str(sft),
-        datasets=[str(tmp_path / "elsewhere" / "prompts.jsonl")],
+        datasets=[str(tmp_path / "elsewhere" / "prompts.jsonl"), str(folder)],
         inputs={"reward model": str(rm)},
         run_root=run,
         language=["ko"],
@@ -183,6 +185,9 @@ def test_card_names_the_whole_lineage_and_no_local_path(tmp_path, tiny_dir):
     assert front["datasets"] == ["beomi/KoAlpaca-v1.1a", "maywell/ko_Ultrafeedback_binarized"]
     for line in ("sft: `beomi/KoAlpaca-v1.1a`", "rm: `maywell/ko_Ultrafeedback_binarized`", "ppo: `prompts.jsonl`"):
         assert line in card
+    # the local folder is named by its name alone, which looks like a hub id: it must not enter the front matter
+    assert "ppo: `ko_sft`" in card and "ko_sft" not in front["datasets"]
+    assert (ppo / "adapter" / "README.md").read_text() == "trained on ko_sft\n"
     assert "- sft: https://wandb.ai/e/p/runs/abc123" in card and "Parent checkpoint:** `sft/final`" in card
     lineage = json.loads((ppo / "lineage.json").read_text())
     assert lineage["parent"] == "sft/final" and lineage["inputs"]["reward model"]["path"] == "rm/final"

@@ -74,9 +74,13 @@ def path_pattern(root: str | Path) -> re.Pattern:
     return re.compile(r"(?<![\w.\-~/:])" + re.escape(str(root)) + r"(/|(?![\w.\-]))")
 
 
-def scrub_paths(text: str, run_root: Path | None) -> str:
-    """``text`` with the run directory, the repository and the home folder, wherever they appear inside it, written
-    relative (for files other libraries write with absolute paths in them, e.g. PEFT's ``adapter_config.json``)."""
+def scrub_paths(text: str, run_root: Path | None, known: dict[str, str] | None = None) -> str:
+    """``text`` with the ``known`` absolute paths (e.g. a base model folder outside the repository) replaced by
+    their portable forms, then the run directory, the repository and the home folder, wherever they appear as a
+    path inside it, written relative (for files other libraries write with absolute paths in them, e.g. PEFT's
+    ``adapter_config.json``)."""
+    for path in sorted(known or {}, key=len, reverse=True):
+        text = path_pattern(path).sub(lambda m, r=known[path]: r + m.group(1), text)
     roots = [(Path(run_root).resolve(), "")] if run_root is not None else []
     roots += [(REPO_ROOT, ""), (Path.home().resolve(), "~/")]
     for root, replacement in roots:

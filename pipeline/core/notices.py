@@ -245,10 +245,17 @@ def hub_base_model(base_model: str) -> str | None:
     return base_model if is_hub_id(base_model) and not looks_local(base_model) else None
 
 
-def lineage_datasets(d: Derivation) -> list[tuple[str, str]]:
-    """(stage, dataset) for the training data of every stage in a checkpoint's lineage, earliest first, once each:
-    the parent's chain, the other inputs' chains (PPO: the reward model's), then this stage's own data."""
-    found: list[tuple[str, str]] = []
+def hub_datasets(datasets: list[str]) -> list[str]:
+    """The hub dataset ids among a recipe's dataset paths (decided on the paths as written: a local folder outside
+    the repository is written by its name alone, which could look like a hub id)."""
+    return [x for x in datasets if not looks_local(x) and is_hub_id(x)]
+
+
+def lineage_datasets(d: Derivation) -> list[tuple[str, str, bool]]:
+    """(stage, dataset, whether it is a hub id) for the training data of every stage in a checkpoint's lineage,
+    earliest first, once each: the parent's chain, the other inputs' chains (PPO: the reward model's), then this
+    stage's own data."""
+    found: list[tuple[str, str, bool]] = []
 
     def walk(lineage: dict | None) -> None:
         if not lineage:
@@ -256,13 +263,18 @@ def lineage_datasets(d: Derivation) -> list[tuple[str, str]]:
         walk(lineage.get("parent_lineage"))
         for given in (lineage.get("inputs") or {}).values():
             walk(given.get("lineage"))
-        found.extend((lineage.get("stage", "?"), x) for x in lineage.get("datasets") or [])
+        # recorded when the lineage was written; a lineage from before that is classified by its names
+        hub = set(
+            lineage["hub_datasets"] if "hub_datasets" in lineage else hub_datasets(lineage.get("datasets") or [])
+        )
+        found.extend((lineage.get("stage", "?"), x, x in hub) for x in lineage.get("datasets") or [])
 
     walk(read_lineage(d.parent))
     for path in d.inputs.values():
         walk(read_lineage(path))
-    found.extend((d.stage, x) for x in d.datasets)
-    return list(dict.fromkeys((stage, portable(x, d.run_root)) for stage, x in found))
+    hub = set(hub_datasets(d.datasets))
+    found.extend((d.stage, portable(x, d.run_root), x in hub) for x in d.datasets)
+    return list(dict.fromkeys(found))
 
 
 def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) -> str:
@@ -279,11 +291,11 @@ def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) ->
         tags=["gemma", "gemma-rlhf", d.stage, "trl"] + (["lora"] if "lora" in d.method else []),
     )
     data = lineage_datasets(d)
-    hub_datasets = list(dict.fromkeys(x for _, x in data if not looks_local(x) and is_hub_id(x)))
-    if hub_datasets:
-        front["datasets"] = hub_datasets
+    hub = list(dict.fromkeys(x for _, x, is_hub in data if is_hub))
+    if hub:
+        front["datasets"] = hub
     title = f"{d.run_name} / {d.stage}" + (f" (checkpoint at step {d.step})" if d.step is not None else "")
-    data_lines = "\n".join(f"  - {stage}: `{x}`" for stage, x in data) or "  - (none)"
+    data_lines = "\n".join(f"  - {stage}: `{x}`" for stage, x, _ in data) or "  - (none)"
     base = portable(d.base_model, d.run_root)
     terms = (
         f"A copy of the Gemma Terms of Use is included in this directory as `{terms_copy}`; they are also at {TERMS_URL}."
@@ -394,6 +406,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "parent_lineage": read_lineage(d.parent),
         "inputs": {role: {"path": path, "lineage": read_lineage(path)} for role, path in d.inputs.items()},
         "datasets": d.datasets,
+        "hub_datasets": hub_datasets(d.datasets),
         "data_manifest": d.data_manifest,
         "recipe_hash": d.recipe_hash,
         "recipe": d.recipe,
@@ -406,22 +419,33 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
     recipe = portable(d.recipe, d.run_root)
     (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
     (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms_copy), encoding="utf-8")
-    scrub_text_files(ckpt, d.run_root)
+    scrub_text_files(ckpt, d.run_root, known_paths(d))
 
 
 _TEXT_SUFFIXES = (".json", ".md", ".yaml", ".yml", ".txt", ".jinja")
 _SCRUB_MAX_BYTES = 16 << 20  # a tokenizer.json of a 262k vocabulary is ~33 MB and names no path
 
 
-def scrub_text_files(ckpt: Path, run_root: Path | None) -> None:
+def known_paths(d: Derivation) -> dict[str, str]:
+    """The absolute local paths a stage may have handed to other libraries (the base model, the parent, the inputs,
+    the data), each with its portable form."""
+    out = {}
+    for p in [d.base_model, d.parent, *d.inputs.values(), *d.datasets, d.terms_source]:
+        if p and not p.startswith(EMBEDDED_PREFIX) and looks_local(p):
+            resolved = str(Path(p).expanduser().resolve() if Path(p).expanduser().is_absolute() else REPO_ROOT / p)
+            out[resolved] = portable(resolved, d.run_root)
+    return out
+
+
+def scrub_text_files(ckpt: Path, run_root: Path | None, known: dict[str, str] | None = None) -> None:
     """Rewrite absolute local paths that other libraries wrote into a checkpoint's text files (PEFT's
-    ``adapter_config.json`` and adapter card name the base model's folder) relative to the run directory or the
-    repository, so that nothing a checkpoint carries names this machine's folders."""
+    ``adapter_config.json`` and adapter card name the base model's folder) to their portable forms, so that nothing
+    a checkpoint carries names this machine's folders."""
     for f in sorted(ckpt.rglob("*")):
         if not f.is_file() or f.suffix not in _TEXT_SUFFIXES or f.stat().st_size > _SCRUB_MAX_BYTES:
             continue
         text = f.read_text(encoding="utf-8", errors="surrogateescape")
-        clean = scrub_paths(text, run_root)
+        clean = scrub_paths(text, run_root, known)
         if clean != text:
             f.write_text(clean, encoding="utf-8", errors="surrogateescape")
 
