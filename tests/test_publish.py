@@ -271,3 +271,25 @@ def test_dry_run_uploads_nothing_and_no_token_is_one_line(run_copy):
     assert refused.stderr.startswith("error: upload to someone/tiny-ko failed")
     missing = _publish(run_copy, None, "--dry-run")
     assert missing.returncode == 2 and "give --repo-id" in missing.stderr
+
+
+def test_export_checks_its_own_notices(run_copy, monkeypatch):
+    """The export is checked after it is written, not only its source: a card damaged while exporting (here its
+    use restrictions dropped) is refused and leaves no export behind."""
+    import pipeline.publish as publish
+
+    monkeypatch.setattr(publish, "drop_card_section", lambda card, title: card.replace("Use restrictions", "Uses"))
+    with pytest.raises(PublishError, match="lacks its Gemma derivative notices: README.md"):
+        export(_recipe(run_copy), "sft")
+    assert not (run_copy / "tiny_ko" / "publish").exists()
+
+
+def test_sharded_weights_are_exported_with_their_index(tmp_path, tiny_dir):
+    """A model saved in shards (every model past the shard size) is published with its index and every shard."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert set(exported_names(tmp_path)) >= {"model.safetensors.index.json", *shards}
