@@ -180,7 +180,8 @@ def export(recipe: Recipe, stage: str) -> Path:
 
 
 def upload(folder: Path, repo_id: str, private: bool, message: str) -> str:
-    """One commit that makes the Hub repository hold exactly ``folder``; returns the commit URL."""
+    """One commit that puts ``folder`` in the Hub repository and deletes what ``stale_files`` names; returns the
+    commit URL."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
