@@ -132,6 +132,28 @@ def test_resuming_with_changed_settings_names_each_change(tmp_path, capsys):
     assert "[sft] warning: resuming from" in out and "sft.learning_rate" in out and "do not take effect" in out
 
 
+def test_resuming_notices_a_local_path_moved_to_another_folder(tmp_path):
+    """Bug: the lineage holds a path outside the repository by its name alone, so a resumed stage compared
+    '/models/v1/gemma' and '/models/v2/gemma' as the same 'gemma' and did not warn."""
+    from pipeline.core.checkpoint import changed_since
+    from pipeline.core.config import load_recipe, to_dict
+    from pipeline.core.locations import portable
+    from pipeline.core.notices import path_digests
+    from tests.conftest import REPO
+
+    recipe_file = REPO / "recipes" / "tiny_ko.yaml"
+    v1 = load_recipe(recipe_file, [f"run.output_dir={tmp_path}", f"model.name_or_path={tmp_path / 'v1' / 'gemma'}"])
+    ckpt = tmp_path / "checkpoint-10"
+    ckpt.mkdir()
+    raw = to_dict(v1)
+    lineage = {"recipe": portable(raw, v1.run_dir), "recipe_path_digests": path_digests(raw, v1.run_dir)}
+    assert lineage["recipe"]["model"]["name_or_path"] == "gemma" and str(tmp_path) not in json.dumps(lineage)
+    (ckpt / "lineage.json").write_text(json.dumps(lineage))
+    assert changed_since(ckpt, v1, ("model",)) == []  # negative control: the same folder
+    v2 = load_recipe(recipe_file, [f"run.output_dir={tmp_path}", f"model.name_or_path={tmp_path / 'v2' / 'gemma'}"])
+    assert changed_since(ckpt, v2, ("model",)) == ["model.name_or_path: 'gemma' -> 'gemma' (another folder)"]
+
+
 def _texts_naming(folder, root: str) -> list[str]:
     """Files under ``folder`` (text, or a safetensors header) whose content names ``root``."""
     hits = []

@@ -19,7 +19,7 @@ from data_prep.gemma_format import stop_token_ids
 from pipeline.core.atomic import commit_dir, staging_dir
 from pipeline.core.config import to_dict, to_yaml
 from pipeline.core.locations import portable
-from pipeline.core.notices import Derivation, missing_notices, write_notices
+from pipeline.core.notices import Derivation, flatten, missing_notices, path_digests, write_notices
 from pipeline.core.rundir import (
     GENERATION_CONFIG,
     MARKER,
@@ -134,27 +134,22 @@ def last_good_note(folder: str | Path) -> str:
     return f"the last good checkpoint, {done[-1]}, is kept (a re-run resumes from it)"
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def changed_since(ckpt: str | Path, recipe: Any, sections: tuple[str, ...]) -> list[str]:
     """``key: old -> new`` for the recipe keys under ``sections`` whose value differs from the recipe the checkpoint
     was written with (its lineage), e.g. a learning rate lowered after a NaN."""
     lineage = read_lineage(ckpt)
     if lineage is None:
         return []
-    old = _flat(lineage.get("recipe") or {})
-    new = _flat(portable(to_dict(recipe), recipe.run_dir))  # the lineage holds the recipe with portable paths
+    old = flatten(lineage.get("recipe") or {})
+    raw = to_dict(recipe)
+    new = flatten(portable(raw, recipe.run_dir))  # the lineage holds the recipe with portable paths
+    # a path written by its name alone compares equal when only its folder changed: its digest tells
+    old_digests, new_digests = lineage.get("recipe_path_digests") or {}, path_digests(raw, recipe.run_dir)
     return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" + (" (another folder)" if old.get(k) == new.get(k) else "")
         for k in sorted(set(old) | set(new))
-        if k.split(".", 1)[0] in sections and old.get(k) != new.get(k)
+        if k.split(".", 1)[0] in sections
+        and (old.get(k) != new.get(k) or (k in old_digests and old_digests[k] != new_digests.get(k)))
     ]
 
 

@@ -17,6 +17,7 @@ checkpoint without its notices is never complete; ``missing_notices`` checks a d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -353,6 +354,27 @@ def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) ->
 # --------------------------------------------------------------------------------------------------------------
 
 
+def flatten(d, prefix: str = "") -> dict:
+    """A nested dict as ``{"a.b.c": value}``."""
+    if isinstance(d, dict):
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def path_digests(recipe: dict, run_root: Path | None) -> dict[str, str]:
+    """For each recipe key whose value is a local path written in a shorter portable form (a file outside the
+    repository keeps its name alone), a digest of the full path: the lineage holds no absolute path, yet a resumed
+    stage can still tell that ``/data/v1/x.jsonl`` became ``/data/v2/x.jsonl``."""
+    return {
+        k: hashlib.sha256(v.encode()).hexdigest()[:16]
+        for k, v in flatten(recipe).items()
+        if isinstance(v, str) and portable(v, run_root) != v
+    }
+
+
 def write_notices(ckpt: str | Path, d: Derivation) -> None:
     """Write every notice into the checkpoint directory ``ckpt`` (weights and config already saved there)."""
     global _warned_terms
@@ -410,6 +432,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         "data_manifest": d.data_manifest,
         "recipe_hash": d.recipe_hash,
         "recipe": d.recipe,
+        "recipe_path_digests": path_digests(d.recipe, d.run_root),
         "git_commit": commit,
         "metrics": d.metrics,
     }
