@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 
 from data_prep.gemma_format import END_OF_TURN
-from pipeline.core.atomic import staging_dir, storage_full, storage_full_message
+from pipeline.core.atomic import staging_dir
 from pipeline.core.checkpoint import require_checkpoint
-from pipeline.core.cli import EXIT_INPUT, EXIT_RUN, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.cli import add_recipe_arguments, guarded, recipe_from
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.locations import REPO_ROOT, is_hub_id, local_path, path_pattern
 from pipeline.core.notices import PROVENANCE, missing_notices, read_safetensors_metadata
@@ -244,20 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true", help="create the repository as private")
     ap.add_argument("--dry-run", action="store_true", help="write runs/<run>/publish/ and upload nothing")
     args = ap.parse_args(argv)
-    try:
-        run(recipe_from(args), args.stage, args.repo_id, args.private, args.dry_run)
-    except (ConfigError, IncompleteError) as e:
-        print_error(e)
-        return EXIT_INPUT
-    except PublishError as e:
-        print_error(e)
-        return EXIT_RUN
-    except OSError as e:
-        if not storage_full(e):
-            raise
-        print_error(storage_full_message(e, "publish"))
-        return EXIT_RUN
-    return 0
+    return guarded(
+        "publish",
+        lambda: run(recipe_from(args), args.stage, args.repo_id, args.private, args.dry_run),
+        input_errors=(IncompleteError,),
+        run_errors=(PublishError,),
+    )
 
 
 if __name__ == "__main__":

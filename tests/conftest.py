@@ -46,6 +46,24 @@ def encoder(tokenizer):
     return GemmaEncoder(tokenizer)
 
 
+def files_naming(folder: Path, root: str) -> list[str]:
+    """Files under ``folder`` (relative, posix) whose text, or safetensors header, contains ``root``: the check that
+    nothing a checkpoint or an export carries names a local folder."""
+    from pipeline.core.notices import read_safetensors_metadata
+
+    hits = []
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            blob = (
+                json.dumps(read_safetensors_metadata(f))
+                if f.suffix == ".safetensors"
+                else f.read_text("utf-8", "replace")
+            )
+            if root in blob:
+                hits.append(f.relative_to(folder).as_posix())
+    return hits
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.notices import missing_notices, read_safetensors_metadata
-from tests.conftest import REPO
+from pipeline.core.notices import missing_notices
+from tests.conftest import REPO, files_naming
 
 # Fake tokens in the environment of the whole chain: none may reach a file the run writes or its console output.
 SECRETS = {
@@ -74,7 +74,7 @@ def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
     # Nothing any final checkpoint carries names a local folder (the run directory, the repository, the home).
     for ckpt in [run / s / "final" for s in ("sft", "rm", "ppo")]:
         for root in (str(tmp_path), str(REPO), os.path.expanduser("~")):
-            assert _naming(ckpt, root) == [], f"{ckpt} names {root}"
+            assert files_naming(ckpt, root) == [], f"{ckpt} names {root}"
 
     # The publish export of the finished chain: what a plain upload would have published, cleaned and checked.
     pub = _make(tmp_path, "publish", "disabled", "REPO_ID=someone/tiny-ko", "PUBLISH_ARGS=--dry-run")
@@ -83,7 +83,7 @@ def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
     assert "dry run: nothing uploaded" in pub.stdout and not (out / "value").exists()
     assert missing_notices(out, lineage=False) == []
     for root in (str(tmp_path), str(REPO), os.path.expanduser("~")):
-        assert _naming(out, root) == []
+        assert files_naming(out, root) == []
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["language"] == ["ko"]
@@ -99,17 +99,3 @@ def test_chain_learns_and_every_checkpoint_carries_its_notices(tmp_path):
     )
     answer = model.generate(**ids, do_sample=False, max_new_tokens=48)[0, ids["input_ids"].shape[1] :].tolist()
     assert answer[-1] == tok.convert_tokens_to_ids("<end_of_turn>") and len(answer) < 48, tok.decode(answer)
-
-
-def _naming(folder, root: str) -> list[str]:
-    """Files under ``folder`` whose text, or safetensors header, contains ``root``."""
-    hits = []
-    for f in folder.rglob("*"):
-        if not f.is_file():
-            continue
-        text = (
-            json.dumps(read_safetensors_metadata(f)) if f.suffix == ".safetensors" else f.read_text("utf-8", "replace")
-        )
-        if root in text:
-            hits.append(str(f.relative_to(folder)))
-    return hits

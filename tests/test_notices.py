@@ -19,6 +19,7 @@ from pipeline.core.notices import (
     write_notices,
 )
 from pipeline.core.rundir import IncompleteError
+from tests.conftest import files_naming
 
 
 def _derivation(**kw) -> Derivation:
@@ -154,21 +155,6 @@ def test_resuming_notices_a_local_path_moved_to_another_folder(tmp_path):
     assert changed_since(ckpt, v2, ("model",)) == ["model.name_or_path: 'gemma' -> 'gemma' (another folder)"]
 
 
-def _texts_naming(folder, root: str) -> list[str]:
-    """Files under ``folder`` (text, or a safetensors header) whose content names ``root``."""
-    hits = []
-    for f in folder.rglob("*"):
-        if f.is_file():
-            blob = (
-                json.dumps(read_safetensors_metadata(f))
-                if f.suffix == ".safetensors"
-                else f.read_text("utf-8", "replace")
-            )
-            if root in blob:
-                hits.append(f.relative_to(folder).as_posix())
-    return hits
-
-
 def test_card_names_the_whole_lineage_and_no_local_path(tmp_path, tiny_dir):
     """Bugs: the PPO card listed only the prompt data (not the SFT and preference data of its lineage), had no
     language, and the card, config.json, lineage, safetensors metadata and PEFT's adapter config carried absolute
@@ -215,10 +201,10 @@ def test_card_names_the_whole_lineage_and_no_local_path(tmp_path, tiny_dir):
     assert lineage["parent"] == "sft/final" and lineage["inputs"]["reward model"]["path"] == "rm/final"
     assert lineage["inputs"]["reward model"]["lineage"]["stage"] == "rm"
     assert json.loads((ppo / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "sft/final"
-    assert _texts_naming(ppo, str(tmp_path)) == []
+    assert files_naming(ppo, str(tmp_path)) == []
     # negative control: the scan finds a planted path
     (ppo / "planted.json").write_text(json.dumps({"p": str(sft)}))
-    assert _texts_naming(ppo, str(tmp_path)) == ["planted.json"]
+    assert files_naming(ppo, str(tmp_path)) == ["planted.json"]
 
 
 def test_card_without_hub_base_or_runs_has_no_such_entries(tmp_path, tiny_dir):

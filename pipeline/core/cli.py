@@ -56,20 +56,17 @@ def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Rec
     return recipe_from(args), Path(args.recipe)
 
 
-def run_cli(
+def guarded(
     stage: str,
-    description: str,
-    run: Callable[[Recipe], object],
-    argv: list[str] | None,
+    call: Callable[[], object],
     input_errors: tuple[type[BaseException], ...] = (),
     run_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Every stage's command line: parse and validate the recipe, run the stage, and turn a known failure into one
-    ``error:`` line and an exit code: 2 for a bad recipe or input (``ConfigError`` and ``input_errors``), 1 for a
-    failure while running (``run_errors``, or the disk filling up). Anything else keeps its traceback."""
+    """Run ``call()`` under the failure policy of every command: a known failure is one ``error:`` line and an exit
+    code, 2 for a bad recipe or input (``ConfigError`` and ``input_errors``), 1 for a failure while running
+    (``run_errors``, or the disk filling up). Anything else keeps its traceback."""
     try:
-        recipe, _ = parse_cli(argv, description)
-        run(recipe)
+        call()
     except (ConfigError, *input_errors) as e:
         print_error(e)
         return EXIT_INPUT
@@ -82,6 +79,18 @@ def run_cli(
         print_error(storage_full_message(e, stage))
         return EXIT_RUN
     return 0
+
+
+def run_cli(
+    stage: str,
+    description: str,
+    run: Callable[[Recipe], object],
+    argv: list[str] | None,
+    input_errors: tuple[type[BaseException], ...] = (),
+    run_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Every stage's command line: parse and validate the recipe, then run the stage under ``guarded``."""
+    return guarded(stage, lambda: run(parse_cli(argv, description)[0]), input_errors, run_errors)
 
 
 def main(argv: list[str] | None = None) -> None:
