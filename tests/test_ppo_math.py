@@ -19,6 +19,7 @@ from pipeline.core.ppo_math import (
     final_scores,
     first_true_indices,
     gae,
+    group_advantages,
     kl_estimate,
     masked_mean,
     masked_whiten,
@@ -351,3 +352,43 @@ def test_explained_variance():
     mask = torch.ones(1, 4, dtype=torch.bool)
     assert explained_variance(t([[1.0, 2, 3, 4]]), t([[1.0, 2, 3, 4]]), mask) == pytest.approx(1.0)
     assert explained_variance(t([[0.0, 0, 0, 0]]), t([[1.0, 2, 3, 4]]), mask) == pytest.approx(0.0)
+
+
+# T11: one group of n = 4 with scores [1.0, 0.0, 0.5, 0.5] (../shared/ppo_reference.md, computed by hand)
+T11_SCORES = [1.0, 0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    "estimator, scale, expected",
+    [
+        ("rloo", True, [2 / 3, -2 / 3, 0.0, 0.0]),  # 1 - (0 + 0.5 + 0.5) / 3 = 2/3
+        ("grpo", True, [1.2247448684, -1.2247448684, 0.0, 0.0]),  # 0.5 / (unbiased std 0.4082482905 + 1e-9)
+        ("grpo", False, [0.5, -0.5, 0.0, 0.0]),  # Dr. GRPO: centred only
+    ],
+)
+def test_t11_group_advantages(estimator, scale, expected):
+    got = group_advantages(torch.tensor(T11_SCORES, dtype=torch.float64), 4, estimator, scale)
+    assert got.tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_t11_groups_are_consecutive_rows_and_never_mix():
+    """Catches groups taken as strided rows (prompt i's samples at i, i + B/k, ...) or a baseline over the whole batch:
+    two groups with different means each centre on their own mean."""
+    scores = torch.tensor(T11_SCORES + [10.0, 10.0, 12.0, 8.0], dtype=torch.float64)
+    got = group_advantages(scores, 4, "grpo", scale=False)
+    assert got.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 2.0, -2.0])
+    # negative controls: one mean over the batch (5.25) moves the first group's advantages by 4.75; strided groups
+    # (rows 0, 2, 4, 6 and 1, 3, 5, 7) give other numbers too
+    whole = scores - scores.mean()
+    assert whole[0].item() - got[0].item() == pytest.approx(-4.75)
+    strided = scores.view(4, 2).T
+    strided = (strided - strided.mean(1, keepdim=True)).T.reshape(-1)
+    assert strided.tolist() != pytest.approx(got.tolist())
+
+
+def test_t11_one_sample_per_prompt_is_refused():
+    """P16: with n = 1 every group advantage is 0 and training silently does nothing."""
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        group_advantages(torch.tensor([1.0, 2.0]), 1, "rloo")
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0]), 4, "grpo")

@@ -293,6 +293,32 @@ def advantages(
     )
 
 
+def group_advantages(scores: torch.Tensor, k: int, estimator: str, scale: bool = True) -> torch.Tensor:
+    """Critic-free sequence advantages (B,) from the scores (B,) of ``k`` samples per prompt, each prompt's samples in
+    consecutive rows (rows ``i*k`` to ``i*k + k - 1``).
+
+    - ``rloo`` (Ahmadian et al. 2024; TRL ``RLOOTrainer``, OpenRLHF ``rloo``): ``r - (sum_group(r) - r) / (k - 1)``,
+      each sample's baseline the mean of the other ``k - 1``;
+    - ``grpo`` (Shao et al. 2024; OpenRLHF ``group_norm``): ``(r - mean_group(r)) / (std_group(r) + 1e-9)`` with the
+      unbiased std; ``scale=False`` keeps the centring only (Dr. GRPO, OpenRLHF ``dr_grpo``).
+
+    With one sample per prompt every advantage would be 0 and training a silent no-op (OpenRLHF PR #1250): refused."""
+    if k < 2:
+        raise ValueError(f"a group estimator needs at least 2 samples per prompt (ppo.num_generations), got {k}")
+    if scores.dim() != 1 or scores.numel() % k:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {k}")
+    groups = scores.view(-1, k)
+    if estimator == "rloo":
+        baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+        return (groups - baseline).reshape(-1)
+    if estimator == "grpo":
+        centred = groups - groups.mean(1, keepdim=True)
+        if scale:
+            centred = centred / (groups.std(1, unbiased=True, keepdim=True) + 1e-9)
+        return centred.reshape(-1)
+    raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
