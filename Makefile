@@ -30,7 +30,7 @@ LAUNCH = $(PY) -m pipeline.launch \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo report publish plan demo demo-real test bench lint embedded
+.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -82,6 +82,9 @@ GPU_GIB ?= 80
 
 plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU memory) without running or downloading
 	$(PY) -m pipeline.plan --recipe $(RECIPE) --gpu-gib $(GPU_GIB) $(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(OVERRIDES)
+
+dpo: sft  ## DPO on the preference pairs from the SFT checkpoint -> runs/<run>/dpo/final/ (no reward model, no PPO)
+	$(LAUNCH) dpo --recipe $(RECIPE) $(OVERRIDES)
 
 report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs PPO on held-out prompts, plots
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)

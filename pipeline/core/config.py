@@ -232,6 +232,50 @@ class RMConfig:
 
 
 @dataclass
+class DPOConfig:
+    method: Literal["full", "lora"] = "full"
+    """Full fine-tuning, or a LoRA adapter (the reference is then the adapter-disabled SFT model, no second copy)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings when method is lora."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (TRL ``beta``): higher stays closer to the SFT model."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """TRL's DPO loss: ``sigmoid`` (the DPO paper), ``hinge`` (SLiC), ``ipo``, ``robust`` (with label smoothing)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (``robust`` and conservative DPO)."""
+    learning_rate: float = 1e-6
+    """Peak learning rate."""
+    num_train_epochs: float = 1.0
+    """Epochs over the preference pairs."""
+    max_steps: int = -1
+    """Optimizer steps (overrides epochs when positive)."""
+    per_device_train_batch_size: int = 4
+    """Pairs per process per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Pairs per process per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps spent warming up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass."""
+    logging_steps: int = 10
+    """Steps between logged metrics."""
+    eval_steps: int = 200
+    """Steps between evaluations on the held-out pairs."""
+    save_steps: int = 200
+    """Steps between resumable checkpoints."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept."""
+
+
+@dataclass
 class PPOConfig:
     """Names follow TRL's PPOConfig where the concept is the same."""
 
@@ -383,6 +427,8 @@ class Recipe:
     """Reward model."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO (``make dpo``): the SFT model trained directly on the preference pairs."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Weights & Biases."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -651,11 +697,15 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if d.num_proc < 1:
         err("data.num_proc", "must be at least 1")
 
-    for key in ("sft.learning_rate", "rm.learning_rate", "ppo.learning_rate"):
+    if recipe.dpo.beta <= 0:
+        err("dpo.beta", "must be positive")
+    if not 0.0 <= recipe.dpo.label_smoothing < 0.5:
+        err("dpo.label_smoothing", f"{recipe.dpo.label_smoothing} is not in [0, 0.5)")
+    for key in ("sft.learning_rate", "rm.learning_rate", "ppo.learning_rate", "dpo.learning_rate"):
         section, name = key.split(".")
         if getattr(getattr(recipe, section), name) < 0:
             err(key, "must not be negative")
-    for section in ("sft", "rm"):
+    for section in ("sft", "rm", "dpo"):
         if getattr(recipe, section).save_total_limit < 2:
             # The Trainer deletes older checkpoints before the stage marks the newest one complete: with a limit of
             # 1, a save that fails (disk full, a kill) would leave nothing to resume from.

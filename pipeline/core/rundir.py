@@ -50,7 +50,7 @@ TERMS = "GEMMA_TERMS_OF_USE"  # + the suffix of the copy it was made from (.md, 
 ADAPTER = "adapter"
 VALUE = "value"
 DATA_SECTIONS = ("sft", "preference", "prompts")
-TRAINING_STAGES = ("sft", "rm", "ppo")
+TRAINING_STAGES = ("sft", "rm", "ppo", "dpo")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
