@@ -5,7 +5,9 @@
 
 Models: the policy from ``runs/<run>/sft/final`` (full or LoRA); the reference is the frozen SFT model (for LoRA the
 same base with the adapter disabled, no second copy); the value model starts from the reward model (or SFT) and
-trains with the policy under one optimizer; the reward model is frozen. Dropout is off everywhere.
+trains with the policy under one optimizer; the reward model is frozen. Dropout is off everywhere. With a critic-free
+estimator (``ppo.estimator: rloo | grpo``) there is no value model: each prompt is sampled ``ppo.num_generations``
+times and a sample's advantage is its score against its group's (step 7).
 
 One update (numbered as in the code below; docs/ppo.md has the formulas and their sources):
   1. take the next rollout batch of prompts (left-padded);
@@ -15,7 +17,8 @@ One update (numbered as in the code below; docs/ppo.md has the formulas and thei
   4. log-probs under the reference;
   5. values;
   6. the reward model's score at each response's stop token (missing-stop penalty, normalisation, clipping);
-  7. per-token KL penalty and the score -> rewards; GAE; returns; advantage whitening;
+  7. per-token KL penalty and the score -> rewards; GAE; returns; advantage whitening (critic-free: the group
+     transform of the scores, then undiscounted returns; no whitening);
   8. ``num_ppo_epochs`` passes over the batch in ``num_mini_batches`` minibatches, exactly one optimizer step per
      minibatch, losses normalised by the valid-token count over all micro-batches and processes;
   9. metrics, KL controller, checkpoint, prompt panel, safety checks.
@@ -93,9 +96,11 @@ class PolicyAndValue(nn.Module):
     The value is ``(head - value_shift) / value_scale``: a value model that starts from the reward model outputs
     reward-model units, and when PPO standardises the scores (``normalize_reward``) its values are standardised the
     same way, so values and returns share a scale from the first update (OpenRLHF's critic does the same). The two
-    numbers are fixed for the run (the reward model's stored mean and std) and are not weights."""
+    numbers are fixed for the run (the reward model's stored mean and std) and are not weights.
 
-    def __init__(self, policy: nn.Module, value: nn.Module, value_shift: float = 0.0, value_scale: float = 1.0):
+    ``value=None`` (a critic-free estimator): the policy alone; the values are None."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module | None, value_shift: float = 0.0, value_scale: float = 1.0):
         super().__init__()
         self.policy = policy
         self.value = value
@@ -116,13 +121,16 @@ class PolicyAndValue(nn.Module):
     ):
         """Log-probs of ``responses`` (B, L) under the policy (0 where ``valid`` is False), the value of the state
         before each response token (B, L), and (with ``entropy``) the policy's entropy at each response position
-        (B, L) or None. ``policy=False``: the values alone (log-probs and entropy None)."""
+        (B, L) or None. ``policy=False``: the values alone (log-probs and entropy None). Values are None without a
+        value model."""
         L = responses.size(1)
         lp = ent = None
         if policy:
             lp, ent = response_logprobs(
                 self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy, valid, memory_mb
             )
+        if self.value is None:
+            return lp, None, ent
         values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
         if self.value_shift or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale
@@ -259,6 +267,11 @@ class Setup:
         return self.stop_ids[0] if self.stop_ids else -1
 
     @property
+    def critic(self) -> bool:
+        """Whether there is a value model (``ppo.estimator: gae``)."""
+        return self.cfg.estimator == "gae"
+
+    @property
     def sampler_logprobs(self) -> bool:
         """Whether the rollout takes the sampler's log-probs (``ppo.rollout_logprobs``; ``auto``: unless bf16)."""
         if self.cfg.rollout_logprobs == "auto":
@@ -329,9 +342,9 @@ def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: boo
             seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy, v, s.cfg.logits_memory_mb
         )
         lps.append(lp)
-        vals.append(values.float())
+        vals.append(values.float() if values is not None else None)
         ents.append(ent)
-    return torch.cat(lps), torch.cat(vals), (torch.cat(ents) if entropy else None)
+    return torch.cat(lps), (torch.cat(vals) if s.critic else None), (torch.cat(ents) if entropy else None)
 
 
 @torch.no_grad()
@@ -371,6 +384,7 @@ class Rollout:
     returns: torch.Tensor  # (B, L)
     action_mask: torch.Tensor  # (B, L) the response tokens up to and including the stop token
     value_mask: torch.Tensor  # (B, L) where values and rewards are defined
+    ref_logprobs: torch.Tensor | None = None  # (B, L), INVALID_LOGPROB where not valid (for ppo.kl_penalty: loss)
     stats: dict = field(default_factory=dict)
     generation: Generation | None = None  # the sampled responses, for the answer measures
 
@@ -389,8 +403,10 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     t1 = time.perf_counter()
     if s.sampler_logprobs and g.logprobs is not None:  # (a Generation built by hand has none)
         logprobs, entropy = g.logprobs, g.entropy
-        with record_function("ppo/values"):
-            values = rollout_values(s, seq, mask, pos, responses)
+        values = None
+        if s.critic:
+            with record_function("ppo/values"):
+                values = rollout_values(s, seq, mask, pos, responses)
     else:
         with record_function("ppo/policy_and_values"):
             logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, True, valid)
@@ -412,20 +428,35 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         missing_stop_penalty=cfg.missing_eos_penalty,
     )
     t_score = time.perf_counter() - t1
-    # 7. Masks, per-token KL, rewards, GAE, whitening.
-    adv = pm.advantages(
-        logprobs,
-        ref_lp,
-        values,
-        scores,
-        seq_len,
-        kl_coef=kl_coef,
-        kl_estimator=cfg.kl_estimator,
-        reward_position=cfg.reward_position,
-        whiten_rewards=cfg.whiten_rewards,
-        gamma=cfg.gamma,
-        lam=cfg.lam,
-    )
+    # 7. Masks, per-token KL, rewards, GAE, whitening; or, critic-free, the group transform and plain returns.
+    kl_in_reward = cfg.kl_penalty == "reward"
+    if s.critic:
+        adv = pm.advantages(
+            logprobs,
+            ref_lp,
+            values,
+            scores,
+            seq_len,
+            kl_coef=kl_coef if kl_in_reward else 0.0,
+            kl_estimator=cfg.kl_estimator,
+            reward_position=cfg.reward_position,
+            whiten_rewards=cfg.whiten_rewards,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+        )
+    else:
+        adv = pm.group_token_advantages(
+            logprobs,
+            ref_lp,
+            scores,
+            seq_len,
+            k=cfg.num_generations,
+            estimator=cfg.estimator,
+            scale=cfg.scale_rewards,
+            kl_coef=kl_coef,
+            kl_estimator=cfg.kl_estimator,
+            kl_in_reward=kl_in_reward,
+        )
     action_mask, value_mask, logprobs, values, kl = adv.action_mask, adv.value_mask, adv.logprobs, adv.values, adv.kl
     advantages, returns, non_score = adv.advantages, adv.returns, adv.non_score
     stats = {
@@ -443,10 +474,27 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
-        "val/explained_variance": torch.tensor(pm.explained_variance(values, returns, value_mask)),
     }
+    if s.critic:
+        stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, value_mask))
+    else:  # how much of the batch carries a signal: a group whose samples all score alike has advantages of 0
+        groups = scores.view(-1, cfg.num_generations)
+        stats["objective/score_std_in_group"] = groups.std(1).mean()
+        stats["objective/zero_std_groups"] = (groups.std(1) < 1e-6).float().mean()
     return Rollout(
-        seq, mask, pos, responses, logprobs, values, advantages, returns, action_mask, value_mask, stats, generation=g
+        seq,
+        mask,
+        pos,
+        responses,
+        logprobs,
+        values,
+        advantages,
+        returns,
+        action_mask,
+        value_mask,
+        adv.ref_logprobs,
+        stats,
+        generation=g,
     )
 
 
@@ -482,10 +530,17 @@ class StepCounter:
 
 
 def train_on_rollout(
-    s: Setup, ro: Rollout, sizes: pm.BatchSizes, generator: torch.Generator, counter: StepCounter, update: int
+    s: Setup,
+    ro: Rollout,
+    sizes: pm.BatchSizes,
+    generator: torch.Generator,
+    counter: StepCounter,
+    update: int,
+    kl_coef: float = 0.0,
 ) -> dict:
     """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch (PPO update ``update``,
-    counted from 1)."""
+    counted from 1). With ``ppo.kl_penalty: loss`` the policy loss gains ``kl_coef`` times the per-token KL of the
+    current policy to the reference, averaged like the policy loss."""
     cfg, acc = s.cfg, s.accelerator
     where = f"update {update}"
     poison_if_asked(STAGE, update, s.unwrapped)
@@ -499,10 +554,12 @@ def train_on_rollout(
             "vf_loss",
             "vf_clipfrac",
             "ratio",
+            "kl_loss",
             "policy_grad_norm",
             "value_grad_norm",
         )
     }
+    kl_loss_coef = kl_coef if cfg.kl_penalty == "loss" else 0.0
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
         for m in range(cfg.num_mini_batches):
@@ -529,10 +586,17 @@ def train_on_rollout(
                     pg, pg_clipped, ratio = pm.clipped_policy_loss(
                         new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange
                     )
-                    vf, vf_clipped = pm.clipped_value_loss(
-                        vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value
-                    )
-                    loss = (pm.masked_sum(pg, am) / n_pg + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf) * scale
+                    loss = pm.masked_sum(pg, am) / n_pg
+                    if vpred is not None:
+                        vf, vf_clipped = pm.clipped_value_loss(
+                            vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value
+                        )
+                        loss = loss + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf
+                    if kl_loss_coef:
+                        ref_lp = torch.where(am, ro.ref_logprobs[mb], new_lp.detach())
+                        kl_tok = torch.where(am, pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator), 0.0)
+                        loss = loss + kl_loss_coef * pm.masked_sum(kl_tok, am) / n_pg
+                    loss = loss * scale
                     check_loss(acc, loss, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
                     acc.backward(loss)
                     if acc.sync_gradients:
@@ -555,8 +619,11 @@ def train_on_rollout(
                     grid["approxkl"].append(pm.masked_mean(0.5 * log_ratio**2, am))
                     grid["clipfrac"].append(pm.masked_mean(pg_clipped.float(), am))
                     grid["pg_loss"].append(pm.masked_mean(pg, am))
-                    grid["vf_loss"].append(pm.masked_mean(vf, vm))
-                    grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
+                    if vpred is not None:
+                        grid["vf_loss"].append(pm.masked_mean(vf, vm))
+                        grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
+                    if kl_loss_coef:
+                        grid["kl_loss"].append(pm.masked_mean(kl_tok, am))
                     grid["ratio"].append(pm.masked_mean(ratio, am))
     # A finite loss and gradient can still step the weights to inf; the next rollout would then sample from NaN
     # logits. (Under ZeRO-3 each process sees only its own shard here; the next loss check covers the rest.)
@@ -564,16 +631,19 @@ def train_on_rollout(
         raise NonFiniteLossError(f"non-finite weights after the optimizer steps of {where}")
     mean = {k: torch.stack(v).mean() for k, v in grid.items() if v}
     norms = {f"{k.split('_')[0]}/grad_norm": mean[k] for k in ("policy_grad_norm", "value_grad_norm") if k in mean}
-    return {
+    out = {
         **norms,
         "policy/approxkl_avg": mean["approxkl"],
         "policy/clipfrac_avg": mean["clipfrac"],
         "loss/policy_avg": mean["pg_loss"],
-        "loss/value_avg": mean["vf_loss"],
-        "val/clipfrac_avg": mean["vf_clipfrac"],
         "val/ratio": mean["ratio"],
         "val/ratio_var": torch.stack(grid["ratio"]).var() if len(grid["ratio"]) > 1 else torch.tensor(0.0),
     }
+    if "vf_loss" in mean:
+        out.update({"loss/value_avg": mean["vf_loss"], "val/clipfrac_avg": mean["vf_clipfrac"]})
+    if "kl_loss" in mean:
+        out["loss/kl_avg"] = mean["kl_loss"]
+    return out
 
 
 def check_loss(acc: Any, loss: torch.Tensor, where: str) -> None:
@@ -599,13 +669,14 @@ def check_deepspeed_step(engine: Any, where: str) -> None:
     )
 
 
-def clip_each(acc: Any, model: PolicyAndValue, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_each(acc: Any, model: PolicyAndValue, max_norm: float) -> tuple[torch.Tensor, ...]:
     """Clip the policy's and the value model's gradients each to ``max_norm`` (OpenRLHF clips its actor and critic
     apart): under one joint norm, large value gradients early in training would shrink the policy's step. Returns
-    the two norms before clipping."""
+    the norms before clipping (the policy's alone without a value model)."""
+    parts = (model.policy,) if model.value is None else (model.policy, model.value)
     return tuple(
         torch.as_tensor(acc.clip_grad_norm_([p for p in part.parameters() if p.requires_grad], max_norm))
-        for part in (model.policy, model.value)
+        for part in parts
     )
 
 
@@ -623,16 +694,20 @@ def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def batch_prompts(prompts: list[list[int]], update: int, sizes: pm.BatchSizes, rank: int, seed: int):
+def batch_prompts(
+    prompts: list[list[int]], update: int, sizes: pm.BatchSizes, rank: int, seed: int, k: int = 1
+) -> list[list[int]]:
     """The prompts of rollout batch ``update`` for process ``rank``: a fixed function of the update index (seeded
-    reshuffle every pass over the data), so a resumed run takes exactly the batches the killed run would have."""
+    reshuffle every pass over the data), so a resumed run takes exactly the batches the killed run would have. With
+    ``k`` generations per prompt, each prompt fills ``k`` consecutive rows (its group, on one process)."""
     n = len(prompts)
+    per_rank, per_batch = sizes.local_batch // k, sizes.batch // k
     out = []
-    for j in range(rank * sizes.local_batch, (rank + 1) * sizes.local_batch):
-        g = update * sizes.batch + j
+    for j in range(rank * per_rank, (rank + 1) * per_rank):
+        g = update * per_batch + j
         epoch, i = divmod(g, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        out.append(prompts[perm[i]])
+        out.extend([prompts[perm[i]]] * k)
     return out
 
 
@@ -754,13 +829,14 @@ def build_setup(
     accelerator: Any,
     policy_dir: Path,
     rm_dir: Path,
-    value_dir: Path,
+    value_dir: Path | None,
     tokenizer: Any,
     total_updates: int,
     reward_stats: RewardStats | None = None,
 ):
-    """Load, freeze, wrap and prepare the four models; returns (Setup, scheduler). ``reward_stats``: the value
-    model's outputs are standardised with them (it starts from the reward model and scores are normalised)."""
+    """Load, freeze, wrap and prepare the four models (three without a value model: ``value_dir`` None); returns
+    (Setup, scheduler). ``reward_stats``: the value model's outputs are standardised with them (it starts from the
+    reward model and scores are normalised)."""
     from transformers import get_scheduler
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -769,11 +845,14 @@ def build_setup(
     load = {"dtype": prec["dtype"], "dropout_off": True}
     frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
     policy = load_causal_lm(recipe.model, str(policy_dir), **load)
-    value = load_sequence_classifier(recipe.model, str(value_dir), **load)
+    # Critic-free estimators (rloo, grpo) build no value model at all: its weights, gradients and Adam moments are
+    # the memory they save.
+    value = load_sequence_classifier(recipe.model, str(value_dir), **load) if value_dir is not None else None
     reward = load_sequence_classifier(recipe.model, str(rm_dir), **frozen)
     if cfg.gradient_checkpointing:
         for m in (policy, value):  # non-reentrant: also right for a LoRA policy whose inputs need no grad
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if m is not None:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -897,8 +976,13 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             f"steps each; reward model accuracy {inputs.rm_accuracy:.3f}",
             flush=True,
         )
-    value_dir = inputs.rm if cfg.value_init == "rm" else inputs.sft
-    value_stats = inputs.reward_stats if cfg.value_init == "rm" and cfg.normalize_reward else None
+    if sizes.local_batch % cfg.num_generations:
+        raise ConfigError(
+            f"ppo.num_generations {cfg.num_generations} does not divide the {sizes.local_batch} rollouts per process"
+        )
+    critic = cfg.estimator == "gae"
+    value_dir = (inputs.rm if cfg.value_init == "rm" else inputs.sft) if critic else None
+    value_stats = inputs.reward_stats if critic and cfg.value_init == "rm" and cfg.normalize_reward else None
     s, scheduler = build_setup(
         recipe, accelerator, inputs.sft, inputs.rm, value_dir, inputs.tokenizer, sizes.num_updates, value_stats
     )
@@ -909,7 +993,12 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
             f"{cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
             f"{'reward model' if cfg.method == 'lora' else 'reference and reward models'} in {cfg.frozen_precision}"
-            + ("; values standardised like the scores" if value_stats else ""),
+            + ("; values standardised like the scores" if value_stats else "")
+            + (
+                ""
+                if critic
+                else f"; estimator {cfg.estimator}, {cfg.num_generations} samples per prompt, no value model"
+            ),
             flush=True,
         )
     s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std
@@ -960,7 +1049,9 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     s, acc, update = ppo.s, ppo.accelerator, ppo.progress.update
     t0 = time.perf_counter()
     # 1-7. Rollout.
-    batch = batch_prompts(ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed)
+    batch = batch_prompts(
+        ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed, ppo.recipe.ppo.num_generations
+    )
     s.model.eval()
     with acc.autocast():  # bf16 compute for every rollout forward (the reference and reward models' included)
         ro = rollout(s, batch, ppo.kl_ctl.value)
@@ -970,7 +1061,7 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     t1 = time.perf_counter()
     gen = torch.Generator().manual_seed(ppo.local_seed * 7919 + update)
     try:
-        train_stats = train_on_rollout(s, ro, ppo.sizes, gen, ppo.counter, update + 1)
+        train_stats = train_on_rollout(s, ro, ppo.sizes, gen, ppo.counter, update + 1, ppo.kl_ctl.value)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e}; stopping: {last_good_note(ppo.stage.checkpoints)}") from None
     t_train = time.perf_counter() - t1
@@ -1008,7 +1099,8 @@ def record(ppo: PPORun, metrics: dict[str, float]) -> None:
             f"[ppo] update {p.update}/{ppo.sizes.num_updates} score {metrics['objective/scores']:.3f} "
             f"kl {metrics['objective/kl']:.3f} len {metrics['ppo/response_length']:.1f} "
             f"no-stop {metrics['ppo/no_stop_rate']:.2f} pg {metrics['loss/policy_avg']:.4f} "
-            f"vf {metrics['loss/value_avg']:.4f} clip {metrics['policy/clipfrac_avg']:.3f} {metrics['time/update']:.1f}s "
+            + (f"vf {metrics['loss/value_avg']:.4f} " if "loss/value_avg" in metrics else "")
+            + f"clip {metrics['policy/clipfrac_avg']:.3f} {metrics['time/update']:.1f}s "
             + eta(
                 time.perf_counter() - ppo.started,
                 p.update - ppo.first_update,
@@ -1073,7 +1165,8 @@ def _write_weights(ppo: PPORun, state_dict: dict, tmp: Path) -> None:
         unwrapped.policy.merge_and_unload().save_pretrained(str(tmp))
     else:
         unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)
-    unwrapped.value.save_pretrained(str(tmp / VALUE), state_dict=val)
+    if unwrapped.value is not None:
+        unwrapped.value.save_pretrained(str(tmp / VALUE), state_dict=val)
 
 
 def _write_value_notices(derived: Derivation, tmp: Path) -> None:
@@ -1098,15 +1191,19 @@ def save(ppo: PPORun, seconds: float) -> Path:
         ppo.recipe, inputs.sft, manifest, "lora-merged" if cfg.method == "lora" else "full", None, final_metrics
     )
     d.extra_sections.append(chain_summary(ppo.recipe, inputs.sft, inputs.rm, final_metrics))
-    value_parent = inputs.rm if cfg.value_init == "rm" else inputs.sft
-    value_d = derivation(ppo.recipe, value_parent, manifest, "full", None, final_metrics)
     state_dict = ppo.accelerator.get_state_dict(ppo.s.model)  # gathered from every ZeRO-3 shard
+    value_notices = None
+    if ppo.s.critic:
+        value_parent = inputs.rm if cfg.value_init == "rm" else inputs.sft
+        value_notices = partial(
+            _write_value_notices, derivation(ppo.recipe, value_parent, manifest, "full", None, final_metrics)
+        )
     return save_final(
         ppo.stage.final,
         partial(_write_weights, ppo, state_dict),
         inputs.tokenizer,
         d,
-        main_only=partial(_write_value_notices, value_d),
+        main_only=value_notices,
     )
 
 

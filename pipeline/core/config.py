@@ -285,8 +285,22 @@ class PPOConfig:
     """LoRA settings when ``method: lora``."""
     ignore_rm_gate: bool = False
     """Start even when the reward model's held-out accuracy is below rm.min_accuracy (a warning instead)."""
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """Advantage estimator. ``gae``: PPO with a value model trained beside the policy. ``rloo`` (REINFORCE leave-one-
+    out) and ``grpo`` (group-normalised): critic-free, from ``num_generations`` samples per prompt; no value model is
+    built, trained or saved (OpenRLHF's ``--advantage_estimator``; TRL's RLOOTrainer and GRPOTrainer)."""
+    num_generations: int = 1
+    """Samples per prompt in a rollout batch (at least 2 for rloo and grpo). ``total_episodes`` and the batch sizes
+    count samples: a rollout batch of 32 with 4 generations is 8 prompts x 4."""
+    scale_rewards: bool = True
+    """grpo: divide each prompt's centred scores by their standard deviation (GRPO); false keeps the centring only
+    (Dr. GRPO). TRL's name."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: ``reward``, a per-token penalty ``-kl_coef * kl`` in the rewards (PPO's
+    and RLOO's way); ``loss``, ``kl_coef`` times the mean per-token KL of the current policy added to the policy
+    loss (GRPO's way; OpenRLHF's ``--use_kl_loss``; use kl_estimator k3 or k2 there)."""
     value_init: Literal["rm", "sft"] = "rm"
-    """Initialise the value model from the reward model (default) or from the SFT checkpoint."""
+    """Initialise the value model from the reward model (default) or from the SFT checkpoint (gae only)."""
     learning_rate: float = 3e-6
     """Adam learning rate for policy and value."""
     adam_eps: float = 1e-5
@@ -307,8 +321,8 @@ class PPOConfig:
     """Sampling temperature (top_k 0, top_p 1)."""
     kl_coef: float = 0.05
     """KL penalty coefficient beta (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator in the reward."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (k1 in the reward; k3 or k2 as a loss)."""
     kl_target: float | None = None
     """Adaptive KL controller target (None: fixed coefficient)."""
     kl_horizon: int = 10000
@@ -722,6 +736,22 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         err("ppo.gamma/ppo.lam", "must be in [0, 1]")
     if p.logits_memory_mb < 1:
         err("ppo.logits_memory_mb", "must be at least 1")
+    if p.num_generations < 1:
+        err("ppo.num_generations", "must be at least 1")
+    if p.estimator != "gae" and p.num_generations < 2:
+        # One sample per prompt makes every group advantage 0: training would be a silent no-op (OpenRLHF #1250).
+        err(
+            "ppo.num_generations",
+            f"must be at least 2 for estimator {p.estimator} (each sample's baseline is its group)",
+        )
+    local = p.per_device_train_batch_size * p.gradient_accumulation_steps
+    if local % p.num_generations:
+        # A prompt's samples stay on one process: its group baseline needs all of them.
+        err(
+            "ppo.num_generations",
+            f"{p.num_generations} does not divide the rollouts per process "
+            f"(per_device_train_batch_size x gradient_accumulation_steps = {local})",
+        )
     if not 0 <= recipe.rm.min_accuracy <= 1:
         err("rm.min_accuracy", "must be in [0, 1]")
 

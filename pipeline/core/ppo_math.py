@@ -319,6 +319,39 @@ def group_advantages(scores: torch.Tensor, k: int, estimator: str, scale: bool =
     raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo)")
 
 
+def group_token_advantages(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    sequence_length: torch.Tensor,
+    *,
+    k: int,
+    estimator: str,
+    scale: bool,
+    kl_coef: float,
+    kl_estimator: str,
+    kl_in_reward: bool,
+) -> Advantages:
+    """The critic-free counterpart of :func:`advantages` (OpenRLHF's ``rloo`` / ``group_norm`` / ``dr_grpo`` path):
+    the group-transformed score (:func:`group_advantages`) lands on each response's stop token, ``-kl_coef * kl``
+    on every token when ``kl_in_reward``, and each token's advantage is its undiscounted return, the sum of the
+    rewards from it to the end (gamma is 1 for group estimators). No whitening over the batch: the group transform
+    is the normalisation. ``values`` are zeros and ``returns`` equal the advantages (nothing trains on them)."""
+    L = logprobs.size(1)
+    action_mask = valid_mask(sequence_length, L)
+    invalid = torch.full_like(logprobs, INVALID_LOGPROB)
+    logprobs = torch.where(action_mask, logprobs, invalid)
+    ref_logprobs = torch.where(action_mask, ref_logprobs, invalid)
+    kl = torch.where(action_mask, kl_estimate(logprobs, ref_logprobs, kl_estimator), torch.zeros_like(logprobs))
+    group = group_advantages(scores.float(), k, estimator, scale)
+    rewards, non_score = shape_rewards(group, kl, kl_coef if kl_in_reward else 0.0, sequence_length, "eos")
+    returns = rewards.flip(1).cumsum(1).flip(1) * action_mask
+    zeros = torch.zeros_like(logprobs)
+    return Advantages(
+        action_mask, action_mask, logprobs, ref_logprobs, zeros, kl, rewards, non_score, returns, returns, returns
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------------------------
