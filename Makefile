@@ -136,6 +136,7 @@ bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOT
 	@mkdir -p build/bench
 	$(PY) -m pipeline.bench chat-ready build/embedded/gemma-3-270m build/bench/gemma-3-270m > /dev/null
 	$(call ppo_bench,small,build/embedded/bench-gemma-32k,$(SMALL_PPO),0.5 0.6)
+	$(PY) -m pipeline.bench estimators --model-dir build/embedded/bench-gemma-32k -- $(SMALL_PPO) | tail -2
 	$(call ppo_bench,real,build/bench/gemma-3-270m,$(REAL_PPO),0.6 0.8)
 
 lint: setup  ## ruff check and format check

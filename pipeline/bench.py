@@ -3,6 +3,7 @@
     python -m pipeline.bench data [--rows 100000] [--num-proc 1]
     python -m pipeline.bench ppo --model-dir DIR [--batch 16 --response-length 48 --epochs 2 --minibatches 2 --iters K]
     python -m pipeline.bench compare OURS.json PEER.json
+    python -m pipeline.bench estimators --model-dir DIR [--generations 4 ...]
 
 ``data``: the data stage's throughput (rows/s) next to the raw fast tokenizer's on the same dialogues. The raw
 baseline is one batched Rust-tokenizer call on the rendered texts per 1000 dialogues and does nothing else (the
@@ -15,6 +16,11 @@ Goal: the stage at least half as fast as the raw tokenizer.
 ``ppo``: median seconds per PPO iteration (after the first) and peak RSS, printed as one JSON line of the same shape
 as the peer baseline's (TRL 1.12's PPOTrainer, ../shared/peer/trl112_ppo.py, run in its own venv on the same model
 directory); ``compare`` turns the two lines into ratios. ``make bench`` does all of it.
+
+``estimators``: the critic-free estimators (rloo, grpo with ``--generations`` samples per prompt) against GAE PPO at
+the same batch and response length, each ``bench ppo`` in its own process (peak RSS is per process): seconds per
+iteration, peak RSS, and the training state measured from the tensors themselves (weights of every model,
+gradients, Adam moments), as ratios to GAE's.
 """
 
 from __future__ import annotations
@@ -213,12 +219,14 @@ def bench_ppo(
     )
     PartialState(cpu=not torch.cuda.is_available())
     acc = Accelerator(gradient_accumulation_steps=sizes.micro_per_mini)
-    s, scheduler = build_setup(recipe, acc, Path(model_dir), Path(model_dir), Path(model_dir), tok, runs)
+    value_dir = Path(model_dir) if cfg.estimator == "gae" else None  # critic-free: no value model
+    s, scheduler = build_setup(recipe, acc, Path(model_dir), Path(model_dir), value_dir, tok, runs)
     s.stop_ids = []  # the full response length every time, as the peer benchmark samples
     counter = StepCounter()
+    k = cfg.num_generations
 
-    def iteration(it: int) -> None:
-        prompts = [ids[(it * batch + j) % len(ids)] for j in range(batch)]
+    def iteration(it: int) -> None:  # batch // k prompts, each k times in consecutive rows
+        prompts = [ids[(it * (batch // k) + j) % len(ids)] for j in range(batch // k) for _ in range(k)]
         s.model.eval()
         ro = rollout(s, prompts, cfg.kl_coef)
         s.model.train()
@@ -232,6 +240,7 @@ def bench_ppo(
         stamps.append(time.perf_counter())
     per_iter = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first iteration is warm-up
     out = {
+        "train_state_mb": training_state_bytes(s) / 2**20,
         "impl": "gemma-rlhf",
         "per_iter_s": statistics.median(per_iter),
         "iters": len(per_iter),
@@ -242,6 +251,8 @@ def bench_ppo(
         "minibatches": minibatches,
         "optimizer_steps": counter.steps,
         "settings": {
+            "estimator": cfg.estimator,
+            "num_generations": k,
             "rollout_logprobs": "sampler" if s.sampler_logprobs else "forward",
             **{k: getattr(cfg, k) for k in ("frozen_precision", "logits_memory_mb")},
         },
@@ -250,6 +261,57 @@ def bench_ppo(
         with torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             iteration(iters + 1)
         out["profile"] = phase_breakdown(prof.events(), vocabulary_size(s.unwrapped.policy), PPO_PHASES)
+    return out
+
+
+def training_state_bytes(s) -> int:
+    """Bytes of the weights of every model (policy, value, reference, reward), the gradients of the trained ones
+    and the optimizer's state, counted from the tensors (each once)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for m in (s.model, s.ref, s.reward):
+        for p in m.parameters() if m is not None else ():
+            add(p)
+            if p.requires_grad:  # its gradient exists at every optimizer step
+                total += p.numel() * p.element_size()
+    for state in s.optimizer.state.values():
+        for t in state.values():
+            add(t)
+    return total
+
+
+def compare_estimators(model_dir: str, args: list[str], generations: int) -> dict:
+    """GAE, RLOO and GRPO each in its own ``bench ppo`` process at the same batch; ratios to GAE."""
+    import subprocess
+    import sys
+
+    def one(*settings: str) -> dict:
+        sets = [x for kv in settings for x in ("--set", kv)]
+        cmd = [sys.executable, "-m", "pipeline.bench", "ppo", "--model-dir", model_dir, *args, *sets]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            raise SystemExit(f"bench ppo {' '.join(settings)} failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    gae = one("estimator=gae")
+    out: dict = {"bench": "estimators", "gae": gae}
+    for est in ("rloo", "grpo"):
+        r = one(f"estimator={est}", f"num_generations={generations}")
+        out[est] = {
+            **r,
+            "time_ratio": round(r["per_iter_s"] / gae["per_iter_s"], 3),
+            "peak_rss_ratio": round(r["peak_rss_mb"] / gae["peak_rss_mb"], 3),
+            "train_state_ratio": round(r["train_state_mb"] / gae["train_state_mb"], 3),
+        }
     return out
 
 
@@ -371,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
     ready = sub.add_parser("chat-ready", help="link a model with a chat-template tokenizer (for the peer's script)")
     ready.add_argument("model_dir")
     ready.add_argument("out")
+    est = sub.add_parser("estimators", help="rloo and grpo vs GAE PPO at the same batch: time and memory ratios")
+    est.add_argument("--model-dir", required=True)
+    est.add_argument("--generations", type=int, default=4)
+    est.add_argument("args", nargs=argparse.REMAINDER, help="options of bench ppo (--batch, --iters, ...)")
     cmp = sub.add_parser("compare", help="ratios of two JSON result lines (ours, then the peer's)")
     cmp.add_argument("ours")
     cmp.add_argument("peer")
@@ -382,6 +448,18 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
         r = bench_ppo(a.model_dir, a.batch, a.response_length, a.epochs, a.minibatches, a.iters, overrides, a.profile)
         print(json.dumps(r))
+        return
+    if a.what == "estimators":
+        r = compare_estimators(a.model_dir, [x for x in a.args if x != "--"], a.generations)
+        print(json.dumps(r))
+        for est in ("rloo", "grpo"):
+            print(
+                f"{est} (k={a.generations}) vs GAE PPO at batch {r['gae']['batch']}: {r[est]['per_iter_s']:.2f}s vs "
+                f"{r['gae']['per_iter_s']:.2f}s per iteration ({r[est]['time_ratio']:.2f}x); training state "
+                f"{r[est]['train_state_mb']:.0f} vs {r['gae']['train_state_mb']:.0f} MB "
+                f"({r[est]['train_state_ratio']:.2f}x); peak RSS {r[est]['peak_rss_mb']:.0f} vs "
+                f"{r['gae']['peak_rss_mb']:.0f} MB ({r[est]['peak_rss_ratio']:.2f}x)"
+            )
         return
     if a.what == "peer-profile":
         profile_peer(a.script, [x for x in a.args if x != "--"], a.profiler)

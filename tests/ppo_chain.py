@@ -50,7 +50,6 @@ def _setup(chain, *overrides):
     recipe = _recipe(chain, *overrides)
     run = chain / "tiny_ko"
     tok = AutoTokenizer.from_pretrained(run / "data" / "tokenizer")
-    s, _ = build_setup(
-        recipe, Accelerator(cpu=True), run / "sft" / "final", run / "rm" / "final", run / "rm" / "final", tok, 10
-    )
+    value = run / "rm" / "final" if recipe.ppo.estimator == "gae" else None  # critic-free: no value model
+    s, _ = build_setup(recipe, Accelerator(cpu=True), run / "sft" / "final", run / "rm" / "final", value, tok, 10)
     return s, tok

@@ -57,8 +57,8 @@ def test_wrong_type_names_key_and_file(tmp_path):
     p = _write(tmp_path, {**MIN, "sft": {"packing": "yes"}})
     with pytest.raises(ConfigError, match=r"key 'sft.packing': expected bool"):
         load_recipe(p)
-    p = _write(tmp_path, {**MIN, "ppo": {"kl_estimator": "k2"}})
-    with pytest.raises(ConfigError, match=r"key 'ppo.kl_estimator': expected one of 'k1', 'k3'"):
+    p = _write(tmp_path, {**MIN, "ppo": {"kl_estimator": "k4"}})
+    with pytest.raises(ConfigError, match=r"key 'ppo.kl_estimator': expected one of 'k1', 'k2', 'k3'"):
         load_recipe(p)
     p = _write(tmp_path, {**MIN, "sft": {"per_device_train_batch_size": 2.5}})
     with pytest.raises(ConfigError, match=r"key 'sft.per_device_train_batch_size': expected int"):
@@ -139,6 +139,15 @@ def test_apply_override_creates_missing_sections():
         ({"run": {"name": "a/b"}}, "plain folder name"),
         ({"launch": {"accelerate_config": "nope.yaml"}}, "launch.accelerate_config"),
         ({"ppo": {"temperature": 0}}, "ppo.temperature"),
+        # one sample per prompt: every group advantage is 0 and training a silent no-op (P16)
+        ({"ppo": {"estimator": "rloo"}}, "ppo.num_generations': must be at least 2 for estimator rloo"),
+        ({"ppo": {"estimator": "grpo", "num_generations": 1}}, "must be at least 2 for estimator grpo"),
+        # a group split between processes would miss samples from its baseline
+        (
+            {"ppo": {"estimator": "rloo", "num_generations": 3, "per_device_train_batch_size": 4}},
+            r"3 does not divide the rollouts per process \(per_device_train_batch_size x gradient_accumulation_steps",
+        ),
+        ({"ppo": {"num_generations": 0}}, "ppo.num_generations': must be at least 1"),
         ({"rm": {"save_total_limit": 1}}, "rm.save_total_limit': must be at least 2 so a failed save keeps"),
         ({"publish": {"language": ["Korean"]}}, "key 'publish.language.0': 'Korean' is not an ISO 639"),
         ({"publish": {"repo_id": "no slash"}}, "key 'publish.repo_id'"),

@@ -114,9 +114,8 @@ def test_rm_two_processes(data_root, config, kind):
     assert model.score.weight.shape == (1, model.config.hidden_size)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config, kind", CONFIGS)
-def test_ppo_two_processes(data_root, config, kind):
+def _ppo_inputs(data_root, run: str):
+    """Data, a short SFT and reward model (built once per module) copied into run folder ``run``; the recipe."""
     from pipeline import rm, sft
     from pipeline.core.config import load_recipe
 
@@ -136,9 +135,16 @@ def test_ppo_two_processes(data_root, config, kind):
         sft.run(recipe)
     if not (base / "rm" / "final").exists():
         rm.run(recipe)
-    run = f"launch_ppo_{config}"
     for part in ("data", "sft/final", "rm/final"):
         shutil.copytree(base / part, data_root / run / part, dirs_exist_ok=True)
+    return base, recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, kind", CONFIGS)
+def test_ppo_two_processes(data_root, config, kind):
+    run = f"launch_ppo_{config}"
+    base, recipe = _ppo_inputs(data_root, run)
     out = _launch(
         "ppo",
         data_root,
@@ -171,6 +177,50 @@ def test_ppo_two_processes(data_root, config, kind):
     base_sd = AutoModelForCausalLM.from_pretrained(base / "sft" / "final").state_dict()
     saved = AutoModelForCausalLM.from_pretrained(final).state_dict()
     assert {k: v.shape for k, v in base_sd.items()} == {k: v.shape for k, v in saved.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, kind, estimator",
+    [("ddp", "MULTI_CPU", "rloo"), ("zero3", "DeepSpeed ZeRO-3", "grpo")],
+)
+def test_critic_free_ppo_two_processes(data_root, config, kind, estimator):
+    """Catches a critic-free run that breaks under DDP or ZeRO-3 without a value model (an optimizer or engine
+    that expects one, a gathered state dict with value keys, a value/ folder saved anyway) and the KL-as-a-loss
+    path under a partitioned model. Each process holds 2 prompts x 4 samples."""
+    run = f"launch_{estimator}_{config}"
+    _ppo_inputs(data_root, run)
+    out = _launch(
+        "ppo",
+        data_root,
+        run,
+        config,
+        f"ppo.estimator={estimator}",
+        "ppo.num_generations=4",
+        "ppo.kl_penalty=loss",
+        "ppo.kl_estimator=k3",
+        "ppo.total_episodes=32",
+        "ppo.per_device_train_batch_size=4",
+        "ppo.gradient_accumulation_steps=2",
+        "ppo.num_mini_batches=2",
+        "ppo.num_ppo_epochs=2",
+        "ppo.save_steps=1",
+        "ppo.panel_every=2",
+        "ppo.ignore_rm_gate=true",
+        "rm.min_accuracy=0",
+    )
+    assert f"[ppo] 2 process(es), {kind}" in out, out[-4000:]
+    assert f"estimator {estimator}, 4 samples per prompt, no value model" in out, out[-4000:]
+    assert "2 updates of 16 rollouts, 4 optimizer steps each" in out, out[-4000:]
+    final = data_root / run / "ppo" / "final"
+    assert missing_notices(final) == [] and not (final / "value").exists()
+    _engine_ran(data_root / run / "ppo" / "checkpoints" / "checkpoint-1", config)
+    metrics = [json.loads(x) for x in (data_root / run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["update"] for m in metrics] == [1, 2]
+    assert all(m["loss/kl_avg"] >= 0 and "loss/value_avg" not in m for m in metrics)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(final)
 
 
 @pytest.mark.slow

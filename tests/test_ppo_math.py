@@ -20,6 +20,7 @@ from pipeline.core.ppo_math import (
     first_true_indices,
     gae,
     group_advantages,
+    group_token_advantages,
     kl_estimate,
     masked_mean,
     masked_whiten,
@@ -392,3 +393,45 @@ def test_t11_one_sample_per_prompt_is_refused():
         group_advantages(torch.tensor([1.0, 2.0]), 1, "rloo")
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         group_advantages(torch.tensor([1.0, 2.0, 3.0]), 4, "grpo")
+
+
+def _group_case(kl_in_reward: bool):
+    # One group of 4, L = 3; k1 KL = logprobs - ref (ref 0). Junk (5.0) past each response's last valid index.
+    logprobs = t([[0.2, 0.0, 0.4], [0.1, 0.1, 5.0], [0.0, 0.0, 0.0], [0.3, 5.0, 5.0]])
+    return group_token_advantages(
+        logprobs,
+        torch.zeros_like(logprobs),
+        t(T11_SCORES),
+        torch.tensor([2, 1, 2, 0]),
+        k=4,
+        estimator="rloo",
+        scale=True,
+        kl_coef=0.5,
+        kl_estimator="k1",
+        kl_in_reward=kl_in_reward,
+    )
+
+
+def test_t11_group_token_advantages_with_the_kl_in_the_reward():
+    """Catches the group score put anywhere but the stop token, a discount or whitening applied to a group
+    estimator, the KL penalty left out or counted past the stop, and junk after the stop leaking in. By hand
+    (RLOO advantages [2/3, -2/3, 0, 0], rewards -0.5 kl per token, A_t = sum of rewards from t on):
+    sample 0: rewards [-0.1, 0, -0.2 + 2/3] -> [0.3666667, 0.4666667, 0.4666667]; sample 1: [-0.05, -0.05 - 2/3, .]
+    -> [-0.7666667, -0.7166667, 0]; sample 2: 0; sample 3: [-0.15, ., .]."""
+    a = _group_case(True)
+    close(
+        a.advantages,
+        [[0.3666667, 0.4666667, 0.4666667], [-0.7666667, -0.7166667, 0.0], [0.0, 0.0, 0.0], [-0.15, 0.0, 0.0]],
+    )
+    assert torch.equal(a.returns, a.advantages) and not a.values.any()
+    close(a.non_score.sum(1), [-0.3, -0.1, 0.0, -0.15])
+    assert a.action_mask.tolist() == [[True] * 3, [True, True, False], [True] * 3, [True, False, False]]
+
+
+def test_t11_group_token_advantages_with_the_kl_as_a_loss():
+    """With ``kl_penalty: loss`` the rewards carry no KL: every valid token of a response has its group advantage
+    (negative control: the KL-in-reward case above differs on every response with a non-zero KL)."""
+    a = _group_case(False)
+    close(a.advantages, [[2 / 3] * 3, [-2 / 3, -2 / 3, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert not a.non_score.any()
+    assert not torch.allclose(a.advantages, _group_case(True).advantages)

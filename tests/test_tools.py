@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.bench import main as bench_main
 from pipeline.data import main as data_main
 from pipeline.inspect import main as inspect_main
@@ -97,3 +99,24 @@ def test_ppo_bench_profile_splits_phases_and_head_time(tiny_dir):
             torch.randn(512, 77) @ torch.randn(77, 8192)
     assert phase_breakdown(prof.events(), 77, PPO_PHASES)["ppo/train"]["head_s"] > 0
     assert set(phase_breakdown(prof.events(), 77, ())) == {"unlabelled"}
+
+
+def test_estimator_bench_measures_the_value_models_memory_saved(tiny_dir):
+    """Catches a critic-free run that still holds a value model (or its Adam moments), and a training-state count
+    that misses a model: GAE's measured training state minus RLOO's is exactly the value model's weights, gradients
+    and two Adam moments (counted here independently from a freshly loaded classifier), and nothing else."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.bench import bench_ppo
+
+    gae = bench_ppo(str(tiny_dir), 8, 8, 1, 1, 1, {"rollout_logprobs": "sampler"})
+    rloo = bench_ppo(
+        str(tiny_dir), 8, 8, 1, 1, 1, {"rollout_logprobs": "sampler", "estimator": "rloo", "num_generations": 4}
+    )
+    assert rloo["settings"]["estimator"] == "rloo" and rloo["optimizer_steps"] == gae["optimizer_steps"] == 2
+    value = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
+    params = list(value.parameters())
+    # weight, gradient and Adam's two moments in fp32, and Adam's step counter (one fp32 scalar per tensor)
+    expected = (sum(p.numel() for p in params) * 4 * 4 + len(params) * 4) / 2**20
+    assert gae["train_state_mb"] - rloo["train_state_mb"] == pytest.approx(expected, rel=1e-6)
+    assert rloo["train_state_mb"] < 0.8 * gae["train_state_mb"]

@@ -512,6 +512,8 @@ def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
         return ", ".join(f"`{portable(s.path, recipe.run_dir)}`" for s in specs)
 
     data = recipe.data
+    p = recipe.ppo
+    ppo = "PPO" if p.estimator == "gae" else f"PPO ({p.estimator}, {p.num_generations} samples per prompt)"
     return "\n".join(
         [
             "## How this model was made",
@@ -522,7 +524,7 @@ def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
             f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
             f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
             f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
-            f"| PPO | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
+            f"| {ppo} | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
             f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
             f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
             "",
