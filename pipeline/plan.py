@@ -3,9 +3,11 @@
     make plan RECIPE=recipes/gemma2b_ko.yaml [GPU_GIB=80] [NUM_PROCESSES=8]
     python -m pipeline.plan --recipe recipes/gemma2b_ko.yaml [--gpu-gib 80] [--num-processes 8]
 
-Stages, models, datasets, world size, effective batch sizes and steps, and an estimate of per-GPU memory for each
-stage's models under the accelerate config's ZeRO stage: parameters, gradients, optimizer states, activations and
-the largest logits tensor. A plan that will not fit the stated GPU memory is flagged.
+Stages (sft, rm, ppo, dpo), models, datasets, world size, effective batch sizes and steps, and an estimate of per-GPU
+memory for each stage's models under the accelerate config's ZeRO stage: parameters, gradients, optimizer states,
+activations and the largest logits tensor. A plan that will not fit the stated GPU memory is flagged. Each stage's
+shape (``Shape``: which models it trains and which it holds frozen, and one micro-batch's activations) is one
+function (``sft_shape``, ``rm_shape``, ``ppo_shape``, ``dpo_shape``); ``per_gpu`` applies the ZeRO accounting to it.
 
 Model sizes come from the model's ``config.json`` when it is local (or embedded), otherwise from the table of known
 Gemma configurations below: nothing is downloaded. The estimate follows the ZeRO paper's accounting for bf16
@@ -152,6 +154,97 @@ def activation_bytes(a: Arch, tokens: int, checkpointing: bool) -> float:
     return tokens * a.num_hidden_layers * per_token_layer
 
 
+LORA_SHARE = 0.01  # LoRA adapters: about 1% of the parameters (planning figure; r and target modules vary)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one stage holds on each GPU before ZeRO shards it: the parameter counts of the models it trains and of
+    the models it holds frozen, and the bytes of one micro-batch's activations and of its largest logits tensor."""
+
+    trained: tuple[int, ...]
+    frozen: tuple[int, ...]
+    activations: float
+    logits: float
+
+
+def per_gpu(shape: Shape, world: int, stage: int, offload: str) -> dict[str, float]:
+    """Per-GPU bytes of a stage by part: its trained models' weights, gradients and optimizer states
+    (``trained_bytes``), its frozen models (fp32 under autocast without DeepSpeed, 16-bit DeepSpeed inference engines
+    with it, sharded under ZeRO-3), its activations and its largest logits."""
+    parts = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    for t in shape.trained:
+        for k, v in trained_bytes(t, world, stage, offload).items():
+            parts[k] += v
+    parts["frozen models"] = sum((4 if stage == 0 else 2) * f / (world if stage >= 3 else 1) for f in shape.frozen)
+    parts["activations"] = shape.activations
+    parts["largest logits"] = shape.logits
+    return parts
+
+
+def _policy(a: Arch, method: str) -> tuple[int, int]:
+    """(trained, frozen) parameters of a causal LM trained by ``method``: full trains it all; LoRA trains the
+    adapters and holds the base frozen."""
+    n = a.parameters()
+    return (n, 0) if method == "full" else (int(n * LORA_SHARE), n)
+
+
+def sft_shape(recipe: Recipe, a: Arch) -> Shape:
+    """The policy (counted as fully trained, whatever ``sft.method``), its micro-batch of ``max_length`` rows, and
+    fp32 logits with their gradient."""
+    s = recipe.sft
+    tokens = s.per_device_train_batch_size * recipe.data.max_length
+    return Shape(
+        (a.parameters(),), (), activation_bytes(a, tokens, s.gradient_checkpointing), tokens * a.vocab_size * 4 * 2
+    )
+
+
+def rm_shape(recipe: Recipe, a: Arch) -> Shape:
+    """A sequence classifier (counted as fully trained), chosen and rejected rows per pair, no vocabulary logits."""
+    r = recipe.rm
+    tokens = 2 * r.per_device_train_batch_size * recipe.data.max_length  # chosen and rejected
+    return Shape((a.parameters(),), (), activation_bytes(a, tokens, r.gradient_checkpointing), 0.0)
+
+
+def ppo_shape(recipe: Recipe, a: Arch, local_batch: int) -> Shape:
+    """The policy (full or LoRA), the value model (``estimator: gae`` only: rloo and grpo build none, so no value
+    weights, gradients, optimizer states or value activations), the reference (a frozen copy of the SFT model; under
+    LoRA the adapter-disabled base, no second copy) and the reward model. Activations: one training micro-batch of
+    prompt + response rows through the policy (and the value model), plus the key/value cache of one rollout chunk
+    (``local_rollout_forward_batch_size`` rows of ``local_batch``; the rollout batch counts samples, prompts x
+    ``num_generations``)."""
+    p, d = recipe.ppo, recipe.data
+    critic = p.estimator == "gae"
+    policy, base = _policy(a, p.method)
+    classifier = a.parameters(lm_head=False)  # the value and reward models: the decoder and a score head
+    seq = d.max_prompt_length + p.response_length
+    tokens = p.per_device_train_batch_size * seq
+    rollout_rows = min(p.local_rollout_forward_batch_size, local_batch)
+    kv_cache = rollout_rows * seq * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 * 2
+    return Shape(
+        trained=(policy, classifier) if critic else (policy,),
+        frozen=(base or a.parameters(), classifier),  # the LoRA base is the reference; else a reference copy
+        activations=(2 if critic else 1) * activation_bytes(a, tokens, p.gradient_checkpointing) + kv_cache,
+        logits=max(rollout_rows * a.vocab_size * 4, (1 << 22) * 4),  # a generation step; the chunked training head
+    )
+
+
+def dpo_shape(recipe: Recipe, a: Arch) -> Shape:
+    """The policy (full or LoRA) and a frozen reference: a second full copy of the SFT model for full fine-tuning,
+    nothing extra under LoRA (the adapter-disabled base is the reference). Each pair is two rows, chosen and
+    rejected, through the policy in one micro-batch (TRL concatenates them), with fp32 logits and their gradient;
+    the reference's forward is without gradient and keeps no activations."""
+    o = recipe.dpo
+    policy, base = _policy(a, o.method)
+    tokens = 2 * o.per_device_train_batch_size * recipe.data.max_length  # chosen and rejected
+    return Shape(
+        trained=(policy,),
+        frozen=(base or a.parameters(),),  # the reference copy, or the LoRA base that doubles as it
+        activations=activation_bytes(a, tokens, o.gradient_checkpointing),
+        logits=tokens * a.vocab_size * 4 * 2,
+    )
+
+
 def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0) -> tuple[str, bool]:
     a, source = architecture(recipe)
     world, stage, offload = launch_settings(recipe, num_processes)
@@ -170,7 +263,7 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     ]
     fits = True
 
-    def steps(stage_name: str, per_device: int, ga: int, epochs: float, max_steps: int, data_key: str) -> str:
+    def steps(per_device: int, ga: int, epochs: float, max_steps: int, data_key: str) -> str:
         batch = per_device * ga * world
         rows = counts.get(data_key, {}).get("train")
         if max_steps > 0:
@@ -179,16 +272,9 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
             return f"global batch {batch}, steps = {epochs:g} x ceil(rows / {batch}) (rows known after `make data`)"
         return f"global batch {batch}, {math.ceil(epochs * math.ceil(rows / batch))} optimizer steps over {rows} rows"
 
-    def memory(name: str, trained: list[int], frozen: list[int], act: float, logits: float) -> None:
+    def memory(shape: Shape) -> None:
         nonlocal fits
-        parts = {"weights": 0.0, "gradients": 0.0, "optimizer": 0.0}
-        for t in trained:
-            for k, v in trained_bytes(t, world, stage, offload).items():
-                parts[k] += v
-        # frozen models: fp32 under autocast without DeepSpeed, 16-bit DeepSpeed inference engines with it
-        parts["frozen models"] = sum((4 if stage == 0 else 2) * f / (world if stage >= 3 else 1) for f in frozen)
-        parts["activations"] = act
-        parts["largest logits"] = logits
+        parts = per_gpu(shape, world, stage, offload)
         total = sum(parts.values())
         ok = total <= gpu_gib * GIB
         fits &= ok
@@ -202,12 +288,9 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     lines.append(f"[sft] data: {', '.join(x.path for x in d.sft.train) or '(none)'}; method {s.method}")
     lines.append(
         "  "
-        + steps(
-            "sft", s.per_device_train_batch_size, s.gradient_accumulation_steps, s.num_train_epochs, s.max_steps, "sft"
-        )
+        + steps(s.per_device_train_batch_size, s.gradient_accumulation_steps, s.num_train_epochs, s.max_steps, "sft")
     )
-    tokens = s.per_device_train_batch_size * d.max_length
-    memory("sft", [n], [], activation_bytes(a, tokens, s.gradient_checkpointing), tokens * a.vocab_size * 4 * 2)
+    memory(sft_shape(recipe, a))
     r = recipe.rm
     lines.append(
         f"[rm] data: {', '.join(x.path for x in d.preference.train) or '(none)'}; method {r.method}; "
@@ -216,16 +299,10 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     lines.append(
         "  "
         + steps(
-            "rm",
-            r.per_device_train_batch_size,
-            r.gradient_accumulation_steps,
-            r.num_train_epochs,
-            r.max_steps,
-            "preference",
+            r.per_device_train_batch_size, r.gradient_accumulation_steps, r.num_train_epochs, r.max_steps, "preference"
         )
     )
-    tokens = 2 * r.per_device_train_batch_size * d.max_length  # chosen and rejected
-    memory("rm", [n], [], activation_bytes(a, tokens, r.gradient_checkpointing), 0.0)
+    memory(rm_shape(recipe, a))
     p = recipe.ppo
     sizes = batch_sizes(
         p.per_device_train_batch_size,
@@ -235,29 +312,39 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
         p.total_episodes,
         p.num_ppo_epochs,
     )
+    critic = p.estimator == "gae"
     lines.append(
-        f"[ppo] prompts: {', '.join(x.path for x in d.prompts.train) or '(none)'}; method {p.method}; value "
-        f"from {p.value_init}"
+        f"[ppo] prompts: {', '.join(x.path for x in d.prompts.train) or '(none)'}; method {p.method}; estimator "
+        + (
+            f"gae, value from {p.value_init}"
+            if critic
+            else f"{p.estimator}, {p.num_generations} samples per prompt, no value model"
+        )
     )
     lines.append(
-        f"  {sizes.num_updates} updates of {sizes.batch} rollouts ({sizes.local_batch} per process), "
-        f"{sizes.optimizer_steps_per_update} optimizer steps each (minibatch {sizes.mini_batch}), "
+        f"  {sizes.num_updates} updates of {sizes.batch} rollouts ({sizes.local_batch} per process"
+        + (
+            f"; {sizes.batch // p.num_generations} prompts x {p.num_generations} samples"
+            if p.num_generations > 1
+            else ""
+        )
+        + f"), {sizes.optimizer_steps_per_update} optimizer steps each (minibatch {sizes.mini_batch}), "
         f"{sizes.num_updates * sizes.optimizer_steps_per_update} in total"
     )
-    seq = d.max_prompt_length + p.response_length
-    tokens = p.per_device_train_batch_size * seq
-    rollout_rows = min(p.local_rollout_forward_batch_size, sizes.local_batch)
-    logits = max(rollout_rows * a.vocab_size * 4, (1 << 22) * 4)  # a generation step; the chunked training head
-    trained = [n, n] if p.method == "full" else [n // 100, n]  # LoRA: adapters only (about 1%) plus the value model
-    frozen = [n, n] if p.method == "full" else [n, n]  # reference (or the LoRA base) and reward model
-    memory(
-        "ppo",
-        trained,
-        frozen,
-        2 * activation_bytes(a, tokens, p.gradient_checkpointing)
-        + rollout_rows * seq * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 * 2,
-        logits,
+    memory(ppo_shape(recipe, a, sizes.local_batch))
+    o = recipe.dpo
+    lines.append(
+        f"[dpo] data: {', '.join(x.path for x in d.preference.train) or '(none)'} (pairs: a chosen and a rejected row "
+        f"each); method {o.method}; beta {o.beta}, {o.loss_type} loss; reference: "
+        + ("a frozen copy of the SFT model" if o.method == "full" else "the adapter-disabled base (no copy)")
     )
+    lines.append(
+        "  "
+        + steps(
+            o.per_device_train_batch_size, o.gradient_accumulation_steps, o.num_train_epochs, o.max_steps, "preference"
+        )
+    )
+    memory(dpo_shape(recipe, a))
     lines += [
         "",
         "fits"

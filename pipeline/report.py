@@ -1,19 +1,22 @@
-"""The run report: the SFT and PPO models compared on held-out prompts, by a measure the reward model cannot fake
-where the recipe has one.
+"""The run report: every model the run trained (SFT, and PPO and DPO where they ran) compared on the same held-out
+prompts, by a measure the reward model cannot fake where the recipe has one.
 
     make report RECIPE=recipes/tiny_ko.yaml
     python -m pipeline.report --recipe recipes/tiny_ko.yaml
 
-Samples ``report.samples_per_prompt`` answers per held-out prompt (the data stage's prompts eval split: given as
-``data.prompts.eval`` or held out of ``data.prompts.train`` by ``data.prompts.eval_fraction``) from the SFT model and
-from the PPO model with the same settings (temperature ``ppo.temperature``, top_k 0, top_p 1, at most
-``ppo.response_length`` tokens, stopping at ``<end_of_turn>``), on the accelerator in bf16 when there is one
-(``sampling_device``). The answers are checked with the recipe's ground-truth rule (``report.ground_truth``, when it
-has one), described by the Korean answer measures (pipeline/core/korean.py), and the sampled ids are scored with the
-reward model at their stop token, as PPO does; that score is the reward model's view, what PPO optimised, not
-evidence of quality. Held-out prompts are checked against every training prompt (``heldout_overlap``) and the report
-says how many were trained on. It plots the SFT and RM losses and PPO's score, KL and response length, and writes
-``runs/<run>/report.md``, ``runs/<run>/report.json`` and the PNGs in ``runs/<run>/report/``.
+The models compared are the SFT checkpoint and each later stage whose final checkpoint is in the run folder (PPO,
+DPO; at least one of them). Samples ``report.samples_per_prompt`` answers per held-out prompt (the data stage's
+prompts eval split: given as ``data.prompts.eval`` or held out of ``data.prompts.train`` by
+``data.prompts.eval_fraction``) from each model with the same settings and the same seed (temperature
+``ppo.temperature``, top_k 0, top_p 1, at most ``ppo.response_length`` tokens, stopping at ``<end_of_turn>``), on the
+accelerator in bf16 when there is one (``sampling_device``). The answers are checked with the recipe's ground-truth
+rule (``report.ground_truth``, when it has one), described by the Korean answer measures (pipeline/core/korean.py),
+and, when the run has a reward model, the sampled ids are scored with it at their stop token, as PPO does; that score
+is the reward model's view, what PPO optimised, not evidence of quality. Held-out prompts are checked against every
+training prompt (``heldout_overlap``) and the report says how many were trained on. It names the PPO estimator that
+ran (from the PPO checkpoint's lineage), plots the measures per model, the SFT, RM and DPO losses and PPO's score,
+KL and response length, and writes ``runs/<run>/report.md``, ``runs/<run>/report.json`` (``<model>_<measure>`` keys
+per model) and the PNGs in ``runs/<run>/report/``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import unicodedata
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +42,15 @@ from pipeline.core.rundir import (
     RunDir,
     data_output,
     lineage_metrics,
+    read_lineage,
     read_metrics,
     trainer_history,
 )
 from pipeline.core.sampling import Generation, generate, left_pad, score
 
 CARD_SECTION = "Evaluation on held-out prompts"
+# The models a report can compare, in column order: the SFT model, then the stages trained from it.
+METHODS = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
 
 
 def ground_truth_check(kind: str):
@@ -180,14 +187,18 @@ def _rate(values: list[bool | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def plots(run: RunDir, out: Path) -> list[str]:
+def plots(run: RunDir, out: Path, r: dict, methods: list[str]) -> list[str]:
+    """The PNGs in ``out``: the measures of every model side by side, the loss of each Trainer stage that logged one
+    (SFT, reward model, DPO) and PPO's score, KL and response length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    for stage, title in (("sft", "SFT loss"), ("rm", "Reward model loss")):
+    made = [method_plot(plt, out, r, methods)]
+    for stage, title in (("sft", "SFT loss"), ("rm", "Reward model loss"), ("dpo", "DPO loss")):
+        if stage == "dpo" and stage not in methods:  # an unfinished DPO run is not part of this report
+            continue
         hist = trainer_history(run.stage(stage))
         train = [(h["step"], h["loss"]) for h in hist if "loss" in h]
         ev = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
@@ -203,7 +214,7 @@ def plots(run: RunDir, out: Path) -> list[str]:
         fig.savefig(out / f"{stage}_loss.png", dpi=100)
         plt.close(fig)
         made.append(f"{stage}_loss.png")
-    rows = read_metrics(run.stage("ppo"))
+    rows = read_metrics(run.stage("ppo")) if "ppo" in methods else []
     if rows:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for ax, key, label in zip(
@@ -211,13 +222,45 @@ def plots(run: RunDir, out: Path) -> list[str]:
             ("objective/scores", "objective/kl", "ppo/response_length"),
             ("score", "KL to the SFT model (nats per response)", "response length (tokens)"),
         ):
-            ax.plot([r["update"] for r in rows], [r[key] for r in rows])
+            ax.plot([row["update"] for row in rows], [row[key] for row in rows])
             ax.set(title=f"PPO {label}", xlabel="update")
         fig.tight_layout()
         fig.savefig(out / "ppo.png", dpi=100)
         plt.close(fig)
         made.append("ppo.png")
     return made
+
+
+def rate_measures(r: dict, methods: list[str]) -> list[tuple[str, str]]:
+    """(key, label) of the rates between 0 and 1 that some model has: the rule, its parts, arithmetic, stopping."""
+    shown = [
+        ("accuracy", f"ground-truth rate ({r['ground_truth']})"),
+        *PARTS,
+        ("arithmetic_accuracy", "arithmetic correct"),
+        ("stop_rate", f"answers ending with `{END_OF_TURN}`"),
+    ]
+    return [(k, label) for k, label in shown if any(r.get(f"{m}_{k}") is not None for m in methods)]
+
+
+def method_plot(plt: Any, out: Path, r: dict, methods: list[str]) -> str:
+    """One bar chart: each rate of ``rate_measures`` (a group of bars), one bar per model, the same prompts, samples
+    and seed for all."""
+    keys = rate_measures(r, methods)
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(keys) + 2), 3.8))
+    for j, m in enumerate(methods):
+        values = [r.get(f"{m}_{k}") for k, _ in keys]
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(keys))]
+        bars = ax.bar(xs, [0.0 if v is None else v for v in values], width, label=method_label(r, m))
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=7)
+    ax.set_xticks(range(len(keys)), [label.replace(f"`{END_OF_TURN}`", "end of turn") for _, label in keys])
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set(ylim=(0, 1.1), ylabel="share of sampled answers", title="Held-out prompts, per model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "methods.png", dpi=100)
+    plt.close(fig)
+    return "methods.png"
 
 
 NO_HELDOUT = (
@@ -237,9 +280,10 @@ def per_prompt(g: Generation, tokenizer: Any, n: int) -> list[list[tuple[str, bo
 def measures(
     ground_truth: str, texts: list[str], answers: dict[str, list[list[tuple[str, bool, int]]]], rm_scores: dict
 ) -> dict[str, Any]:
-    """Per model (``sft``, ``ppo``): the ground-truth rates when the recipe has a rule, the mean reward-model score,
-    the stop rate and the Korean answer measures (``<model>_korean``, named as in pipeline/core/korean.py without
-    the ``korean/`` prefix)."""
+    """Per model (``sft``, ``ppo``, ``dpo``: the keys of ``answers``), keys prefixed with its name: the ground-truth
+    rates when the recipe has a rule, the mean reward-model score when ``rm_scores`` has the model (a run without a
+    reward model has none), the stop rate and the Korean answer measures (``<model>_korean``, named as in
+    pipeline/core/korean.py without the ``korean/`` prefix)."""
     result: dict[str, Any] = {}
     check = ground_truth_check(ground_truth)
     for name, groups in answers.items():
@@ -250,10 +294,73 @@ def measures(
                 rate = _rate([c.get(measure) for c in checks])
                 if rate is not None or measure == "accuracy":
                     result[f"{name}_{measure}"] = rate
-        result[f"{name}_rm_score"] = rm_scores[name]
+        if name in rm_scores:
+            result[f"{name}_rm_score"] = rm_scores[name]
         result[f"{name}_stop_rate"] = _rate([ended for _, ended, _ in flat])
         result[f"{name}_korean"] = {k.split("/", 1)[1]: v for k, v in korean_metrics(flat).items()}
     return result
+
+
+def compared_models(run_dir: RunDir) -> dict[str, Path]:
+    """The finished checkpoint of each model the report compares, in ``METHODS`` order: the SFT model, and each later
+    stage (PPO, DPO) whose final checkpoint is in the run folder. A final that is there but unfinished, or without
+    its notices, is an error rather than a column silently left out; with neither PPO nor DPO there is nothing to
+    compare the SFT model with."""
+    finals = {"sft": require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint")}
+    for name, label in METHODS.items():
+        if name != "sft" and run_dir.stage(name).final.exists():
+            finals[name] = require_checkpoint(run_dir.stage(name).final, f"the {label} checkpoint")
+    if len(finals) == 1:
+        raise IncompleteError(
+            f"nothing to compare the SFT model with: neither {run_dir.stage('ppo').final} nor "
+            f"{run_dir.stage('dpo').final} exists; run `make ppo` or `make dpo` first"
+        )
+    return finals
+
+
+def reward_model(run_dir: RunDir, finals: dict[str, Path]) -> Path | None:
+    """The reward model, required when PPO ran (it is what PPO optimised); otherwise used when it is there, else
+    None (a DPO-only run needs none: the rule does not read it)."""
+    final = run_dir.stage("rm").final
+    if "ppo" in finals or final.exists():
+        return require_checkpoint(final, "the reward model")
+    return None
+
+
+def trained_with(final: Path, section: str, current: Any) -> dict:
+    """The recipe section a checkpoint was trained with, from its lineage (what ran, whatever the recipe now says);
+    the current recipe's section where the lineage has none."""
+    ran = ((read_lineage(final) or {}).get("recipe") or {}).get(section)
+    return ran if isinstance(ran, dict) else asdict(current)
+
+
+def stage_facts(recipe: Recipe, run_dir: RunDir, finals: dict[str, Path]) -> dict[str, Any]:
+    """What each later stage ran with and logged. PPO: the estimator (a lineage from before ``ppo.estimator`` is
+    GAE's), samples per prompt, where the KL acted, the mean KL of the last 10 updates and the update count. DPO:
+    method, beta, loss, steps and the held-out implicit-reward accuracy."""
+    facts: dict[str, Any] = {}
+    if "ppo" in finals:
+        ran = trained_with(finals["ppo"], "ppo", recipe.ppo)
+        rows = read_metrics(run_dir.stage("ppo"))
+        last = rows[-10:]
+        facts.update(
+            ppo_kl=sum(row["objective/kl"] for row in last) / len(last) if last else None,
+            ppo_updates=len(rows),
+            ppo_estimator=ran.get("estimator", "gae"),
+            ppo_num_generations=ran.get("num_generations", 1),
+            ppo_kl_penalty=ran.get("kl_penalty", "reward"),
+        )
+    if "dpo" in finals:
+        ran = trained_with(finals["dpo"], "dpo", recipe.dpo)
+        metrics = lineage_metrics(finals["dpo"])
+        facts.update(
+            dpo_method=ran.get("method"),
+            dpo_beta=ran.get("beta"),
+            dpo_loss_type=ran.get("loss_type"),
+            dpo_steps=metrics.get("steps"),
+            dpo_eval_reward_accuracy=metrics.get("eval/rewards/accuracies"),
+        )
+    return facts
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -265,9 +372,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     eval_path = data.split("prompts", "eval")
     if eval_path is None:
         raise ConfigError(NO_HELDOUT.format(path=data.path))
-    sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint")
-    rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model")
-    ppo_dir = require_checkpoint(run_dir.stage("ppo").final, "the PPO checkpoint")
+    finals = compared_models(run_dir)
+    rm_dir = reward_model(run_dir, finals)
     datasets.disable_progress_bars()
     held = datasets.Dataset.from_parquet(str(eval_path))
     prompts = list(held["prompt_ids"])
@@ -276,23 +382,29 @@ def run(recipe: Recipe) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)  # the one every stage used
     overlap, overlap_any = heldout_overlap(data, tokenizer, texts)
     device, dtype = sampling_device()
-    print(f"[report] sampling and scoring on {device} ({str(dtype).removeprefix('torch.')})", flush=True)
-    generations = {
-        name: sample_answers(d, tokenizer, prompts, recipe, recipe.run.seed)
-        for name, d in (("sft", sft_dir), ("ppo", ppo_dir))
-    }
+    print(
+        f"[report] comparing {', '.join(METHODS[m] for m in finals)}; sampling and scoring on {device} "
+        f"({str(dtype).removeprefix('torch.')})",
+        flush=True,
+    )
+    # The same prompts, settings and seed for every model: the columns differ only by the model.
+    generations = {name: sample_answers(d, tokenizer, prompts, recipe, recipe.run.seed) for name, d in finals.items()}
     n = recipe.report.samples_per_prompt
     answers = {name: per_prompt(g, tokenizer, n) for name, g in generations.items()}
-    result = measures(recipe.report.ground_truth, texts, answers, mean_scores(recipe, rm_dir, generations))
-    ppo_rows = read_metrics(run_dir.stage("ppo"))
-    last = ppo_rows[-10:]
-    result["rm_accuracy"] = RewardStats.read(rm_dir).accuracy
-    result["ppo_kl"] = sum(r["objective/kl"] for r in last) / len(last)
-    result["ppo_updates"] = len(ppo_rows)
-    seconds = {"data": data.manifest.seconds}
-    for stage, d in (("sft", sft_dir), ("rm", rm_dir)):
-        seconds[stage] = lineage_metrics(d).get("seconds_this_session")
-    seconds["ppo"] = round(sum(r["time/update"] for r in ppo_rows), 1)
+    rm_scores = mean_scores(recipe, rm_dir, generations) if rm_dir is not None else {}
+    result = measures(recipe.report.ground_truth, texts, answers, rm_scores)
+    result["methods"] = list(finals)
+    if rm_dir is not None:
+        stats = RewardStats.read(rm_dir)
+        result["rm_accuracy"] = stats.accuracy if stats is not None else None
+    result.update(stage_facts(recipe, run_dir, finals))
+    seconds = {"data": data.manifest.seconds, "sft": lineage_metrics(finals["sft"]).get("seconds_this_session")}
+    if rm_dir is not None:
+        seconds["rm"] = lineage_metrics(rm_dir).get("seconds_this_session")
+    if "ppo" in finals:
+        seconds["ppo"] = round(sum(row["time/update"] for row in read_metrics(run_dir.stage("ppo"))), 1)
+    if "dpo" in finals:
+        seconds["dpo"] = lineage_metrics(finals["dpo"]).get("seconds_this_session")
     result["stage_seconds"] = seconds
     result["samples_per_prompt"] = n
     result["heldout_prompts"] = len(prompts)
@@ -301,9 +413,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     result["ground_truth"] = recipe.report.ground_truth
 
     run_dir.report_images.mkdir(parents=True, exist_ok=True)
-    images = plots(run_dir, run_dir.report_images)
+    images = plots(run_dir, run_dir.report_images, result, list(finals))
     run_dir.report_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    replace_card_section(ppo_dir, CARD_SECTION, card_section(result))
+    for name, final in finals.items():
+        if name != "sft":
+            replace_card_section(final, CARD_SECTION, card_section(result, name))
     run_dir.report_md.write_text(markdown(recipe, run_dir, result, texts, answers, images), encoding="utf-8")
     print(
         f"[report] wrote {run_dir.report_md}: "
@@ -341,36 +455,62 @@ def _sources() -> str:
     return ", ".join(labels[:-1]) + " or " + labels[-1]
 
 
-def card_section(r: dict) -> str:
-    """The report's before/after figures for the PPO model card."""
+def method_label(r: dict, method: str) -> str:
+    """A model's column name: PPO's names the estimator that ran (and its samples per prompt when critic-free)."""
+    label = METHODS[method]
+    if method != "ppo" or "ppo_estimator" not in r:
+        return label
+    est = r["ppo_estimator"]
+    return f"{label} ({est})" if est == "gae" else f"{label} ({est}, k={r.get('ppo_num_generations')})"
+
+
+def estimator_phrase(r: dict) -> str:
+    """How PPO estimated its advantages and where its KL acted, as the report and the model card say it."""
+    est, k = r["ppo_estimator"], r.get("ppo_num_generations", 1)
+    where = "a per-token penalty in the reward" if r.get("ppo_kl_penalty", "reward") == "reward" else "a loss term"
+    how = "GAE with a value model" if est == "gae" else "critic-free: no value model, each sample against its group"
+    samples = f", {k} samples per prompt" if k != 1 else ""
+    return f"estimator {est}{samples} ({how}); KL as {where}"
+
+
+def card_section(r: dict, method: str = "ppo") -> str:
+    """The report's before/after figures for the model card of ``method`` (``ppo`` or ``dpo``): it against SFT."""
     rows = [
-        f"| {label} | {r[f'sft_{key}']:.3f} | {r[f'ppo_{key}']:.3f} | {r[f'ppo_{key}'] - r[f'sft_{key}']:+.3f} |"
+        f"| {label} | {r[f'sft_{key}']:.3f} | {r[f'{method}_{key}']:.3f} | "
+        f"{r[f'{method}_{key}'] - r[f'sft_{key}']:+.3f} |"
         for key, label in (
             ("accuracy", f"ground-truth rate ({r['ground_truth']})"),
             *PARTS,
             ("arithmetic_accuracy", "arithmetic correct"),
             ("rm_score", RM_VIEW),
         )
-        if r.get(f"sft_{key}") is not None and r.get(f"ppo_{key}") is not None
+        if r.get(f"sft_{key}") is not None and r.get(f"{method}_{key}") is not None
     ]
+    before, after = r.get("sft_korean") or {}, r.get(f"{method}_korean") or {}
     rows += [
-        f"| {label} | {r['sft_korean'][key]:.3f} | {r['ppo_korean'][key]:.3f} | "
-        f"{r['ppo_korean'][key] - r['sft_korean'][key]:+.3f} |"
+        f"| {label} | {before[key]:.3f} | {after[key]:.3f} | {after[key] - before[key]:+.3f} |"
         for key, label in KOREAN_ROWS
-        if "sft_korean" in r
-        and "ppo_korean" in r
-        and r["sft_korean"][key] is not None
-        and r["ppo_korean"][key] is not None  # None: no Korean answer
+        if before.get(key) is not None and after.get(key) is not None  # None: no Korean answer
     ]
     overlap = r.get("heldout_overlap_any", 0)
+    facts = [
+        f"{r['heldout_prompts']} held-out prompts"
+        + (f" ({overlap} of them also in the training data)" if overlap else "")
+        + f", {r['samples_per_prompt']} sampled answers each"
+    ]
+    if r.get("rm_accuracy") is not None:
+        facts.append(f"reward-model held-out accuracy {r['rm_accuracy']:.3f}")
+    if method == "ppo" and "ppo_estimator" in r:
+        facts.append(estimator_phrase(r))
+    if method == "ppo" and r.get("ppo_kl") is not None:
+        facts.append(f"KL to the SFT model {r['ppo_kl']:.3f}")
+    if method == "dpo" and r.get("dpo_eval_reward_accuracy") is not None:
+        facts.append(f"DPO held-out implicit-reward accuracy {r['dpo_eval_reward_accuracy']:.3f}")
     return "\n".join(
         [
-            f"{r['heldout_prompts']} held-out prompts"
-            + (f" ({overlap} of them also in the training data)" if overlap else "")
-            + f", {r['samples_per_prompt']} sampled answers each; reward-model held-out accuracy "
-            f"{r['rm_accuracy']:.3f}; KL to the SFT model {r['ppo_kl']:.3f}.",
+            "; ".join(facts) + ".",
             "",
-            "| measure | SFT | PPO | change |",
+            f"| measure | SFT | {METHODS[method]} | change |",
             "|---|---|---|---|",
             *rows,
             "",
@@ -386,62 +526,90 @@ def cell(text: str, stopped: bool) -> str:
 
 
 def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers: dict, images: list[str]) -> str:
+    """The report: one table with a column per model compared (the keys of ``answers``, SFT first), what each later
+    stage ran with, the plots, and the first answer of each model to the first ``report.examples`` prompts."""
+    methods = list(answers)
+
     def fmt(v):
         return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
-    def row(label: str, sft: Any, ppo: Any) -> str:
-        return f"| {label} | {fmt(sft)} | {fmt(ppo)} |"
+    def row(label: str, values: list) -> str:
+        return f"| {label} | " + " | ".join(fmt(v) for v in values) + " |"
 
+    def per_model(key: str) -> list:
+        return [r.get(f"{m}_{key}") for m in methods]
+
+    has_rm = any(f"{m}_rm_score" in r for m in methods)
     lines = [f"# Run report: {recipe.run.name}", ""]
     if r["ground_truth"] == "none":
         lines += [
             "No ground-truth rule (`report.ground_truth: none`): nothing below measures whether the answers are "
-            "right. The Korean answer measures describe the text (script, repetition, stopping, length); the "
-            "reward-model score is the reward model's own view, the quantity PPO was trained to raise, so a higher "
-            "score after PPO is not evidence of better answers.",
+            "right. The Korean answer measures describe the text (script, repetition, stopping, length)"
+            + (
+                "; the reward-model score is the reward model's own view, the quantity PPO was trained to raise, so "
+                "a higher score after PPO is not evidence of better answers."
+                if has_rm
+                else "."
+            ),
             "",
         ]
-    lines += ["| measure | SFT | PPO |", "|---|---|---|"]
+    labels = [method_label(r, m) for m in methods]
+    lines += [
+        f"Models compared: {', '.join(labels)}; each sampled on the same held-out prompts with the same settings and "
+        "seed" + (", and checked by the same rule." if r["ground_truth"] != "none" else "."),
+        "",
+        "| measure | " + " | ".join(labels) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
     if "sft_accuracy" in r:
-        lines.append(
-            row(f"ground-truth rate ({r['ground_truth']}, held-out prompts)", r["sft_accuracy"], r["ppo_accuracy"])
-        )
+        lines.append(row(f"ground-truth rate ({r['ground_truth']}, held-out prompts)", per_model("accuracy")))
     for key, label in PARTS:
-        if f"sft_{key}" in r:
-            lines.append(row(label, r[f"sft_{key}"], r.get(f"ppo_{key}")))
-    if "sft_arithmetic_accuracy" in r:
-        lines.append(
-            row(
-                "arithmetic correct (held-out problems)",
-                r["sft_arithmetic_accuracy"],
-                r.get("ppo_arithmetic_accuracy"),
-            )
-        )
-    lines.append(row(f"answers ending with `{END_OF_TURN}`", r["sft_stop_rate"], r["ppo_stop_rate"]))
+        if any(f"{m}_{key}" in r for m in methods):
+            lines.append(row(label, per_model(key)))
+    if any(f"{m}_arithmetic_accuracy" in r for m in methods):
+        lines.append(row("arithmetic correct (held-out problems)", per_model("arithmetic_accuracy")))
+    lines.append(row(f"answers ending with `{END_OF_TURN}`", per_model("stop_rate")))
     for key, label in KOREAN_ROWS:
-        lines.append(row(label, r["sft_korean"][key], r["ppo_korean"][key]))
-    lines.append(row(f"mean {RM_VIEW}", r["sft_rm_score"], r["ppo_rm_score"]))
+        lines.append(row(label, [(r.get(f"{m}_korean") or {}).get(key) for m in methods]))
+    if has_rm:
+        lines.append(row(f"mean {RM_VIEW}", per_model("rm_score")))
     lines += [
         "",
         f"{heldout_sentence(r)}; {r['samples_per_prompt']} sampled answers each per model, temperature "
-        f"{recipe.ppo.temperature}, top_k 0, top_p 1.",
+        f"{recipe.ppo.temperature}, top_k 0, top_p 1, seed {recipe.run.seed}.",
         "",
         "Korean answer measures (pipeline/core/korean.py): Hangul letters over all letters (digits, punctuation and "
         "spaces are not letters); the share of answers with Hangul that also use another script (Latin, Hanja, "
         "kana, ...); the share of repeated character trigrams; the length in tokens with the stop token.",
         "",
-        f"- Reward model held-out pairwise accuracy: {fmt(r['rm_accuracy'])}",
-        f"- PPO KL to the SFT model (mean of the last 10 updates, nats per response): {fmt(r['ppo_kl'])}",
-        f"- PPO updates: {r['ppo_updates']}",
-        "- Stage seconds: " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()),
-        "",
     ]
+    if "rm_accuracy" in r:
+        lines.append(f"- Reward model held-out pairwise accuracy: {fmt(r['rm_accuracy'])}")
+    if "ppo_estimator" in r:
+        lines.append(f"- PPO: {estimator_phrase(r)}")
+    if "ppo_kl" in r:
+        lines.append(f"- PPO KL to the SFT model (mean of the last 10 updates, nats per response): {fmt(r['ppo_kl'])}")
+    if "ppo_updates" in r:
+        lines.append(f"- PPO updates: {r['ppo_updates']}")
+    if "dpo" in methods:
+        lines.append(
+            f"- DPO: {r.get('dpo_method', 'n/a')}, beta {r.get('dpo_beta', 'n/a')}, {r.get('dpo_loss_type', 'n/a')} "
+            f"loss, {fmt(r.get('dpo_steps'))} steps; held-out implicit-reward accuracy (chosen above rejected): "
+            f"{fmt(r.get('dpo_eval_reward_accuracy'))}"
+        )
+    lines += ["- Stage seconds: " + ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items()), ""]
     images_dir = run_dir.report_images.relative_to(run_dir.root)
     lines += [f"![{name}]({images_dir.as_posix()}/{name})" for name in images]
-    lines += ["", "## Answers before and after PPO", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Answers of each model (the first sample)",
+        "",
+        "| prompt | " + " | ".join(labels) + " |",
+        "|---" * (len(methods) + 1) + "|",
+    ]
     for i in range(min(recipe.report.examples, len(texts))):
-        sft, ppo = answers["sft"][i][0], answers["ppo"][i][0]
-        lines.append(f"| {cell(texts[i], True)} | {cell(sft[0], sft[1])} | {cell(ppo[0], ppo[1])} |")
+        shown = [answers[m][i][0] for m in methods]
+        lines.append(f"| {cell(texts[i], True)} | " + " | ".join(cell(text, ended) for text, ended, _ in shown) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from the counts, the report without a ground-truth rule, and where it samples.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -247,3 +248,171 @@ def test_report_runs_on_the_chain_without_a_rule(chain, tmp_path):
         assert k["hangul_ratio"] > 0.5 and k["stop_rate"] == pytest.approx(saved[f"{name}_stop_rate"])
     md = RunDir.of(recipe).report_md.read_text(encoding="utf-8")
     assert "No ground-truth rule" in md and "60 held-out prompts (never in any training data" in md
+
+
+THREE = {  # one held-out prompt, two samples per model, DPO's both polite and ended
+    **ANSWERS,
+    "dpo": [[("사과는 달아요.", True, 6), ("사과는 빨갛습니다.", True, 6)]],
+}
+
+
+def test_report_table_has_a_column_per_model_and_names_the_estimator(tmp_path):
+    """Catches a report that drops a model the run trained (the DPO column, or its dpo_ keys), that does not say
+    which PPO estimator ran, or that writes DPO's card with PPO's numbers; the SFT and PPO keys stay as they were."""
+    from pipeline.report import RM_VIEW, card_section, markdown, measures
+
+    r = measures("polite_korean", ["사과는 무엇인가요?"], THREE, {"sft": -0.5, "ppo": 1.25, "dpo": 0.75})
+    assert (r["sft_accuracy"], r["ppo_accuracy"], r["dpo_accuracy"]) == (0.5, 1.0, 1.0)
+    assert set(r["dpo_korean"]) == set(r["sft_korean"]) and r["dpo_rm_score"] == 0.75
+    r.update(
+        methods=["sft", "ppo", "dpo"],
+        rm_accuracy=0.9,
+        ppo_kl=0.3,
+        ppo_updates=3,
+        ppo_estimator="rloo",
+        ppo_num_generations=4,
+        ppo_kl_penalty="reward",
+        dpo_method="full",
+        dpo_beta=0.1,
+        dpo_loss_type="sigmoid",
+        dpo_steps=4,
+        dpo_eval_reward_accuracy=0.625,
+        stage_seconds={"data": 1.0, "sft": 2.0, "rm": 3.0, "ppo": 4.0, "dpo": 5.0},
+        samples_per_prompt=2,
+        heldout_prompts=1,
+        heldout_overlap={"sft": 0, "preference": 0, "prompts": 0},
+        heldout_overlap_any=0,
+        ground_truth="polite_korean",
+    )
+    recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], THREE, ["methods.png"])
+    assert "| measure | SFT | PPO (rloo, k=4) | DPO |" in md and "|---|---|---|---|" in md
+    assert "| ground-truth rate (polite_korean, held-out prompts) | 0.500 | 1.000 | 1.000 |" in md
+    assert "4 samples per prompt (critic-free: no value model" in md
+    assert "- DPO: full, beta 0.1, sigmoid loss, 4 steps" in md and "0.625" in md
+    assert "| 사과는 무엇인가요? | 사과는 맛있습니다. | 사과는 좋아요. | 사과는 달아요. |" in md
+    dpo_card = card_section(r, "dpo")
+    assert "| measure | SFT | DPO | change |" in dpo_card and f"| {RM_VIEW} | -0.500 | 0.750 | +1.250 |" in dpo_card
+    assert "value model" not in dpo_card and "implicit-reward accuracy 0.625" in dpo_card
+    ppo_card = card_section(r, "ppo")
+    assert f"| {RM_VIEW} | -0.500 | 1.250 | +1.750 |" in ppo_card and "estimator rloo" in ppo_card
+    # GAE names its value model (negative control for the critic-free wording above)
+    md_gae = markdown(recipe, RunDir.of(recipe), {**r, "ppo_estimator": "gae"}, ["사과는 무엇인가요?"], THREE, [])
+    assert "| PPO (gae) |" in md_gae and "GAE with a value model" in md_gae and "critic-free" not in md_gae
+
+
+def test_report_without_ppo_or_a_reward_model_shows_no_reward_column(tmp_path):
+    """Catches a DPO-only report (no PPO, no reward model) that expects PPO's keys or a reward-model score: no PPO
+    column, no reward-model row, no rm_score keys; with a reward model the row is there (negative control)."""
+    from pipeline.report import RM_VIEW, markdown, measures
+
+    two = {"sft": THREE["sft"], "dpo": THREE["dpo"]}
+    r = measures("polite_korean", ["사과는 무엇인가요?"], two, {})
+    assert r["dpo_accuracy"] == 1.0 and not any(k.startswith("ppo_") or k.endswith("rm_score") for k in r)
+    r.update(
+        stage_seconds={"data": 1.0, "sft": 2.0, "dpo": 5.0},
+        samples_per_prompt=2,
+        heldout_prompts=1,
+        heldout_overlap={"sft": 0, "preference": 0, "prompts": 0},
+        heldout_overlap_any=0,
+        ground_truth="none",
+    )
+    recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], two, [])
+    assert "\n| measure | SFT | DPO |\n" in md and "- PPO" not in md
+    assert "reward-model score" not in md and "Reward model" not in md
+    scored = measures("polite_korean", ["사과는 무엇인가요?"], two, {"sft": 0.1, "dpo": 0.2})
+    md = markdown(recipe, RunDir.of(recipe), {**r, **scored}, ["사과는 무엇인가요?"], two, [])
+    assert f"| mean {RM_VIEW} | 0.100 | 0.200 |" in md
+
+
+@pytest.fixture(scope="module")
+def three_methods(chain, tmp_path_factory):
+    """A run folder with the chain's data, SFT and reward model, a one-update RLOO PPO final and a 4-step DPO final."""
+    from pipeline import dpo, ppo
+
+    out = _fresh(chain, tmp_path_factory.mktemp("three"))
+    ppo.run(_recipe(out, "ppo.total_episodes=32", "ppo.panel_every=0", "ppo.estimator=rloo", "ppo.num_generations=4"))
+    dpo.run(
+        _recipe(
+            out,
+            "dpo.max_steps=4",
+            "dpo.learning_rate=5e-5",
+            "dpo.eval_steps=1000",
+            "dpo.save_steps=1000",
+            "dpo.logging_steps=1",
+        )
+    )
+    return out
+
+
+REPORT = ["report.samples_per_prompt=1", "report.examples=3"]
+
+
+def _answer_column(md: str, column: int) -> list[str]:
+    """The answers of one column of the report's answers table (0: the first model)."""
+    table = md.split("## Answers of each model")[1].splitlines()[4:]
+    return [line.split(" | ")[1 + column] for line in table if line.startswith("| ")]
+
+
+@pytest.mark.slow
+def test_report_compares_sft_ppo_and_dpo_in_one_table(three_methods):
+    """Catches a report that compares only SFT and PPO when DPO also ran (no DPO column, no dpo_accuracy in
+    report.json, no DPO card section), that loses the keys existing consumers read, that does not name the PPO
+    estimator that ran (read from the PPO checkpoint, not the recipe now given), or that has no per-model plot."""
+    from pipeline import report
+
+    recipe = _recipe(three_methods, *REPORT)  # the recipe as given names gae: the report must say rloo
+    r = report.run(recipe)
+    run = RunDir.of(recipe)
+    saved = json.loads(run.report_json.read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(r)) and saved["methods"] == ["sft", "ppo", "dpo"]
+    for key in ("sft_accuracy", "ppo_accuracy", "dpo_accuracy", "rm_accuracy", "ppo_kl", "ppo_updates"):
+        assert saved[key] is not None, key
+    for name in ("sft", "ppo", "dpo"):
+        assert 0 <= saved[f"{name}_accuracy"] <= 1 and isinstance(saved[f"{name}_rm_score"], float)
+        assert set(saved[f"{name}_korean"]) == set(saved["sft_korean"])
+    assert (saved["ppo_estimator"], saved["ppo_num_generations"]) == ("rloo", 4)
+    assert saved["dpo_steps"] == 4 and set(saved["stage_seconds"]) == {"data", "sft", "rm", "ppo", "dpo"}
+    md = run.report_md.read_text(encoding="utf-8")
+    assert "| measure | SFT | PPO (rloo, k=4) | DPO |" in md
+    rate = next(line for line in md.splitlines() if line.startswith("| ground-truth rate"))
+    assert rate.count(" | ") == 3  # a label and three models
+    assert "![methods.png](report/methods.png)" in md and (run.report_images / "methods.png").stat().st_size > 0
+    assert "![dpo_loss.png](report/dpo_loss.png)" in md and "![ppo.png](report/ppo.png)" in md
+    assert len(_answer_column(md, 2)) == 3
+    card = (run.stage("dpo").final / "README.md").read_text(encoding="utf-8")
+    assert "## Evaluation on held-out prompts" in card and "| measure | SFT | DPO | change |" in card
+
+
+@pytest.mark.slow
+def test_report_on_sft_and_dpo_only(three_methods, tmp_path):
+    """Catches a report that needs a PPO checkpoint or a reward model when only DPO ran, one that silently reports
+    SFT alone (nothing to compare, or a DPO final left unfinished, is an error), and an unfair comparison: every model
+    is sampled with the same seed and settings, so SFT's answers and rates do not depend on which other models are
+    compared (the same as in the three-model report)."""
+    from pipeline import report
+    from pipeline.core.rundir import MARKER, IncompleteError
+
+    for part in ("data", "sft/final"):
+        shutil.copytree(three_methods / "tiny_ko" / part, tmp_path / "tiny_ko" / part)
+    recipe = _recipe(tmp_path, *REPORT)
+    with pytest.raises(IncompleteError, match="make dpo"):
+        report.run(recipe)
+    dpo_final = RunDir.of(recipe).stage("dpo").final
+    shutil.copytree(three_methods / "tiny_ko" / "dpo" / "final", dpo_final)
+    (dpo_final / MARKER).unlink()
+    with pytest.raises(IncompleteError, match="incomplete"):
+        report.run(recipe)
+    shutil.copy(three_methods / "tiny_ko" / "dpo" / "final" / MARKER, dpo_final / MARKER)
+
+    r = report.run(recipe)
+    assert r["methods"] == ["sft", "dpo"] and "dpo_accuracy" in r
+    assert not any(k.startswith("ppo_") or k.endswith("rm_score") for k in r) and "rm_accuracy" not in r
+    assert set(r["stage_seconds"]) == {"data", "sft", "dpo"}
+    md = RunDir.of(recipe).report_md.read_text(encoding="utf-8")
+    assert "| measure | SFT | DPO |" in md and "reward-model score" not in md
+    both = json.loads(RunDir.of(_recipe(three_methods)).report_json.read_text(encoding="utf-8"))
+    assert (r["sft_accuracy"], r["dpo_accuracy"]) == (both["sft_accuracy"], both["dpo_accuracy"])
+    first = (three_methods / "tiny_ko" / "report.md").read_text(encoding="utf-8")
+    assert _answer_column(md, 0) == _answer_column(first, 0) and _answer_column(md, 1) == _answer_column(first, 2)
