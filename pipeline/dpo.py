@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.consistency import check_inputs
+from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.core.faults import NonFiniteLossError
 from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, precision
 from pipeline.core.notices import Derivation, stage_derivation
@@ -111,14 +111,21 @@ def run(recipe: Recipe) -> Path:
     if state.is_main_process:
         print(f"[dpo] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}; from {parent}", flush=True)
 
-    # 4. Model (and LoRA): the policy from the SFT checkpoint; TRL builds the reference (a copy of the SFT model for
-    #    full fine-tuning, the adapter-disabled model under LoRA).
+    # 4. Models. The reference is the SFT checkpoint itself: under full fine-tuning a frozen copy loaded from it
+    #    (never from the policy's own path, which for a finished run restored below is the trained checkpoint),
+    #    under LoRA the policy with its adapter disabled, no second copy. TRL always gets a fresh adapter to apply:
+    #    handed a model that carries one, it copies it into a "ref" adapter and uses that as the reference, which for
+    #    a finished run's adapter is the trained policy again; that adapter is loaded into the fresh one after.
+    #    Every dropout is off before the models are built (TRL's disable_dropout misses Gemma's attention dropout).
     resume, done = resume_point(stage)
-    model = load_causal_lm(recipe.model, str(resume if done and d.method == "full" else parent), dtype=prec["dtype"])
+    load = partial(load_causal_lm, recipe.model, dtype=prec["dtype"], dropout_off=True)
+    model = load(str(resume if done and d.method == "full" else parent))
+    ref_model = load(str(parent)) if d.method == "full" else None
     check_pad(tokenizer)
-    model, peft_config = with_lora(model, d.method, d.lora, "CAUSAL_LM", resume, done)
+    model, peft_config = with_lora(model, d.method, d.lora, "CAUSAL_LM", None, False)
     trainer = pretokenized_trainer()(
         model=model,
+        ref_model=ref_model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
@@ -128,6 +135,8 @@ def run(recipe: Recipe) -> Path:
             stage_callback(STAGE, tracker, partial(derivation, recipe, parent, data.manifest.raw, d.method), SHOWN)
         ],
     )
+    if done and d.method == "lora":
+        trainer.model.load_adapter(str(resume), adapter_name="default", is_trainable=True)
     trainer.remove_callback(PrinterCallback)
 
     # 5. Resume from the last complete checkpoint, train.
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "DPO on the data stage's preference pairs, from the SFT checkpoint.",
         run,
         argv,
-        input_errors=(IncompleteError, LoadError),
+        input_errors=(IncompleteError, LoadError, ConsistencyError),
         run_errors=(NonFiniteLossError,),
     )
 

@@ -242,7 +242,8 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
     """TRL's DPO loss: ``sigmoid`` (the DPO paper), ``hinge`` (SLiC), ``ipo``, ``robust`` (with label smoothing)."""
     label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (``robust`` and conservative DPO)."""
+    """Assumed probability that a preference label is flipped; only the ``robust`` loss reads it (TRL's ``sigmoid``
+    does not: conservative DPO is not in the TRL this pipeline runs)."""
     learning_rate: float = 1e-6
     """Peak learning rate."""
     num_train_epochs: float = 1.0
@@ -715,6 +716,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         err("dpo.beta", "must be positive")
     if not 0.0 <= recipe.dpo.label_smoothing < 0.5:
         err("dpo.label_smoothing", f"{recipe.dpo.label_smoothing} is not in [0, 0.5)")
+    if recipe.dpo.label_smoothing and recipe.dpo.loss_type != "robust":
+        err("dpo.label_smoothing", f"only loss_type robust reads it; {recipe.dpo.loss_type} would ignore it silently")
+    if recipe.dpo.lora.dropout != 0:
+        err("dpo.lora.dropout", "must be 0: DPO runs every dropout off, so policy and reference log-probs compare")
     for key in ("sft.learning_rate", "rm.learning_rate", "ppo.learning_rate", "dpo.learning_rate"):
         section, name = key.split(".")
         if getattr(getattr(recipe, section), name) < 0:
