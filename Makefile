@@ -86,18 +86,19 @@ plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU mem
 dpo: sft  ## DPO on the preference pairs from the SFT checkpoint -> runs/<run>/dpo/final/ (no reward model, no PPO)
 	$(LAUNCH) dpo --recipe $(RECIPE) $(OVERRIDES)
 
-report: ppo  ## runs/<run>/report.md and report.json: ground-truth rate SFT vs PPO on held-out prompts, plots
+report: ppo  ## runs/<run>/report.md and report.json: every model trained (SFT, PPO, DPO when it ran) on held-out prompts
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)
 
 publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
 	$(PY) -m pipeline.publish --recipe $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(PUBLISH_ARGS) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, report
+demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, DPO, report
 	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m pipeline.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(LAUNCH) dpo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 
 REAL_RECIPE := recipes/gemma3_270m_ko.yaml

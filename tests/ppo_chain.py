@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
+
 from pipeline.core.config import load_recipe
 from tests.conftest import REPO
 
@@ -53,3 +55,40 @@ def _setup(chain, *overrides):
     value = run / "rm" / "final" if recipe.ppo.estimator == "gae" else None  # critic-free: no value model
     s, _ = build_setup(recipe, Accelerator(cpu=True), run / "sft" / "final", run / "rm" / "final", value, tok, 10)
     return s, tok
+
+
+def rule_rate(model_dir, n=4) -> float:
+    """The held-out polite rate of a model: the style prompts of data_prep/tiny_ko/heldout.jsonl, ``n`` samples each
+    at temperature 1 (seed 0, at most 16 tokens, stopping at <end_of_turn>), checked by data_prep/tiny_ko/rules.py
+    (independently of the reward model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tiny_ko.rules import is_polite_korean
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    held = [json.loads(x) for x in (REPO / "data_prep/tiny_ko/heldout.jsonl").open()]
+    torch.manual_seed(0)
+    ok = []
+    for h in (h for h in held if h["kind"] == "style"):
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": h["prompt"]}], add_generation_prompt=True, return_dict=False
+        )
+        x = torch.tensor([prompt] * n)
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=16,
+            eos_token_id=eot,
+            pad_token_id=tok.pad_token_id,
+        )
+        for row in out[:, x.size(1) :].tolist():
+            stopped = eot in row
+            text = tok.decode(row[: row.index(eot)] if stopped else row, skip_special_tokens=True)
+            ok.append(is_polite_korean(text, stopped))
+    return sum(ok) / len(ok)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.core.notices import NOTICE_LINE, missing_notices, read_safetensors_metadata
 from tests.conftest import REPO, kill_and_resume, launch_command
-from tests.ppo_chain import RECIPE, _recipe
+from tests.ppo_chain import RECIPE, _recipe, rule_rate
 from tests.wandb_offline import read_offline_run
 
 SHORT = ["dpo.max_steps=4", "dpo.save_steps=4", "dpo.eval_steps=100", "dpo.logging_steps=1"]
@@ -421,47 +421,11 @@ def test_two_processes_under_accelerate(chain, tmp_path, config, kind):
     assert any(not torch.equal(sft[k], saved[k]) for k in sft)
 
 
-def _rule_rate(model_dir, n=4) -> float:
-    """The held-out polite rate as tests/test_ppo.py measures it: the style prompts of data_prep/tiny_ko/heldout.jsonl,
-    n samples each at temperature 1 (seed 0), checked by data_prep/tiny_ko/rules.py."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_prep.tiny_ko.rules import is_polite_korean
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    held = [json.loads(x) for x in (REPO / "data_prep/tiny_ko/heldout.jsonl").open()]
-    torch.manual_seed(0)
-    ok = []
-    for h in (h for h in held if h["kind"] == "style"):
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": h["prompt"]}], add_generation_prompt=True, return_dict=False
-        )
-        x = torch.tensor([prompt] * n)
-        out = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=16,
-            eos_token_id=eot,
-            pad_token_id=tok.pad_token_id,
-        )
-        for row in out[:, x.size(1) :].tolist():
-            stopped = eot in row
-            text = tok.decode(row[: row.index(eot)] if stopped else row, skip_special_tokens=True)
-            ok.append(is_polite_korean(text, stopped))
-    return sum(ok) / len(ok)
-
-
 @pytest.mark.slow
 def test_dpo_learns_the_ground_truth_property(trained):
     """Catches a DPO that does not improve what the preference pairs prefer: with the recipe's toy settings the
     held-out polite rate (a rule, independent of any reward model) must rise at least 0.15 above the SFT model's."""
     out, final, _ = trained
-    sft_rate, dpo_rate = _rule_rate(out / "tiny_ko" / "sft" / "final"), _rule_rate(final)
+    sft_rate, dpo_rate = rule_rate(out / "tiny_ko" / "sft" / "final"), rule_rate(final)
     print(f"held-out polite rate: SFT {sft_rate:.3f}, DPO {dpo_rate:.3f}")
     assert dpo_rate >= sft_rate + 0.15, (sft_rate, dpo_rate)

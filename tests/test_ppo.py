@@ -17,7 +17,7 @@ import torch
 
 from pipeline.core.notices import missing_notices
 from tests.conftest import REPO
-from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup
+from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup, rule_rate
 
 
 def test_lr0_invariants(chain, tmp_path):
@@ -186,45 +186,6 @@ def test_score_is_read_at_the_stop_token(chain):
     assert torch.allclose(got, torch.stack([expected, expected2]), atol=1e-5)
 
 
-def _rates(model_dir, n=4) -> tuple[float, float]:
-    """Rule-checked polite rate on the held-out style prompts (n samples each, temperature 1) and mean RM score."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_prep.tiny_ko.rules import is_polite_korean
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    held = [json.loads(x) for x in (REPO / "data_prep/tiny_ko/heldout.jsonl").open()]
-    torch.manual_seed(0)
-    ok = []
-    for h in (h for h in held if h["kind"] == "style"):
-        x = torch.tensor(
-            [
-                tok.apply_chat_template(
-                    [{"role": "user", "content": h["prompt"]}], add_generation_prompt=True, return_dict=False
-                )
-            ]
-            * n
-        )
-        out = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=16,
-            eos_token_id=eot,
-            pad_token_id=tok.pad_token_id,
-        )
-        for row in out[:, x.size(1) :].tolist():
-            stopped = eot in row
-            text = tok.decode(row[: row.index(eot)] if stopped else row, skip_special_tokens=True)
-            ok.append(is_polite_korean(text, stopped))
-    return sum(ok) / len(ok)
-
-
 @pytest.mark.slow
 def test_ppo_learns_the_ground_truth_property(chain, tmp_path):
     from pipeline import ppo
@@ -236,7 +197,7 @@ def test_ppo_learns_the_ground_truth_property(chain, tmp_path):
     last = sum(m["objective/scores"] for m in metrics[-5:]) / 5
     assert last > first + 0.2
     assert max(m["objective/kl"] for m in metrics) < 5.0
-    sft_rate, ppo_rate = _rates(out / "tiny_ko" / "sft" / "final"), _rates(final)
+    sft_rate, ppo_rate = rule_rate(out / "tiny_ko" / "sft" / "final"), rule_rate(final)
     assert ppo_rate > sft_rate + 0.15, (sft_rate, ppo_rate)
     assert missing_notices(final) == [] and missing_notices(final / "value") == []
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

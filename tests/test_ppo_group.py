@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core import ppo_math as pm
 from pipeline.core.notices import missing_notices
-from tests.ppo_chain import _fresh, _metrics, _recipe, _setup
+from tests.ppo_chain import _fresh, _metrics, _recipe, _setup, rule_rate
 
 RLOO = ["ppo.estimator=rloo", "ppo.num_generations=4"]
 
@@ -137,10 +137,9 @@ def test_rloo_learns_the_ground_truth_property(chain, tmp_path):
     """The issue's goal on the toy: RLOO with 4 samples per prompt raises the held-out rule rate by 0.15 over
     SFT, with no value model."""
     from pipeline import ppo
-    from tests.test_ppo import _rates
 
     out = _fresh(chain, tmp_path)
     final = ppo.run(_recipe(out, *RLOO, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
-    sft_rate, ppo_rate = _rates(out / "tiny_ko" / "sft" / "final"), _rates(final)
+    sft_rate, ppo_rate = rule_rate(out / "tiny_ko" / "sft" / "final"), rule_rate(final)
     assert ppo_rate > sft_rate + 0.15, (sft_rate, ppo_rate)
     assert not (final / "value").exists()

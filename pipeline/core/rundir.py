@@ -5,10 +5,11 @@
         sft/ preference/ prompts/            {train,eval}.parquet
         tokenizer/                           the tokenizer every later stage uses
         manifest.json  recipe.yaml  rejects.jsonl  COMPLETE
-      sft/  rm/  ppo/                        a training stage (``StageDir``)
+      sft/  rm/  ppo/  dpo/                  a training stage (``StageDir``)
         checkpoints/checkpoint-N/            resumable; COMPLETE once fully written and carrying its notices
         final/                               the finished checkpoint: lineage.json, recipe.yaml, COMPLETE, ...
-                                             rm: reward_stats.json; ppo: value/ (the value model); LoRA: adapter/
+                                             rm: reward_stats.json; ppo: value/ (the value model, gae only);
+                                             LoRA: adapter/
         metrics.jsonl                        ppo: one line per update
         wandb_run.json                       the stage's W&B run (id, project, entity, mode, url); kept to resume it
       report.md  report.json  report/        the run report and its plots

@@ -39,7 +39,7 @@ TRAINER_PICKLE = "training_args.bin"  # the Trainer's pickled settings: no use t
 
 
 def trainer_arguments(section: Any, recipe: Recipe, stage: StageDir, prec: dict, evaluate: bool) -> dict:
-    """The TrainingArguments of an SFT or RM run from its recipe section (``recipe.sft`` or ``recipe.rm``): batch
+    """The TrainingArguments of an SFT, RM or DPO run from its recipe section (``recipe.sft``, ``.rm``, ``.dpo``): batch
     sizes, schedule, logging, evaluation, resumable checkpoints, seed and precision (bf16 on a GPU; ``use_cpu`` on a
     CPU-only machine, which also makes a GPU-style accelerate config run its processes with gloo)."""
     return dict(
