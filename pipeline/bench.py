@@ -231,7 +231,7 @@ def bench_ppo(
         ro = rollout(s, prompts, cfg.kl_coef)
         s.model.train()
         with record_function("ppo/train"):
-            train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(it), counter, f"iteration {it}")
+            train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(it), counter, f"iteration {it}", cfg.kl_coef)
         scheduler.step()
 
     stamps = [time.perf_counter()]

@@ -232,8 +232,10 @@ def ppo_shape(recipe: Recipe, a: Arch, local_batch: int) -> Shape:
 def dpo_shape(recipe: Recipe, a: Arch) -> Shape:
     """The policy (full or LoRA) and a frozen reference: a second full copy of the SFT model for full fine-tuning,
     nothing extra under LoRA (the adapter-disabled base is the reference). Each pair is two rows, chosen and
-    rejected, through the policy in one micro-batch (TRL concatenates them), with fp32 logits and their gradient;
-    the reference's forward is without gradient and keeps no activations."""
+    rejected, through the policy in one micro-batch (TRL concatenates them); the reference's forward is without
+    gradient and keeps no activations. The logits are an upper bound: the fp32 logits of every position and their
+    gradient, where TRL's fused log-prob head (``add_fused_lm_head``) computes them in chunks and never holds them
+    all, so a plan near the memory limit may still fit."""
     o = recipe.dpo
     policy, base = _policy(a, o.method)
     tokens = 2 * o.per_device_train_batch_size * recipe.data.max_length  # chosen and rejected

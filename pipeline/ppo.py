@@ -75,6 +75,7 @@ from pipeline.core.rundir import (
     checkpoints,
     data_output,
     keep_metrics_until,
+    read_lineage,
 )
 from pipeline.core.sampling import Generation, chunks, generate, left_pad, score, token_values
 
@@ -536,11 +537,12 @@ def train_on_rollout(
     generator: torch.Generator,
     counter: StepCounter,
     update: int,
-    kl_coef: float = 0.0,
+    kl_coef: float,
 ) -> dict:
     """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch (PPO update ``update``,
     counted from 1). With ``ppo.kl_penalty: loss`` the policy loss gains ``kl_coef`` times the per-token KL of the
-    current policy to the reference, averaged like the policy loss."""
+    current policy to the reference (clamped to 10 per token, as OpenRLHF's estimate), averaged like the policy
+    loss; ``kl_coef`` is the controller's value this update."""
     cfg, acc = s.cfg, s.accelerator
     where = f"update {update}"
     poison_if_asked(STAGE, update, s.unwrapped)
@@ -594,7 +596,8 @@ def train_on_rollout(
                         loss = loss + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf
                     if kl_loss_coef:
                         ref_lp = torch.where(am, ro.ref_logprobs[mb], new_lp.detach())
-                        kl_tok = torch.where(am, pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator), 0.0)
+                        kl_tok = pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator).clamp(-10.0, 10.0)
+                        kl_tok = torch.where(am, kl_tok, 0.0)
                         loss = loss + kl_loss_coef * pm.masked_sum(kl_tok, am) / n_pg
                     loss = loss * scale
                     check_loss(acc, loss, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
@@ -1019,12 +1022,26 @@ def resume(ppo: PPORun) -> None:
     acc = ppo.accelerator
     ckpt = last_resumable(ppo.stage.checkpoints)
     if ckpt is not None:
+        check_same_estimator(ckpt, ppo.recipe.ppo)
         acc.load_state(str(ckpt))
         if acc.is_main_process:
             print(f"[ppo] resuming from {ckpt} (update {ppo.progress.update})", flush=True)
             warn_if_changed(STAGE, ckpt, ppo.recipe, (STAGE, "model", "data"))
     if acc.is_main_process:
         keep_metrics_until(ppo.stage, ppo.progress.update)
+
+
+def check_same_estimator(ckpt: Path, cfg: PPOConfig) -> None:
+    """A checkpoint resumes only under the estimator and samples per prompt it was written with: a value model
+    present in one and not the other cannot load, and another group size changes which prompts each update takes."""
+    ran = ((read_lineage(ckpt) or {}).get("recipe") or {}).get("ppo") or {}
+    then = (ran.get("estimator", "gae"), ran.get("num_generations", 1))
+    if then != (cfg.estimator, cfg.num_generations):
+        raise ConfigError(
+            f"{ckpt} was written with ppo.estimator {then[0]} and ppo.num_generations {then[1]}, the recipe now says "
+            f"{cfg.estimator} and {cfg.num_generations}: resume with the same settings, or delete {ckpt.parent} to "
+            "start PPO again"
+        )
 
 
 def save_checkpoint(ppo: PPORun) -> None:

@@ -148,6 +148,13 @@ def test_apply_override_creates_missing_sections():
             r"3 does not divide the rollouts per process \(per_device_train_batch_size x gradient_accumulation_steps",
         ),
         ({"ppo": {"num_generations": 0}}, "ppo.num_generations': must be at least 1"),
+        # settings that would do nothing: a k1 KL loss has zero expected gradient; GAE-path settings under a group
+        # estimator are never read
+        ({"ppo": {"kl_penalty": "loss"}}, "k1 as a loss has zero expected gradient"),
+        ({"ppo": {"estimator": "rloo", "num_generations": 4, "gamma": 0.99}}, "ppo.gamma': 0.99 is not used by"),
+        ({"ppo": {"estimator": "grpo", "num_generations": 4, "whiten_rewards": True}}, "ppo.whiten_rewards'"),
+        ({"ppo": {"estimator": "grpo", "num_generations": 4, "reward_position": "after_eos"}}, "reward_position'"),
+        ({"ppo": {"estimator": "rloo", "num_generations": 4, "scale_rewards": False}}, "only estimator grpo reads"),
         ({"rm": {"save_total_limit": 1}}, "rm.save_total_limit': must be at least 2 so a failed save keeps"),
         ({"publish": {"language": ["Korean"]}}, "key 'publish.language.0': 'Korean' is not an ISO 639"),
         ({"publish": {"repo_id": "no slash"}}, "key 'publish.repo_id'"),
@@ -173,3 +180,20 @@ def test_cli_error_is_one_line(tmp_path):
 
     with pytest.raises(SystemExit, match="error: .*unknown key 'bogus'"):
         main(["--recipe", str(_write(tmp_path, {**MIN, "bogus": 1}))])
+
+
+def test_group_estimator_settings_that_are_read_pass(tmp_path):
+    """The negative control of the refusals above: GRPO with its own settings (k3 KL as a loss, centring only) and
+    RLOO with the KL in the reward validate."""
+    for ppo in (
+        {
+            "estimator": "grpo",
+            "num_generations": 8,
+            "kl_penalty": "loss",
+            "kl_estimator": "k3",
+            "scale_rewards": False,
+        },
+        {"estimator": "rloo", "num_generations": 4},
+        {"estimator": "gae", "kl_penalty": "loss", "kl_estimator": "k2"},
+    ):
+        validate(load_recipe(_write(tmp_path, {**MIN, "ppo": ppo})), source="r.yaml")

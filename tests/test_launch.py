@@ -217,7 +217,8 @@ def test_critic_free_ppo_two_processes(data_root, config, kind, estimator):
     _engine_ran(data_root / run / "ppo" / "checkpoints" / "checkpoint-1", config)
     metrics = [json.loads(x) for x in (data_root / run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["update"] for m in metrics] == [1, 2]
-    assert all(m["loss/kl_avg"] >= 0 and "loss/value_avg" not in m for m in metrics)
+    # the KL term ran: after the first optimizer step the policy differs from the reference, so its k3 KL is > 0
+    assert all(m["loss/kl_avg"] > 0 and "loss/value_avg" not in m for m in metrics)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)

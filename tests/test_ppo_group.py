@@ -143,3 +143,26 @@ def test_rloo_learns_the_ground_truth_property(chain, tmp_path):
     sft_rate, ppo_rate = rule_rate(out / "tiny_ko" / "sft" / "final"), rule_rate(final)
     assert ppo_rate > sft_rate + 0.15, (sft_rate, ppo_rate)
     assert not (final / "value").exists()
+
+
+def test_a_checkpoint_resumes_only_under_its_estimator(chain, tmp_path, capsys):
+    """Catches a resume across estimators: a GAE checkpoint holds a value model that an rloo run has no place for
+    (accelerate would fail deep in load_state), and another group size changes which prompts each update takes.
+    Negative control: the same settings resume."""
+    import shutil
+
+    from pipeline import ppo
+    from tests.ppo_chain import BASE, RECIPE
+
+    out = _fresh(chain, tmp_path)
+    args = ["ppo.total_episodes=64", "ppo.save_steps=1", "ppo.panel_every=0"]
+    ppo.run(_recipe(out, *args))
+    stage = out / "tiny_ko" / "ppo"
+    shutil.rmtree(stage / "final")  # as if killed after checkpoint-1 of its 2 updates
+    cli = ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, *args]
+    assert ppo.main([*cli, *RLOO]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-1 was written with ppo.estimator gae and ppo.num_generations 1" in err, err
+    assert "Traceback" not in err and not (stage / "final").exists()
+    assert ppo.main(cli) == 0
+    assert "resuming from" in capsys.readouterr().out and (stage / "final" / "COMPLETE").exists()

@@ -749,6 +749,24 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             "ppo.num_generations",
             f"must be at least 2 for estimator {p.estimator} (each sample's baseline is its group)",
         )
+    if p.kl_penalty == "loss" and p.kl_estimator == "k1":
+        # The gradient of mean(log pi - log pi_ref) over tokens sampled from pi is 0 in expectation: no pull at all.
+        err(
+            "ppo.kl_estimator",
+            "k1 as a loss has zero expected gradient (it never pulls to the reference): use k3 or k2",
+        )
+    if p.estimator != "gae":
+        # The group estimators' returns are undiscounted sums from the stop token, never whitened (OpenRLHF forces
+        # the same): settings of the GAE path would be silently ignored.
+        for key, value, default in (
+            ("gamma", p.gamma, 1.0),
+            ("whiten_rewards", p.whiten_rewards, False),
+            ("reward_position", p.reward_position, "eos"),
+        ):
+            if value != default:
+                err(f"ppo.{key}", f"{value!r} is not used by estimator {p.estimator} (only {default!r} is)")
+        if p.estimator == "rloo" and not p.scale_rewards:
+            err("ppo.scale_rewards", "only estimator grpo reads it (rloo never divides by the group's std)")
     local = p.per_device_train_batch_size * p.gradient_accumulation_steps
     if local % p.num_generations:
         # A prompt's samples stay on one process: its group baseline needs all of them.
