@@ -478,7 +478,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     }
     if s.critic:
         stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, value_mask))
-    else:  # how much of the batch carries a signal: a group whose samples all score alike has advantages of 0
+    else:  # how much of the batch carries a score signal: a group whose samples all score alike gets none
         groups = scores.view(-1, cfg.num_generations)
         stats["objective/score_std_in_group"] = groups.std(1).mean()
         stats["objective/zero_std_groups"] = (groups.std(1) < 1e-6).float().mean()
