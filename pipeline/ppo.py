@@ -75,7 +75,7 @@ from pipeline.core.rundir import (
     checkpoints,
     data_output,
     keep_metrics_until,
-    read_lineage,
+    lineage_recipe,
 )
 from pipeline.core.sampling import Generation, chunks, generate, left_pad, score, token_values
 
@@ -343,9 +343,9 @@ def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: boo
             seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy, v, s.cfg.logits_memory_mb
         )
         lps.append(lp)
-        vals.append(values.float() if values is not None else None)
+        vals.append(values)
         ents.append(ent)
-    return torch.cat(lps), (torch.cat(vals) if s.critic else None), (torch.cat(ents) if entropy else None)
+    return torch.cat(lps), (torch.cat(vals).float() if s.critic else None), (torch.cat(ents) if entropy else None)
 
 
 @torch.no_grad()
@@ -479,9 +479,9 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
     if s.critic:
         stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, value_mask))
     else:  # how much of the batch carries a score signal: a group whose samples all score alike gets none
-        groups = scores.view(-1, cfg.num_generations)
-        stats["objective/score_std_in_group"] = groups.std(1).mean()
-        stats["objective/zero_std_groups"] = (groups.std(1) < 1e-6).float().mean()
+        group_std = scores.view(-1, cfg.num_generations).std(1)
+        stats["objective/score_std_in_group"] = group_std.mean()
+        stats["objective/zero_std_groups"] = (group_std < 1e-6).float().mean()
     return Rollout(
         seq,
         mask,
@@ -1034,7 +1034,7 @@ def resume(ppo: PPORun) -> None:
 def check_same_estimator(ckpt: Path, cfg: PPOConfig) -> None:
     """A checkpoint resumes only under the estimator and samples per prompt it was written with: a value model
     present in one and not the other cannot load, and another group size changes which prompts each update takes."""
-    ran = ((read_lineage(ckpt) or {}).get("recipe") or {}).get("ppo") or {}
+    ran = lineage_recipe(ckpt, "ppo")
     then = (ran.get("estimator", "gae"), ran.get("num_generations", 1))
     if then != (cfg.estimator, cfg.num_generations):
         raise ConfigError(

@@ -42,7 +42,7 @@ from pipeline.core.rundir import (
     RunDir,
     data_output,
     lineage_metrics,
-    read_lineage,
+    lineage_recipe,
     read_metrics,
     trainer_history,
 )
@@ -330,8 +330,7 @@ def reward_model(run_dir: RunDir, finals: dict[str, Path]) -> Path | None:
 def trained_with(final: Path, section: str, current: Any) -> dict:
     """The recipe section a checkpoint was trained with, from its lineage (what ran, whatever the recipe now says);
     the current recipe's section where the lineage has none."""
-    ran = ((read_lineage(final) or {}).get("recipe") or {}).get(section)
-    return ran if isinstance(ran, dict) else asdict(current)
+    return lineage_recipe(final, section) or asdict(current)
 
 
 def stage_facts(recipe: Recipe, run_dir: RunDir, finals: dict[str, Path]) -> dict[str, Any]:

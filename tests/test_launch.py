@@ -140,6 +140,19 @@ def _ppo_inputs(data_root, run: str):
     return base, recipe
 
 
+# 16 rollouts per update over the two processes, 2 epochs x 2 minibatches, a checkpoint every update
+PPO_SIZES = (
+    "ppo.per_device_train_batch_size=4",
+    "ppo.gradient_accumulation_steps=2",
+    "ppo.num_mini_batches=2",
+    "ppo.num_ppo_epochs=2",
+    "ppo.save_steps=1",
+    "ppo.panel_every=2",
+    "ppo.ignore_rm_gate=true",
+    "rm.min_accuracy=0",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config, kind", CONFIGS)
 def test_ppo_two_processes(data_root, config, kind):
@@ -151,14 +164,7 @@ def test_ppo_two_processes(data_root, config, kind):
         run,
         config,
         "ppo.total_episodes=64",
-        "ppo.per_device_train_batch_size=4",
-        "ppo.gradient_accumulation_steps=2",
-        "ppo.num_mini_batches=2",
-        "ppo.num_ppo_epochs=2",
-        "ppo.save_steps=1",
-        "ppo.panel_every=2",
-        "ppo.ignore_rm_gate=true",
-        "rm.min_accuracy=0",
+        *PPO_SIZES,
     )
     assert f"[ppo] 2 process(es), {kind}" in out, out[-4000:]
     assert "4 updates of 16 rollouts, 4 optimizer steps each" in out, out[-4000:]
@@ -200,14 +206,7 @@ def test_critic_free_ppo_two_processes(data_root, config, kind, estimator):
         "ppo.kl_penalty=loss",
         "ppo.kl_estimator=k3",
         "ppo.total_episodes=32",
-        "ppo.per_device_train_batch_size=4",
-        "ppo.gradient_accumulation_steps=2",
-        "ppo.num_mini_batches=2",
-        "ppo.num_ppo_epochs=2",
-        "ppo.save_steps=1",
-        "ppo.panel_every=2",
-        "ppo.ignore_rm_gate=true",
-        "rm.min_accuracy=0",
+        *PPO_SIZES,
     )
     assert f"[ppo] 2 process(es), {kind}" in out, out[-4000:]
     assert f"estimator {estimator}, 4 samples per prompt, no value model" in out, out[-4000:]

@@ -254,6 +254,12 @@ THREE = {  # one held-out prompt, two samples per model, DPO's both polite and e
     **ANSWERS,
     "dpo": [[("사과는 달아요.", True, 6), ("사과는 빨갛습니다.", True, 6)]],
 }
+HELDOUT = dict(  # the report's held-out facts for THREE's one prompt, none of it trained on
+    samples_per_prompt=2,
+    heldout_prompts=1,
+    heldout_overlap={"sft": 0, "preference": 0, "prompts": 0},
+    heldout_overlap_any=0,
+)
 
 
 def test_report_table_has_a_column_per_model_and_names_the_estimator(tmp_path):
@@ -278,10 +284,7 @@ def test_report_table_has_a_column_per_model_and_names_the_estimator(tmp_path):
         dpo_steps=4,
         dpo_eval_reward_accuracy=0.625,
         stage_seconds={"data": 1.0, "sft": 2.0, "rm": 3.0, "ppo": 4.0, "dpo": 5.0},
-        samples_per_prompt=2,
-        heldout_prompts=1,
-        heldout_overlap={"sft": 0, "preference": 0, "prompts": 0},
-        heldout_overlap_any=0,
+        **HELDOUT,
         ground_truth="polite_korean",
     )
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
@@ -311,10 +314,7 @@ def test_report_without_ppo_or_a_reward_model_shows_no_reward_column(tmp_path):
     assert r["dpo_accuracy"] == 1.0 and not any(k.startswith("ppo_") or k.endswith("rm_score") for k in r)
     r.update(
         stage_seconds={"data": 1.0, "sft": 2.0, "dpo": 5.0},
-        samples_per_prompt=2,
-        heldout_prompts=1,
-        heldout_overlap={"sft": 0, "preference": 0, "prompts": 0},
-        heldout_overlap_any=0,
+        **HELDOUT,
         ground_truth="none",
     )
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])

@@ -340,6 +340,13 @@ def lineage_metrics(ckpt: str | Path) -> dict:
     return (read_lineage(ckpt) or {}).get("metrics") or {}
 
 
+def lineage_recipe(ckpt: str | Path, section: str) -> dict:
+    """The recipe section (``ppo``, ``dpo``, ...) a checkpoint was written with, from its lineage ({} when there is
+    none): what ran, whatever the recipe says now."""
+    ran = ((read_lineage(ckpt) or {}).get("recipe") or {}).get(section)
+    return ran if isinstance(ran, dict) else {}
+
+
 def trainer_state(ckpt: str | Path) -> dict:
     """The Trainer's ``trainer_state.json`` of a resumable SFT or RM checkpoint."""
     return json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
