@@ -21,16 +21,20 @@ NUM_MACHINES ?=
 MACHINE_RANK ?=
 MAIN_PROCESS_IP ?=
 MAIN_PROCESS_PORT ?=
-LAUNCH = $(PY) -m pipeline.launch \
+# The launch, passed to every command that reads a recipe: each checks the recipe against it before anything runs
+# (the data stage, at the head of every chain, included), and on a multi-machine run only machine 0 writes the data
+# folder and the report.
+LAUNCH_ARGS = \
 	$(if $(ACCELERATE_CONFIG),--config-file $(ACCELERATE_CONFIG)) \
 	$(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) \
 	$(if $(NUM_MACHINES),--num-machines $(NUM_MACHINES)) \
 	$(if $(MACHINE_RANK),--machine-rank $(MACHINE_RANK)) \
 	$(if $(MAIN_PROCESS_IP),--main-process-ip $(MAIN_PROCESS_IP)) \
 	$(if $(MAIN_PROCESS_PORT),--main-process-port $(MAIN_PROCESS_PORT))
+LAUNCH = $(PY) -m pipeline.launch $(LAUNCH_ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test bench lint embedded
+.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test test-gpu bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -41,7 +45,8 @@ help:  ## this list
 	@echo "  VENV=$(VENV)   virtual environment created by 'make setup'"
 	@echo "  TORCH_SPEC=$(TORCH_SPEC)   torch requirement installed first (CPU build here, CUDA build on a GPU box)"
 	@echo "  ACCELERATE_CONFIG=configs/accelerate/...yaml   accelerate config (default: the recipe's launch section)"
-	@echo "  NUM_PROCESSES=N   processes in total; NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT for multi-node"
+	@echo "  NUM_PROCESSES=N   processes in total, over every machine"
+	@echo "  NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT   multi-machine runs (README: Many machines)"
 	@echo "  GPU_GIB=80   GPU memory that make plan checks the plan against"
 	@echo "  REPO_ID=user/name   hub repository of make publish (default: the recipe's publish.repo_id)"
 	@echo "  PUBLISH_ARGS='--private --stage sft --dry-run'   options of make publish"
@@ -61,13 +66,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed  ## create .venv and install everything (idempotent)
 
 recipe: setup  ## print RECIPE resolved (defaults, the YAML, then OVERRIDES), validated; nothing runs
-	$(PY) -m pipeline.core.cli --recipe $(RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.core.cli --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 embedded: setup  ## build the embedded tiny model and tokenizer into build/embedded/
 	$(PY) -m pipeline.core.embedded tiny-gemma-ko
 
-data: setup  ## format RECIPE's datasets into runs/<run>/data/ (reused when unchanged)
-	$(PY) -m pipeline.data --recipe $(RECIPE) $(OVERRIDES)
+data: setup  ## check RECIPE against the launch, format its datasets into runs/<run>/data/ (reused when unchanged)
+	$(PY) -m pipeline.data --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
@@ -81,36 +86,39 @@ ppo: rm  ## PPO against the reward model -> runs/<run>/ppo/final/ (resumes when 
 GPU_GIB ?= 80
 
 plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU memory) without running or downloading
-	$(PY) -m pipeline.plan --recipe $(RECIPE) --gpu-gib $(GPU_GIB) $(if $(NUM_PROCESSES),--num-processes $(NUM_PROCESSES)) $(OVERRIDES)
+	$(PY) -m pipeline.plan --recipe $(RECIPE) --gpu-gib $(GPU_GIB) $(LAUNCH_ARGS) $(OVERRIDES)
 
 dpo: sft  ## DPO on the preference pairs from the SFT checkpoint -> runs/<run>/dpo/final/ (no reward model, no PPO)
 	$(LAUNCH) dpo --recipe $(RECIPE) $(OVERRIDES)
 
 report: ppo  ## runs/<run>/report.md and report.json: every model trained (SFT, PPO, DPO when it ran) on held-out prompts
-	$(PY) -m pipeline.report --recipe $(RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
 	$(PY) -m pipeline.publish --recipe $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(PUBLISH_ARGS) $(OVERRIDES)
 
 demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, DPO, report
-	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(LAUNCH_ARGS) $(OVERRIDES)
 	$(PY) -m pipeline.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) dpo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
-	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(LAUNCH_ARGS) $(OVERRIDES)
 
 REAL_RECIPE := recipes/gemma3_270m_ko.yaml
 demo-real: setup  ## the same chain on a real Gemma base (Gemma 3 270M, built offline) on a CPU, with ETAs
-	$(PY) -m pipeline.data --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.data --recipe $(REAL_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 	$(LAUNCH) sft --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(LAUNCH) rm --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(LAUNCH) ppo --recipe $(REAL_RECIPE) $(OVERRIDES)
-	$(PY) -m pipeline.report --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe $(REAL_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: setup  ## the GPU tier: the real Gemma 3 270M chain on CUDA in bf16, one process and ZeRO-2 (skipped without CUDA)
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 
 PEER_VENV ?= .peer-venv
 PEER_DIR ?= ../shared/peer

@@ -191,7 +191,7 @@ def bench_ppo(
     from transformers import AutoTokenizer
 
     from data_prep.gemma_format import GemmaEncoder
-    from pipeline.core import ppo_math as pm
+    from pipeline.core.batching import batch_sizes
     from pipeline.core.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
     from pipeline.ppo import StepCounter, build_setup, rollout, train_on_rollout, vocabulary_size
 
@@ -214,7 +214,7 @@ def bench_ppo(
     recipe = Recipe(
         run=RunConfig(name="bench"), model=ModelConfig(name_or_path=model_dir), ppo=cfg, launch=LaunchConfig()
     )
-    sizes = pm.batch_sizes(
+    sizes = batch_sizes(
         cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, 1, minibatches, cfg.total_episodes, epochs
     )
     PartialState(cpu=not torch.cuda.is_available())

@@ -35,7 +35,9 @@ from pipeline.core.config import ConfigError, Recipe, StageData, recipe_hash, to
 from pipeline.core.loading import LoadError, load_tokenizer, tokenizer_fingerprint
 from pipeline.core.locations import local_path
 from pipeline.core.rundir import (
+    DATA_LOCK,
     DATA_SECTIONS,
+    MARKER,
     RECIPE_FILE,
     REJECTS,
     TOKENIZER,
@@ -46,6 +48,8 @@ from pipeline.core.rundir import (
     read_manifest,
     write_manifest,
 )
+from pipeline.core.topology import Topology
+from pipeline.core.writer import WaitTimeout, wait_until, writer_lock
 
 
 def dataset_files(spec: DatasetRef) -> list[Path]:
@@ -121,27 +125,56 @@ def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Reje
     return out, users, how
 
 
-def run(recipe: Recipe) -> Path:
-    """Build (or reuse) ``runs/<run>/data``; returns its path."""
+def _up_to_date(data_dir: Path, fp: str) -> bool:
+    if not is_complete(data_dir):
+        return False
+    try:
+        return read_manifest(data_dir).fingerprint == fp
+    except IncompleteError:
+        return False
+
+
+def _say(line: str) -> None:
+    print(f"[data] {line}", flush=True)
+
+
+def run(recipe: Recipe, launch: Topology | None = None) -> Path:
+    """Build (or reuse) ``runs/<run>/data``; returns its path. On a machine other than machine 0 of ``launch``,
+    wait for machine 0's folder instead."""
     import datasets
 
     datasets.disable_progress_bars()  # the stage prints its own progress, one line per split
+    run_dir = RunDir.of(recipe)
+    data_dir = run_dir.data
+    tokenizer = load_tokenizer(recipe.model)
+    fp = fingerprint(recipe, tokenizer_fingerprint(tokenizer))
+    timeout = recipe.launch.wait_minutes * 60
+    if launch is not None and launch.machine_rank > 0:
+        wait_until(
+            lambda: _up_to_date(data_dir, fp),
+            f"machine 0 to write {data_dir} (its {MARKER} marker, with this recipe's data fingerprint {fp[:12]})",
+            timeout,
+            _say,
+        )
+        _say(f"{data_dir} written by machine 0: using it")
+        return data_dir
+    with writer_lock(run_dir.root / DATA_LOCK, str(data_dir), timeout, _say):
+        return _build(recipe, tokenizer, fp)
+
+
+def _build(recipe: Recipe, tokenizer, fp: str) -> Path:
+    """The data folder, under the writer lock: a dead writer's leftovers are cleaned, a finished folder with the same
+    fingerprint is reused, anything else is rebuilt."""
     t_start = time.perf_counter()
     run_dir = RunDir.of(recipe)
     data_dir = run_dir.data
-    clean_stale(run_dir.root)
-    tokenizer = load_tokenizer(recipe.model)
+    clean_stale(run_dir.root, data_dir.name)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    fp = fingerprint(recipe, tok_fp)
+    if _up_to_date(data_dir, fp):
+        _say(f"{data_dir} is up to date (same inputs, settings and tokenizer): reusing it")
+        return data_dir
     if is_complete(data_dir):
-        try:
-            old = read_manifest(data_dir).fingerprint
-        except IncompleteError:
-            old = None
-        if old == fp:
-            print(f"[data] {data_dir} is up to date (same inputs, settings and tokenizer): reusing it", flush=True)
-            return data_dir
-        print(f"[data] inputs or settings changed since {data_dir} was written: rebuilding", flush=True)
+        _say(f"inputs or settings changed since {data_dir} was written: rebuilding")
     if not any(getattr(recipe.data, s).train for s in DATA_SECTIONS):
         raise ConfigError("the recipe lists no datasets (data.sft.train, data.preference.train, data.prompts.train)")
 
@@ -212,10 +245,10 @@ def run(recipe: Recipe) -> Path:
     return data_dir
 
 
-def _announce_and_run(recipe: Recipe) -> None:
+def _announce_and_run(recipe: Recipe, launch: Topology) -> None:
     print(f"[data] resolved recipe:\n{to_yaml(recipe)}", flush=True)
     try:
-        run(recipe)
+        run(recipe, launch)
     except FormatError as e:  # the tokenizer cannot write Gemma's format at all (not one row)
         raise DataError(f"tokenizer: {e}") from None
 
@@ -227,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         _announce_and_run,
         argv,
         input_errors=(DataError, LoadError),
+        run_errors=(WaitTimeout,),
+        with_launch=True,
     )
 
 

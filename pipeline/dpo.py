@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import peers
 from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
@@ -106,6 +107,7 @@ def run(recipe: Recipe) -> Path:
         label_smoothing=d.label_smoothing,
     )
     _ = args.device  # sets up the process group now (gloo on CPU)
+    peers.watch()  # a process that fails stops the others at once (pipeline.core.peers)
     state = PartialState()
     tracker = Tracker(recipe, STAGE, state.is_main_process)
     if state.is_main_process:

@@ -6,8 +6,13 @@
 
 The Makefile calls this (``make sft ACCELERATE_CONFIG=... NUM_PROCESSES=...``). The configs in configs/accelerate/
 are GPU-style (MULTI_GPU or DEEPSPEED) and run unchanged on a CPU-only machine: the stages set ``use_cpu`` there,
-which gives each process gloo. Multi-node runs use accelerate's own multi-machine settings: run the same command on
-every machine with its ``--machine-rank``.
+which gives each process gloo. The recipe is checked against the launch (``pipeline.core.topology``) before anything
+starts.
+
+Multi-machine runs: the same command on every machine, with its own ``--machine-rank``; ``--num-processes`` is the
+total over all machines. Every machine is started by torchrun with a static rendezvous on machine 0's address and
+port, whatever the config file says: under DeepSpeed, accelerate would otherwise hand a multi-machine launch to
+DeepSpeed's own launcher (pdsh over ssh from one node), which is not what running the command on each node means.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import argparse
 import subprocess
 import sys
 
-from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, launch_of, print_error, recipe_from
 from pipeline.core.config import ConfigError
 from pipeline.core.locations import resolve_path
 from pipeline.core.rundir import TRAINING_STAGES
@@ -26,31 +31,24 @@ def build_command(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=TRAINING_STAGES)
     add_recipe_arguments(ap)
-    ap.add_argument("--config-file", default=None, help="accelerate config (default: the recipe's launch section)")
-    ap.add_argument("--num-processes", type=int, default=None, help="processes in total, over all machines")
-    ap.add_argument("--num-machines", type=int, default=None)
-    ap.add_argument("--machine-rank", type=int, default=None)
-    ap.add_argument("--main-process-ip", default=None)
-    ap.add_argument("--main-process-port", type=int, default=None)
     a = ap.parse_intermixed_args(argv)
     recipe = recipe_from(a)
-    config = resolve_path(a.config_file or recipe.launch.accelerate_config)
-    if not config.is_file():
-        raise ConfigError(f"accelerate config {config} does not exist")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    n = a.num_processes or recipe.launch.num_processes
-    if n:
-        cmd += ["--num_processes", str(n)]
-    if a.num_machines:
-        cmd += ["--num_machines", str(a.num_machines)]
-    if a.machine_rank is not None:
-        cmd += ["--machine_rank", str(a.machine_rank)]
-    if a.main_process_ip:
-        cmd += ["--main_process_ip", a.main_process_ip]
-    if a.main_process_port is not None:
-        cmd += ["--main_process_port", str(a.main_process_port)]
-    elif not a.num_machines or a.num_machines == 1:
-        cmd += ["--main_process_port", "0"]  # any free port: single-machine runs never collide
+    topo = launch_of(recipe, a)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_path(topo.config_file))]
+    cmd += ["--num_processes", str(topo.num_processes), "--num_machines", str(topo.num_machines)]
+    if topo.num_machines > 1:
+        if not topo.main_process_ip or topo.main_process_port is None:
+            raise ConfigError(
+                f"a run on {topo.num_machines} machines needs machine 0's address and a free port on it, the same on "
+                "every machine: MAIN_PROCESS_IP=... MAIN_PROCESS_PORT=... (--main-process-ip, --main-process-port)"
+            )
+        cmd += ["--machine_rank", str(topo.machine_rank), "--main_process_ip", topo.main_process_ip]
+        cmd += ["--main_process_port", str(topo.main_process_port), "--rdzv_backend", "static", "--same_network"]
+        if topo.deepspeed:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+    else:
+        # any free port unless one is given: single-machine runs never collide
+        cmd += ["--machine_rank", "0", "--main_process_port", str(topo.main_process_port or 0)]
     return cmd + ["-m", f"pipeline.{a.stage}", "--recipe", a.recipe, *a.overrides]
 
 

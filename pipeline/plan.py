@@ -1,8 +1,10 @@
 """Print what a recipe will run, and whether it fits, without running or downloading anything.
 
-    make plan RECIPE=recipes/gemma2b_ko.yaml [GPU_GIB=80] [NUM_PROCESSES=8]
-    python -m pipeline.plan --recipe recipes/gemma2b_ko.yaml [--gpu-gib 80] [--num-processes 8]
+    make plan RECIPE=recipes/gemma2b_ko.yaml [GPU_GIB=80] [ACCELERATE_CONFIG=...] [NUM_PROCESSES=16 NUM_MACHINES=2]
+    python -m pipeline.plan --recipe recipes/gemma2b_ko.yaml [--gpu-gib 80] [--config-file ...] [--num-processes 8]
 
+The launch is read as the stages read it (``pipeline.core.topology``: ACCELERATE_CONFIG, NUM_PROCESSES,
+NUM_MACHINES over the recipe's launch section), and the recipe is checked against it first, as every stage checks it.
 Stages (sft, rm, ppo, dpo), models, datasets, world size, effective batch sizes and steps, and an estimate of per-GPU
 memory for each stage's models under the accelerate config's ZeRO stage: parameters, gradients, optimizer states,
 activations and the largest logits tensor. A plan that will not fit the stated GPU memory is flagged. Each stage's
@@ -23,14 +25,13 @@ import math
 import sys
 from dataclasses import dataclass
 
-import yaml
-
-from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.batching import batch_sizes
+from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, launch_of, print_error, recipe_from
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.embedded import EMBEDDED_MODELS, GGUFSpec
 from pipeline.core.locations import EMBEDDED_PREFIX, resolve_path
-from pipeline.core.ppo_math import batch_sizes
 from pipeline.core.rundir import MODEL_CONFIG, RunDir, is_complete, read_manifest
+from pipeline.core.topology import Topology
 
 # Architectures of public Gemma checkpoints (from their config.json), so that hub recipes plan offline.
 KNOWN_CONFIGS = {
@@ -123,16 +124,6 @@ def architecture(recipe: Recipe) -> tuple[Arch, str]:
         f"no architecture for {name!r} without downloading: use a local directory or add it to "
         "pipeline/plan.py KNOWN_CONFIGS"
     )
-
-
-def launch_settings(recipe: Recipe, num_processes: int | None) -> tuple[int, int, str]:
-    """(world size, ZeRO stage (0: none), offload) from the accelerate config."""
-    acc = yaml.safe_load(resolve_path(recipe.launch.accelerate_config).read_text(encoding="utf-8"))
-    world = num_processes or recipe.launch.num_processes or acc.get("num_processes", 1)
-    ds = acc.get("deepspeed_config") or {}
-    stage = ds.get("zero_stage", 0) if acc.get("distributed_type") == "DEEPSPEED" else 0
-    offload = ds.get("offload_optimizer_device", "none")
-    return int(world), int(stage), offload
 
 
 def trained_bytes(n: int, world: int, stage: int, offload: str) -> dict[str, float]:
@@ -247,9 +238,9 @@ def dpo_shape(recipe: Recipe, a: Arch) -> Shape:
     )
 
 
-def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0) -> tuple[str, bool]:
+def plan(recipe: Recipe, launch: Topology, gpu_gib: float = 80.0) -> tuple[str, bool]:
     a, source = architecture(recipe)
-    world, stage, offload = launch_settings(recipe, num_processes)
+    world, stage, offload = launch.num_processes, launch.zero_stage, launch.offload_optimizer
     n = a.parameters()
     d = recipe.data
     data = RunDir.of(recipe).data
@@ -257,9 +248,7 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
     lines = [
         f"plan for {recipe.run.name}: {recipe.model.name_or_path} ({n / 1e9:.3f}B parameters, architecture from "
         f"{source})",
-        f"launch: {recipe.launch.accelerate_config}, {world} process(es), "
-        + (f"DeepSpeed ZeRO-{stage}" if stage else "no ZeRO")
-        + (", optimizer offloaded to CPU" if offload == "cpu" else ""),
+        f"launch: {launch.describe()}",
         f"GPU memory stated: {gpu_gib:g} GiB",
         "",
     ]
@@ -360,12 +349,12 @@ def plan(recipe: Recipe, num_processes: int | None = None, gpu_gib: float = 80.0
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(ap)
-    ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
     a = ap.parse_intermixed_args(argv)
     try:
-        text, fits = plan(recipe_from(a), a.num_processes, a.gpu_gib)
-    except (ConfigError, ValueError) as e:
+        recipe = recipe_from(a)
+        text, fits = plan(recipe, launch_of(recipe, a), a.gpu_gib)
+    except ConfigError as e:
         print_error(e)
         return EXIT_INPUT
     print(text)

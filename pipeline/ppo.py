@@ -43,7 +43,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from data_prep.gemma_format import stop_token_ids
+from pipeline.core import peers, topology
 from pipeline.core import ppo_math as pm
+from pipeline.core.batching import BatchSizes, batch_sizes
 from pipeline.core.checkpoint import (
     finished_or_announce,
     last_good_note,
@@ -56,7 +58,7 @@ from pipeline.core.checkpoint import (
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, PPOConfig, Recipe
 from pipeline.core.consistency import ConsistencyError, check_inputs
-from pipeline.core.faults import NonFiniteLossError, poison_if_asked
+from pipeline.core.faults import NonFiniteLossError, fail_if_asked, nonfinite_ranks, poison_if_asked
 from pipeline.core.korean import korean_totals
 from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
 from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
@@ -261,6 +263,14 @@ class Setup:
     reward_mean: float = 0.0
     reward_std: float = 1.0
     zero3: bool = False
+    bf16: bool = False  # bf16 autocast compute over fp32 weights (run.precision)
+
+    def autocast(self):
+        """bf16 autocast for every rollout forward (the reference's and the reward model's included) when the run
+        computes in bf16: the same context the training forward runs in, so the first update's ratio is 1 and its
+        KL 0. Outside DeepSpeed accelerate's own autocast wraps the training forward; under DeepSpeed the engine's
+        ``torch_autocast`` does (``make_accelerator``)."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @property
     def turn_end_id(self) -> int:
@@ -276,7 +286,7 @@ class Setup:
     def sampler_logprobs(self) -> bool:
         """Whether the rollout takes the sampler's log-probs (``ppo.rollout_logprobs``; ``auto``: unless bf16)."""
         if self.cfg.rollout_logprobs == "auto":
-            return self.accelerator.mixed_precision != "bf16"
+            return not self.bf16
         return self.cfg.rollout_logprobs == "sampler"
 
     @property
@@ -390,12 +400,14 @@ class Rollout:
     generation: Generation | None = None  # the sampled responses, for the answer measures
 
 
-def rollout(s: Setup, prompts: list[list[int]], kl_coef: float) -> Rollout:
+def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0) -> Rollout:
+    """Steps 1-7 of PPO update ``update`` (counted from 1) on this process's ``prompts``."""
     cfg = s.cfg
     t0 = time.perf_counter()
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
     with record_function("ppo/sample"):
         g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
+        fail_if_asked(STAGE, "sample", update)
     responses, seq_len, stopped = g.responses, g.seq_len, g.stopped
     t_gen = time.perf_counter() - t0
     seq, mask, pos = g.inputs()  # pad ids inside a response are never generated before the stop
@@ -533,7 +545,7 @@ class StepCounter:
 def train_on_rollout(
     s: Setup,
     ro: Rollout,
-    sizes: pm.BatchSizes,
+    sizes: BatchSizes,
     generator: torch.Generator,
     counter: StepCounter,
     update: int,
@@ -629,9 +641,12 @@ def train_on_rollout(
                         grid["kl_loss"].append(pm.masked_mean(kl_tok, am))
                     grid["ratio"].append(pm.masked_mean(ratio, am))
     # A finite loss and gradient can still step the weights to inf; the next rollout would then sample from NaN
-    # logits. (Under ZeRO-3 each process sees only its own shard here; the next loss check covers the rest.)
-    if not bool(torch.stack([torch.isfinite(p).all() for p in s.model.parameters()]).all()):
-        raise NonFiniteLossError(f"non-finite weights after the optimizer steps of {where}")
+    # logits. Every process checks the weights it holds (its partition under ZeRO-3) and all stop together.
+    poison_if_asked(STAGE, update, s.unwrapped, after_step=True)
+    if bad := nonfinite_ranks(s.model.parameters()):
+        raise NonFiniteLossError(
+            f"non-finite weights after the optimizer steps of {where} (held by process {', '.join(map(str, bad))})"
+        )
     mean = {k: torch.stack(v).mean() for k, v in grid.items() if v}
     norms = {f"{k.split('_')[0]}/grad_norm": mean[k] for k in ("policy_grad_norm", "value_grad_norm") if k in mean}
     out = {
@@ -698,7 +713,7 @@ def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
 
 
 def batch_prompts(
-    prompts: list[list[int]], update: int, sizes: pm.BatchSizes, rank: int, seed: int, k: int = 1
+    prompts: list[list[int]], update: int, sizes: BatchSizes, rank: int, seed: int, k: int = 1
 ) -> list[list[int]]:
     """The prompts of rollout batch ``update`` for process ``rank``: a fixed function of the update index (seeded
     reshuffle every pass over the data), so a resumed run takes exactly the batches the killed run would have. With
@@ -813,7 +828,7 @@ class PPORun:
     s: Setup
     scheduler: Any
     kl_ctl: Any
-    sizes: pm.BatchSizes
+    sizes: BatchSizes
     stage: StageDir
     tracker: Any
     local_seed: int
@@ -895,14 +910,8 @@ def build_setup(
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=max(total_updates, 1))
     model, optimizer = accelerator.prepare(model, optimizer)
     zero3 = is_deepspeed_zero3_enabled()
-    if accelerator.distributed_type == "DEEPSPEED":
-        from trl.models.utils import prepare_deepspeed
-
-        reward = prepare_deepspeed(reward, accelerator)
-        ref = prepare_deepspeed(ref, accelerator) if ref is not None else None
-    else:
-        reward = reward.to(accelerator.device)
-        ref = ref.to(accelerator.device) if ref is not None else None
+    reward = prepare_frozen(reward, accelerator, zero3)
+    ref = prepare_frozen(ref, accelerator, zero3) if ref is not None else None
     setup = Setup(
         accelerator=accelerator,
         model=model,
@@ -913,36 +922,93 @@ def build_setup(
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer),
         zero3=zero3,
+        bf16=prec["bf16"],
     )
     return setup, scheduler
 
 
-def configure_deepspeed(accelerator_kwargs: dict, cfg: PPOConfig, micro_per_mini: int) -> None:
+def prepare_frozen(model: nn.Module, accelerator: Any, zero3: bool) -> Any:
+    """A frozen model (reference, reward) on the device in the dtype it was loaded in (``ppo.frozen_precision``).
+    Only ZeRO-3 needs an engine for it, to hold its parameters partitioned; that engine is built with DeepSpeed's
+    bf16 and fp16 off, so it keeps the loaded dtype. (TRL's ``prepare_deepspeed`` copies the training engine's config,
+    whose bf16 section casts a frozen model to bf16 whatever the recipe asked for.)"""
+    if not zero3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    hidden = model.config.get_text_config().hidden_size
+    config = {
+        "train_micro_batch_size_per_gpu": accelerator.state.deepspeed_plugin.deepspeed_config[
+            "train_micro_batch_size_per_gpu"
+        ],
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 10 * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        },
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def weight_dtypes(s: Setup) -> str:
+    """``policy fp32, value fp32, reference fp32, reward model fp32``: each model's dtype read from its parameters
+    (under ZeRO-3 from the local partitions), not from the recipe."""
+
+    def dtype(module: nn.Module | None) -> str | None:
+        if module is None:
+            return None
+        module = module.module if hasattr(module, "module") else module
+        kinds = {str(getattr(p, "ds_tensor", p).dtype).removeprefix("torch.") for p in module.parameters()}
+        return "/".join(sorted(kinds)).replace("float32", "fp32").replace("bfloat16", "bf16")
+
+    unwrapped = s.unwrapped
+    parts = {
+        "policy": dtype(unwrapped.policy),
+        "value": dtype(unwrapped.value),
+        "reference": dtype(s.ref) or ("the policy's base, adapter off" if s.ref is None else None),
+        "reward model": dtype(s.reward),
+    }
+    return ", ".join(f"{k} {v}" for k, v in parts.items() if v is not None)
+
+
+def configure_deepspeed(accelerator_kwargs: dict, cfg: PPOConfig, micro_per_mini: int, bf16: bool) -> None:
     """DeepSpeed has no dataloader to infer sizes from in our loop: give it the micro-batch size, the accumulation
-    steps (one optimizer step per minibatch) and the clipping norm."""
+    steps (one optimizer step per minibatch) and the clipping norm. bf16 is DeepSpeed's ``torch_autocast`` over fp32
+    weights, not its ``bf16`` mode: that mode casts the engine's weights to bf16 (and, through ``zero.Init`` under
+    ZeRO-3, every model built while it is set, the frozen ones included), so the policy's log-probs would come from
+    bf16 weights and the fp32 reference's from fp32 ones, and the first update's KL would not be 0. The weights stay
+    fp32 as outside DeepSpeed; Adam steps them directly."""
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin()  # reads the launcher's settings (the accelerate config's deepspeed_config)
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     plugin.deepspeed_config["gradient_accumulation_steps"] = micro_per_mini
     plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+    if bf16:
+        plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     accelerator_kwargs["deepspeed_plugin"] = plugin
 
 
-def make_accelerator(cfg: PPOConfig, sizes: pm.BatchSizes, prec: dict) -> Any:
-    """gloo on a CPU-only machine; bf16 mixed precision on a bf16 GPU; DeepSpeed sized from the batch arithmetic."""
+def make_accelerator(cfg: PPOConfig, sizes: BatchSizes, prec: dict) -> Any:
+    """gloo on a CPU-only machine; bf16 autocast over fp32 weights when the run computes in bf16 (accelerate's under
+    DDP, DeepSpeed's ``torch_autocast`` under DeepSpeed); DeepSpeed sized from the batch arithmetic."""
     from accelerate import Accelerator
 
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": sizes.micro_per_mini}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if deepspeed:
+        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini, prec["bf16"])
     if prec["use_cpu"]:
         # On a CPU-only machine the process group is gloo; set up first (as transformers' Trainer does with
         # use_cpu), the Accelerator below keeps the launcher's DeepSpeed settings on top of it.
         from accelerate import PartialState
 
         PartialState(cpu=True)
-    return Accelerator(mixed_precision="bf16" if prec["bf16"] else "no", **kwargs)
+    return Accelerator(mixed_precision="bf16" if prec["bf16"] and not deepspeed else "no", **kwargs)
 
 
 def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
@@ -954,7 +1020,7 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
 
     cfg = recipe.ppo
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    sizes = pm.batch_sizes(
+    sizes = batch_sizes(
         cfg.per_device_train_batch_size,
         cfg.gradient_accumulation_steps,
         world,
@@ -963,12 +1029,9 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
         cfg.num_ppo_epochs,
     )
     prec = precision(recipe.run.precision)
-    if cfg.method == "lora" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ConfigError("ppo.method: lora is not supported under DeepSpeed ZeRO-3 (use ZeRO-2 or full)")
-    if cfg.frozen_precision == "bf16" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        # ZeRO-3 builds every model inside deepspeed.zero.Init, which casts new weights to the engine's dtype.
-        raise ConfigError("ppo.frozen_precision: bf16 is not supported under DeepSpeed ZeRO-3 (use fp32)")
+    topology.check(recipe, topology.from_environment(), "the recipe")  # also when launched by hand
     accelerator = make_accelerator(cfg, sizes, prec)
+    peers.watch()
     local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
     set_seed(local_seed)
     tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": inputs.rm_accuracy})
@@ -995,7 +1058,7 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             f"[ppo] output head: {vocabulary_size(policy)} ids; logits of up to "
             f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
             f"{cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
-            f"{'reward model' if cfg.method == 'lora' else 'reference and reward models'} in {cfg.frozen_precision}"
+            f"weights: {weight_dtypes(s)}"
             + ("; values standardised like the scores" if value_stats else "")
             + (
                 ""
@@ -1070,8 +1133,8 @@ def one_update(ppo: PPORun) -> dict[str, float]:
         ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed, ppo.recipe.ppo.num_generations
     )
     s.model.eval()
-    with acc.autocast():  # bf16 compute for every rollout forward (the reference and reward models' included)
-        ro = rollout(s, batch, ppo.kl_ctl.value)
+    with s.autocast():  # bf16 compute for every rollout forward (the reference and reward models' included)
+        ro = rollout(s, batch, ppo.kl_ctl.value, update + 1)
     # 8. PPO epochs over minibatches.
     s.model.train()
     disable_dropout(s.unwrapped)
@@ -1144,7 +1207,7 @@ def check_safety(ppo: PPORun, metrics: dict[str, float]) -> None:
 def show_panel(ppo: PPORun) -> None:
     """The prompt panel: the SFT model's and the current policy's greedy answers, to W&B and the console."""
     ppo.s.model.eval()
-    with ppo.accelerator.autocast():
+    with ppo.s.autocast():
         rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update)
     columns = ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"]
     ppo.tracker.table(f"{STAGE}/panel", columns, rows, step=ppo.progress.update)

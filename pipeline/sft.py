@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, GemmaEncoder, stop_token_ids
+from pipeline.core import peers
 from pipeline.core.checkpoint import finished_or_announce, stop_at_end_of_turn
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
@@ -109,6 +110,7 @@ def run(recipe: Recipe) -> Path:
         packing=s.packing,
     )
     _ = args.device  # sets up the process group now (gloo on CPU), before anything else asks for it
+    peers.watch()  # a process that fails stops the others at once (pipeline.core.peers)
     state = PartialState()
     tracker = Tracker(recipe, STAGE, state.is_main_process)
     if state.is_main_process:

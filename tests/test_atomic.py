@@ -46,12 +46,14 @@ def test_clean_stale_removes_temporaries_and_restores_a_swap_caught_midway(tmp_p
     old = tmp_path / ".data.old-1-3"
     old.mkdir()
     (old / MARKER).write_text("{}")
-    clean_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    publishing = tmp_path / ".publish.tmp-5-6"  # another output's writer, alive: not the data writer's to clean
+    publishing.mkdir()
+    clean_stale(tmp_path, "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".publish.tmp-5-6", "data"]
     assert is_complete(tmp_path / "data")
     os.makedirs(tmp_path / ".data.old-9-9")
-    clean_stale(tmp_path)  # a complete "data" exists: the stale old copy is just removed
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    clean_stale(tmp_path, "data")  # a complete "data" exists: the stale old copy is just removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".publish.tmp-5-6", "data"]
 
 
 def test_storage_full_is_recognised_through_library_wrappers():

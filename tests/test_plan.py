@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from pipeline.core import topology
 from pipeline.core.config import load_recipe
 from pipeline.plan import (
     KNOWN_CONFIGS,
@@ -14,12 +15,18 @@ from pipeline.plan import (
     architecture,
     dpo_shape,
     per_gpu,
-    plan,
     ppo_shape,
     sft_shape,
     trained_bytes,
 )
 from tests.conftest import REPO
+
+
+def plan(recipe, gpu_gib: float = 80.0, **launch):
+    """The plan under the recipe's own launch (or ``launch``: topology.resolve's options)."""
+    from pipeline.plan import plan as make_plan
+
+    return make_plan(recipe, topology.resolve(recipe, **launch), gpu_gib)
 
 
 def test_parameter_counts_match_real_models(tiny_dir):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.core import ppo_math as pm
+from pipeline.core.batching import batch_sizes
 from pipeline.core.notices import missing_notices
 from tests.ppo_chain import _fresh, _metrics, _recipe, _setup, rule_rate
 
@@ -20,14 +21,14 @@ def test_batch_prompts_puts_each_prompts_samples_in_consecutive_rows_of_one_proc
     from pipeline.ppo import batch_prompts
 
     prompts = [[i] for i in range(10)]
-    sizes = pm.batch_sizes(4, 2, 2, 1, 64, 1)  # 8 rows per process, 16 per update
+    sizes = batch_sizes(4, 2, 2, 1, 64, 1)  # 8 rows per process, 16 per update
     rows = [batch_prompts(prompts, 3, sizes, rank, 7, k=4) for rank in (0, 1)]
     for r in rows:
         assert len(r) == 8 and r[0:4] == [r[0]] * 4 and r[4:8] == [r[4]] * 4 and r[0] != r[4]
     firsts = [r[i] for r in rows for i in (0, 4)]
     assert len({x[0] for x in firsts}) == 4  # four different prompts over the two processes
     # The k = 4 batch takes the prompts a one-sample run with a quarter of the batch would take, in order.
-    quarter = pm.batch_sizes(1, 2, 2, 1, 64, 1)
+    quarter = batch_sizes(1, 2, 2, 1, 64, 1)
     assert firsts == [p for rank in (0, 1) for p in batch_prompts(prompts, 3, quarter, rank, 7)]
     # Negative control: k = 1 on the same sizes gives eight different prompts per process, not groups.
     assert len({x[0] for x in batch_prompts(prompts, 3, sizes, 0, 7)}) > 2
@@ -98,7 +99,7 @@ def _moved_policy_rollout(chain, *overrides):
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "사과는 무엇인가요?"}], add_generation_prompt=True, return_dict=False
     )
-    sizes = pm.batch_sizes(s.cfg.per_device_train_batch_size, s.cfg.gradient_accumulation_steps, 1, 1, 32, 1)
+    sizes = batch_sizes(s.cfg.per_device_train_batch_size, s.cfg.gradient_accumulation_steps, 1, 1, 32, 1)
     s.model.eval()
     ro = rollout(s, [prompt] * sizes.local_batch, 0.5)
     ro.advantages = torch.zeros_like(ro.advantages)

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from pipeline.core.batching import batch_sizes
 from pipeline.core.ppo_math import (
     AdaptiveKLController,
     advantages,
-    batch_sizes,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,

@@ -190,13 +190,15 @@ def test_the_stage_builds_a_fused_optimizer(chain, method):
 def test_bf16_frozen_models_are_refused_under_zero3(chain, monkeypatch):
     """Catches ``ppo.frozen_precision: bf16`` silently ignored under ZeRO-3, whose ``zero.Init`` casts every model
     it builds to the engine's dtype (the start line would claim bf16 while the models are fp32). Control: fp32 is
-    accepted up to the point where the stage needs its inputs."""
+    accepted up to the point where the stage needs its inputs. (A stage started by hand under ZeRO-3 is refused here;
+    through make it is refused before any stage runs, tests/test_recipe_rules.py.)"""
     from pipeline import ppo
     from pipeline.core.config import ConfigError
     from tests.ppo_chain import _recipe
 
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate sets in a stage it launched
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="frozen_precision: bf16 is not supported under DeepSpeed ZeRO-3"):
+    with pytest.raises(ConfigError, match="frozen_precision': bf16 is not supported under DeepSpeed ZeRO-3"):
         ppo.setup(_recipe(chain, "ppo.frozen_precision=bf16"), None)
     with pytest.raises(AttributeError):  # past the checks: the missing inputs are reached
         ppo.setup(_recipe(chain), None)

@@ -84,13 +84,15 @@ def atomic_dir(final: str | Path, marker_info: dict | None = None) -> Iterator[P
         raise
 
 
-def clean_stale(parent: str | Path) -> None:
-    """Remove temporary directories left by killed writers; restore a replaced output caught mid-swap."""
+def clean_stale(parent: str | Path, name: str) -> None:
+    """Remove the temporary directories that killed writers of ``parent/name`` left; restore a replaced output caught
+    mid-swap. Only the writer of ``name`` may call it (under its writer lock): another live writer's staging folder
+    looks the same as a dead one's."""
     parent = Path(parent)
     if not parent.is_dir():
         return
     for p in sorted(parent.iterdir()):
-        if not (p.is_dir() and p.name.startswith(".")):
+        if not (p.is_dir() and p.name.startswith(f".{name}.")):
             continue
         if ".old-" in p.name:
             # Killed between the two renames: the previous output is the only complete one, put it back.

@@ -3,9 +3,15 @@
     <stage> --recipe FILE [key.sub=value ...]
     python -m pipeline.core.cli --recipe recipes/tiny_ko.yaml [key.sub=value ...]   # print the resolved recipe
 
+Every command takes the launch options too (``--config-file``, ``--num-processes``, ``--num-machines``,
+``--machine-rank``; ``pipeline.core.topology``), so that a recipe is checked against the launch it will run under
+wherever it is read: ``make recipe``, ``make plan``, the data stage at the head of a chain, the launcher, and each
+launched stage (which reads the launch back from its environment).
+
 ``run_cli`` parses and validates the recipe, runs the stage, and turns a known failure into one ``error:`` line on
 stderr and an exit code: 2 for a bad recipe or input, 1 for a failure while running (a non-finite loss, a full
-disk). Anything else keeps its traceback: it is a bug.
+disk). Anything else keeps its traceback: it is a bug. In a multi-process stage a failing process also tells the
+others (``pipeline.core.peers``), which stop at once instead of waiting in their next collective.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
+from pipeline.core import peers, topology
 from pipeline.core.atomic import storage_full, storage_full_message
 from pipeline.core.config import ConfigError, Recipe, load_recipe, to_yaml, validate
+from pipeline.core.topology import Topology
 
 EXIT_INPUT = 2
 EXIT_RUN = 1
@@ -34,26 +41,40 @@ def print_error(message: object) -> None:
 
 
 def add_recipe_arguments(ap: argparse.ArgumentParser) -> None:
-    """``--recipe FILE`` and the ``key.sub=value`` overrides, for a command that has options of its own."""
+    """``--recipe FILE``, the ``key.sub=value`` overrides and the launch options, for a command that has options of
+    its own."""
     ap.add_argument("--recipe", required=True, help="recipe YAML")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    topology.add_launch_arguments(ap)
+
+
+def launched() -> bool:
+    """Whether this process was started by ``accelerate launch`` (its launch is then read from the environment)."""
+    return "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def launch_of(recipe: Recipe, args: argparse.Namespace) -> Topology:
+    """The launch the command runs under: the environment's in a launched stage, else the launch options'."""
+    return topology.from_environment() if launched() else topology.from_arguments(recipe, args)
 
 
 def recipe_from(args: argparse.Namespace, check: bool = True) -> Recipe:
-    """The typed recipe the parsed arguments name, overrides applied and (``check``) validated before anything runs.
-    Raises ConfigError naming the file and the key."""
+    """The typed recipe the parsed arguments name, overrides applied and (``check``) validated, with the rules that
+    depend on the launch, before anything runs. Raises ConfigError naming the file and the key."""
     recipe = load_recipe(args.recipe, args.overrides)
     if check:
         validate(recipe, source=args.recipe)
+        topology.check(recipe, launch_of(recipe, args), source=args.recipe)
     return recipe
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Path]:
-    """``--recipe FILE [key.sub=value ...]``: the typed, validated recipe and its file."""
+def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Recipe, Topology]:
+    """``--recipe FILE [key.sub=value ...]`` and the launch options: the typed, validated recipe and its launch."""
     ap = argparse.ArgumentParser(description=description)
     add_recipe_arguments(ap)
-    args = ap.parse_args(argv)
-    return recipe_from(args), Path(args.recipe)
+    args = ap.parse_intermixed_args(argv)
+    recipe = recipe_from(args)
+    return recipe, launch_of(recipe, args)
 
 
 def guarded(
@@ -68,29 +89,40 @@ def guarded(
     try:
         call()
     except (ConfigError, *input_errors) as e:
-        print_error(e)
-        return EXIT_INPUT
+        return _failed(e, EXIT_INPUT)
     except run_errors as e:
-        print_error(e)
-        return EXIT_RUN
+        return _failed(e, EXIT_RUN)
     except Exception as e:
         if not storage_full(e):
+            peers.post(f"{type(e).__name__}: {e}", EXIT_RUN)
             raise
-        print_error(storage_full_message(e, stage))
-        return EXIT_RUN
+        return _failed(storage_full_message(e, stage), EXIT_RUN)
     return 0
+
+
+def _failed(message: object, code: int) -> int:
+    peers.post(message, code)
+    print_error(message)
+    return code
 
 
 def run_cli(
     stage: str,
     description: str,
-    run: Callable[[Recipe], object],
+    run: Callable[..., object],
     argv: list[str] | None,
     input_errors: tuple[type[BaseException], ...] = (),
     run_errors: tuple[type[BaseException], ...] = (),
+    with_launch: bool = False,
 ) -> int:
-    """Every stage's command line: parse and validate the recipe, then run the stage under ``guarded``."""
-    return guarded(stage, lambda: run(parse_cli(argv, description)[0]), input_errors, run_errors)
+    """Every stage's command line: parse and validate the recipe, then run the stage under ``guarded``: ``run(recipe)``,
+    or ``run(recipe, launch)`` for a stage that needs its launch (``with_launch``)."""
+
+    def call() -> object:
+        recipe, launch = parse_cli(argv, description)
+        return run(recipe, launch) if with_launch else run(recipe)
+
+    return guarded(stage, call, input_errors, run_errors)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -425,7 +425,10 @@ class LaunchConfig:
     accelerate_config: str = "configs/accelerate/single.yaml"
     """accelerate config file used by ``make sft/rm/ppo`` (overridable with ACCELERATE_CONFIG=...)."""
     num_processes: int | None = None
-    """Processes to launch (None: the accelerate config's own count)."""
+    """Processes to launch in total, over every machine (None: the accelerate config's own count)."""
+    wait_minutes: float = 60.0
+    """How long a process waits for a shared output that another process or machine is writing (the data stage's
+    folder, the report) before it stops with a line naming what it waited for."""
 
 
 @dataclass
@@ -777,7 +780,90 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         )
     if not 0 <= recipe.rm.min_accuracy <= 1:
         err("rm.min_accuracy", "must be in [0, 1]")
+    check_ranges(recipe, err)
 
     acc = resolve_path(recipe.launch.accelerate_config)
     if not acc.is_file():
         err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
+
+
+def check_ranges(recipe: Recipe, err: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """Every number a stage would take as it is, in its range: a batch of 0, negative epochs or a zero save interval
+    would otherwise be accepted here and fail (or train nothing) hours later, after the stages before it."""
+
+    def check(key: str, value: float | None, ok: bool, rule: str) -> None:
+        if value is not None and not ok:
+            err(key, f"{value!r} {rule}")
+
+    for section in ("sft", "rm", "dpo"):
+        s = getattr(recipe, section)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check(f"{section}.{name}", getattr(s, name), getattr(s, name) >= 1, "must be at least 1")
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            check(f"{section}.{name}", getattr(s, name), getattr(s, name) >= 1, "must be at least 1")
+        check(
+            f"{section}.max_steps", s.max_steps, s.max_steps == -1 or s.max_steps >= 1, "must be -1 (epochs) or >= 1"
+        )
+        check(
+            f"{section}.num_train_epochs",
+            s.num_train_epochs,
+            s.max_steps >= 1 or s.num_train_epochs > 0,
+            "must be positive (or set max_steps)",
+        )
+        check(f"{section}.warmup_ratio", s.warmup_ratio, 0 <= s.warmup_ratio < 1, "must be in [0, 1)")
+        check(f"{section}.weight_decay", s.weight_decay, s.weight_decay >= 0, "must not be negative")
+        check(
+            f"{section}.max_grad_norm", s.max_grad_norm, s.max_grad_norm >= 0, "must not be negative (0: no clipping)"
+        )
+        lora: LoraSettings = s.lora
+        if s.method == "lora":
+            check(f"{section}.lora.r", lora.r, lora.r >= 1, "must be at least 1")
+            check(f"{section}.lora.alpha", lora.alpha, lora.alpha > 0, "must be positive")
+            check(f"{section}.lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "must be in [0, 1)")
+            if not lora.target_modules:
+                err(f"{section}.lora.target_modules", "is empty: LoRA would train nothing")
+    check(
+        "sft.panel_max_new_tokens",
+        recipe.sft.panel_max_new_tokens,
+        recipe.sft.panel_max_new_tokens >= 1,
+        "must be at least 1",
+    )
+    c = recipe.rm.center_rewards_coefficient
+    check("rm.center_rewards_coefficient", c, c is None or c >= 0, "must not be negative")
+
+    p = recipe.ppo
+    for name in (
+        "total_episodes",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_ppo_epochs",
+        "num_mini_batches",
+        "response_length",
+        "local_rollout_forward_batch_size",
+        "kl_horizon",
+        "save_steps",
+    ):
+        check(f"ppo.{name}", getattr(p, name), getattr(p, name) >= 1, "must be at least 1")
+    check("ppo.panel_every", p.panel_every, p.panel_every >= 0, "must not be negative (0: no panel)")
+    for name in ("kl_coef", "vf_coef"):
+        check(f"ppo.{name}", getattr(p, name), getattr(p, name) >= 0, "must not be negative")
+    for name in ("cliprange", "cliprange_value", "adam_eps", "max_grad_norm"):
+        check(f"ppo.{name}", getattr(p, name), getattr(p, name) > 0, "must be positive")
+    for name in ("kl_target", "max_kl", "reward_clip"):
+        value = getattr(p, name)
+        check(f"ppo.{name}", value, value is None or value > 0, "must be positive (or null: off)")
+    if p.method == "lora":
+        check("ppo.lora.r", p.lora.r, p.lora.r >= 1, "must be at least 1")
+        check("ppo.lora.alpha", p.lora.alpha, p.lora.alpha > 0, "must be positive")
+        if not p.lora.target_modules:
+            err("ppo.lora.target_modules", "is empty: LoRA would train nothing")
+    r = recipe.report
+    check("report.samples_per_prompt", r.samples_per_prompt, r.samples_per_prompt >= 1, "must be at least 1")
+    check("report.examples", r.examples, r.examples >= 0, "must not be negative")
+    check(
+        "launch.num_processes",
+        recipe.launch.num_processes,
+        (recipe.launch.num_processes or 1) >= 1,
+        "must be at least 1",
+    )
+    check("launch.wait_minutes", recipe.launch.wait_minutes, recipe.launch.wait_minutes > 0, "must be positive")

@@ -230,7 +230,7 @@ def resolve_model_path(name_or_path: str) -> str:
         with open(out.parent / f".{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not is_complete(out):
-                clean_stale(out.parent)
+                clean_stale(out.parent, out.name)
                 build(name, out)
     return str(out)
 

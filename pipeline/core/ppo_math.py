@@ -7,7 +7,6 @@ shapes are noted as (B, L) for batch x response position.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -429,44 +428,3 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
-
-
-@dataclass(frozen=True)
-class BatchSizes:
-    """How a rollout batch splits into minibatches (one optimizer step each) and micro-batches (one forward each)."""
-
-    local_batch: int  # rollouts per process per update
-    batch: int  # rollouts per update over all processes
-    mini_batch: int  # rollouts per optimizer step over all processes
-    local_mini_batch: int  # rollouts per optimizer step per process
-    micro_per_mini: int  # forward/backward passes per optimizer step per process
-    num_updates: int  # rollout batches in the run
-    optimizer_steps_per_update: int  # num_ppo_epochs x num_mini_batches
-
-
-def batch_sizes(
-    per_device: int, grad_accum: int, world: int, num_mini_batches: int, total_episodes: int, num_ppo_epochs: int
-) -> BatchSizes:
-    """TRL's PPOConfig arithmetic, with the optimizer-step count it intends (``num_ppo_epochs x num_mini_batches``)."""
-    local = per_device * grad_accum
-    if local % num_mini_batches:
-        raise ValueError(
-            f"per_device_train_batch_size x gradient_accumulation_steps ({local}) must be divisible by "
-            f"num_mini_batches ({num_mini_batches})"
-        )
-    local_mini = local // num_mini_batches
-    if local_mini % per_device:
-        raise ValueError(
-            f"a minibatch of {local_mini} rollouts per process does not split into micro-batches of "
-            f"per_device_train_batch_size {per_device}"
-        )
-    batch = local * world
-    return BatchSizes(
-        local_batch=local,
-        batch=batch,
-        mini_batch=batch // num_mini_batches,
-        local_mini_batch=local_mini,
-        micro_per_mini=local_mini // per_device,
-        num_updates=math.ceil(total_episodes / batch),
-        optimizer_steps_per_update=num_ppo_epochs * num_mini_batches,
-    )

@@ -13,6 +13,7 @@
         metrics.jsonl                        ppo: one line per update
         wandb_run.json                       the stage's W&B run (id, project, entity, mode, url); kept to resume it
       report.md  report.json  report/        the run report and its plots
+      .data.lock  .report.lock               held while the data stage or the report writes (pipeline.core.writer)
       publish/                               the clean model folder ``make publish`` uploads
       wandb/                                 W&B's local files
 
@@ -48,6 +49,8 @@ GENERATION_CONFIG = "generation_config.json"
 CARD_FILE = "README.md"
 NOTICE_FILE = "NOTICE"
 TERMS = "GEMMA_TERMS_OF_USE"  # + the suffix of the copy it was made from (.md, .html, ...)
+DATA_LOCK = ".data.lock"
+REPORT_LOCK = ".report.lock"
 ADAPTER = "adapter"
 VALUE = "value"
 DATA_SECTIONS = ("sft", "preference", "prompts")

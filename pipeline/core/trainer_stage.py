@@ -28,7 +28,7 @@ from pipeline.core.checkpoint import (
     warn_if_changed,
 )
 from pipeline.core.config import ConfigError, LoraSettings, Recipe
-from pipeline.core.faults import NonFiniteLossError, poison_if_asked
+from pipeline.core.faults import NonFiniteLossError, nonfinite_ranks, poison_if_asked
 from pipeline.core.notices import CARD_FILE, Derivation
 from pipeline.core.progress import eta
 from pipeline.core.rundir import ADAPTER, TRAINER_STATE, StageDir, checkpoint_dir
@@ -186,7 +186,6 @@ def stage_callback(
     names the metrics printed on the console line; ``on_evaluate(args, state, model)`` runs after each evaluation
     (e.g. the SFT prompt panel).
     """
-    import torch
     from transformers import TrainerCallback
 
     class StageCallback(TrainerCallback):
@@ -233,16 +232,19 @@ def stage_callback(
                 poison_if_asked(stage, state.global_step + 1, model)
 
         def on_save(self, args, state, control, model=None, **kw):
+            ckpt = checkpoint_dir(args.output_dir, state.global_step)
+            # Never mark a checkpoint whose weights went non-finite between two logs: every process checks what it
+            # holds (its partition under ZeRO-3) and all stop together.
+            bad = nonfinite_ranks(model.parameters()) if model is not None else []
+            if bad:
+                if state.is_world_process_zero:
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                raise NonFiniteLossError(
+                    f"non-finite weights at step {state.global_step} (held by process {', '.join(map(str, bad))}); "
+                    f"stopping: {last_good_note(args.output_dir)}"
+                )
             if not state.is_world_process_zero:
                 return
-            ckpt = checkpoint_dir(args.output_dir, state.global_step)
-            # Never mark a checkpoint whose weights went non-finite between two logs (ZeRO-3 shards that are not
-            # local are empty here and pass; the logged loss and grad norm still catch them).
-            if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-                shutil.rmtree(ckpt, ignore_errors=True)
-                raise NonFiniteLossError(
-                    f"non-finite weights at step {state.global_step}; stopping: {last_good_note(args.output_dir)}"
-                )
             last = next((h for h in reversed(state.log_history) if "loss" in h), {})
             mark_intermediate(ckpt, derive(state.global_step, {"train/loss": last.get("loss")}))
 
