@@ -930,17 +930,16 @@ def build_setup(
 def prepare_frozen(model: nn.Module, accelerator: Any, zero3: bool) -> Any:
     """A frozen model (reference, reward) on the device in the dtype it was loaded in (``ppo.frozen_precision``).
     Only ZeRO-3 needs an engine for it, to hold its parameters partitioned; that engine is built with DeepSpeed's
-    bf16 and fp16 off, so it keeps the loaded dtype. (TRL's ``prepare_deepspeed`` copies the training engine's config,
+    bf16 and fp16 off, so it keeps the loaded dtype, and with the training engine's ``torch_autocast``. (TRL's ``prepare_deepspeed`` copies the training engine's config,
     whose bf16 section casts a frozen model to bf16 whatever the recipe asked for.)"""
     if not zero3:
         return model.to(accelerator.device)
     import deepspeed
 
     hidden = model.config.get_text_config().hidden_size
+    trained = accelerator.state.deepspeed_plugin.deepspeed_config
     config = {
-        "train_micro_batch_size_per_gpu": accelerator.state.deepspeed_plugin.deepspeed_config[
-            "train_micro_batch_size_per_gpu"
-        ],
+        "train_micro_batch_size_per_gpu": trained["train_micro_batch_size_per_gpu"],
         "zero_optimization": {
             "stage": 3,
             "stage3_param_persistence_threshold": 10 * hidden,
@@ -949,6 +948,10 @@ def prepare_frozen(model: nn.Module, accelerator: Any, zero3: bool) -> Any:
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
     }
+    if "torch_autocast" in trained:
+        # The same gathers as the policy's engine: under autocast ZeRO-3 gathers the weights of linear layers in
+        # bf16, Gemma's tied embedding among them, so an engine without it would embed tokens differently.
+        config["torch_autocast"] = trained["torch_autocast"]
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

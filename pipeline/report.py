@@ -22,6 +22,7 @@ per model) and the PNGs in ``runs/<run>/report/``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import unicodedata
 from dataclasses import asdict
@@ -36,6 +37,7 @@ from pipeline.core.korean import korean_metrics
 from pipeline.core.loading import load_causal_lm, load_sequence_classifier
 from pipeline.core.notices import replace_card_section
 from pipeline.core.rundir import (
+    REPORT_LOCK,
     DataOutput,
     IncompleteError,
     RewardStats,
@@ -43,10 +45,13 @@ from pipeline.core.rundir import (
     data_output,
     lineage_metrics,
     lineage_recipe,
+    read_marker,
     read_metrics,
     trainer_history,
 )
 from pipeline.core.sampling import Generation, generate, left_pad, score
+from pipeline.core.topology import Topology
+from pipeline.core.writer import WaitTimeout, wait_until, writer_lock
 
 CARD_SECTION = "Evaluation on held-out prompts"
 # The models a report can compare, in column order: the SFT model, then the stages trained from it.
@@ -362,11 +367,43 @@ def stage_facts(recipe: Recipe, run_dir: RunDir, finals: dict[str, Path]) -> dic
     return facts
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def models_identity(finals: dict[str, Path]) -> dict[str, str]:
+    """Which checkpoints a report compared: each final's completion time, from its marker (a retrained stage has a
+    new one). A machine other than machine 0 waits for a report.json that names the checkpoints it sees."""
+    return {name: str(read_marker(final).get("finished_at")) for name, final in finals.items()}
+
+
+def _say(line: str) -> None:
+    print(f"[report] {line}", flush=True)
+
+
+def run(recipe: Recipe, launch: Topology | None = None) -> dict[str, Any]:
+    """Write the report (one writer: the report lock; on a multi-machine run machine 0, the others wait for its
+    report.json on the same checkpoints) and return its measures."""
+    run_dir = RunDir.of(recipe)
+    timeout = recipe.launch.wait_minutes * 60
+    if launch is not None and launch.machine_rank > 0:
+        wanted = models_identity(compared_models(run_dir))
+
+        def written() -> bool:
+            try:
+                return json.loads(run_dir.report_json.read_text(encoding="utf-8")).get("models_compared") == wanted
+            except (OSError, ValueError):
+                return False
+
+        wait_until(
+            written, f"machine 0 to write {run_dir.report_json} on the checkpoints this machine sees", timeout, _say
+        )
+        _say(f"{run_dir.report_md} written by machine 0")
+        return json.loads(run_dir.report_json.read_text(encoding="utf-8"))
+    with writer_lock(run_dir.root / REPORT_LOCK, str(run_dir.report_md), timeout, _say):
+        return _write(recipe, run_dir)
+
+
+def _write(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
 
-    run_dir = RunDir.of(recipe)
     data = data_output(run_dir, "the data stage output")
     eval_path = data.split("prompts", "eval")
     if eval_path is None:
@@ -411,13 +448,18 @@ def run(recipe: Recipe) -> dict[str, Any]:
     result["heldout_overlap_any"] = overlap_any
     result["ground_truth"] = recipe.report.ground_truth
 
+    result["models_compared"] = models_identity(finals)
+
     run_dir.report_images.mkdir(parents=True, exist_ok=True)
     images = plots(run_dir, run_dir.report_images, result, list(finals))
-    run_dir.report_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     for name, final in finals.items():
         if name != "sft":
             replace_card_section(final, CARD_SECTION, card_section(result, name))
     run_dir.report_md.write_text(markdown(recipe, run_dir, result, texts, answers, images), encoding="utf-8")
+    # report.json last, whole (written aside, then renamed): what another machine waits for
+    pending = run_dir.report_json.with_name(f".{run_dir.report_json.name}.tmp")
+    pending.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(pending, run_dir.report_json)
     print(
         f"[report] wrote {run_dir.report_md}: "
         + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)),
@@ -613,7 +655,15 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("report", "Write the run report.", run, argv, input_errors=(IncompleteError,))
+    return run_cli(
+        "report",
+        "Write the run report.",
+        run,
+        argv,
+        input_errors=(IncompleteError,),
+        run_errors=(WaitTimeout,),
+        with_launch=True,
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -46,8 +47,6 @@ def watch() -> None:
 
 
 def _watch(store: Any) -> None:
-    import time
-
     me = _rank()
     while True:
         try:
@@ -74,4 +73,7 @@ def post(message: object, code: int) -> None:
     try:
         _store.compare_set(KEY, "", value)
     except Exception:  # noqa: BLE001 - the store is gone: the launcher is already tearing the job down
-        pass
+        return
+    # Stay until the others have had time to read it: once this process is gone, a peer's pending collective fails
+    # with the backend's own error ("connection closed by peer"), which says nothing of why.
+    time.sleep(2 * POLL_S)

@@ -172,6 +172,15 @@ def require_complete(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_marker(path: str | Path) -> dict:
+    """What a completion marker records (its stage, kind, finish time); {} when there is none or it is unreadable."""
+    try:
+        raw = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a new file, a rename) durable; best effort where the platform refuses."""
     try:

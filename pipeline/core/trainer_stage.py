@@ -14,7 +14,8 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -137,11 +138,28 @@ def _save_weights(trainer: Any, lora: bool, tmp: Path) -> None:
     trainer.save_model(str(tmp / ADAPTER if lora else tmp))
 
 
+@contextmanager
+def _zero3_init_off() -> Iterator[None]:
+    """Build models whole in this process: under ZeRO-3, transformers builds every model inside
+    ``deepspeed.zero.Init``, which partitions it collectively, and the main process alone would wait there for
+    the others forever."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref  # noqa: SLF001 - transformers keeps no public getter of it
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held  # noqa: SLF001
+
+
 def _finish_files(lora: bool, load_base: Callable[[], Any], extra: Callable[[Path], None] | None, tmp: Path) -> None:
-    if lora:  # merge the adapter into a plain full checkpoint; keep the adapter beside it
+    if lora:  # merge the adapter into a plain full checkpoint; keep the adapter beside it (main process only)
         from peft import PeftModel
 
-        PeftModel.from_pretrained(load_base(), str(tmp / ADAPTER)).merge_and_unload().save_pretrained(str(tmp))
+        with _zero3_init_off():
+            base = load_base()
+        PeftModel.from_pretrained(base, str(tmp / ADAPTER)).merge_and_unload().save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             (tmp / ADAPTER / name).unlink(missing_ok=True)
     for junk in tmp.rglob(TRAINER_PICKLE):
