@@ -241,3 +241,130 @@ def test_a_stage_failing_on_two_processes_exits_with_its_code_in_one_line(data_r
     assert re.search(r"error: pipeline\.sft: process [01] exited with code 1", res.stderr), res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert (ckpts / "checkpoint-2" / "COMPLETE").is_file() and not (data_root / "fail" / "sft" / "final").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Guards that hold on a partitioned model, and the precision DeepSpeed keeps
+# --------------------------------------------------------------------------------------------------------------
+
+GUARD_SIZES = ("ppo.total_episodes=32", *PPO_SIZES)
+
+
+def _launch_failing(stage: str, root, run: str, config: str, env: dict, *overrides: str):
+    cmd = launch_command(
+        stage, config, f"run.output_dir={root}", f"run.name={run}", "tracking.mode=disabled", *overrides
+    )
+    return subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_zero3_a_nan_in_one_partition_stops_both_processes_naming_the_update(data_root):
+    """Catches the non-finite-weights check looking at ZeRO-3 parameters themselves, which outside a gather are empty
+    placeholders: a NaN written after update 2's optimizer steps into process 1's partition alone stops both
+    processes at update 2, naming the process that holds it. Negative control: the fault hook reports what a check of
+    the parameters themselves (the old check) sees on that process: finite."""
+    from pipeline.core.faults import FAULT_ENV
+
+    run = "guard_nan_zero3"
+    _ppo_inputs(data_root, run)
+    res = _launch_failing("ppo", data_root, run, "zero3", {FAULT_ENV: "ppo:2:after@1"}, *GUARD_SIZES)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-4000:]
+    assert "a check of the parameters themselves finds them finite: True" in out, out[-4000:]
+    for rank in (0, 1):
+        assert (
+            f"[rank {rank}] error: non-finite weights after the optimizer steps of update 2 (held by process 1)"
+            in (res.stderr)
+        ), res.stderr[-4000:]
+    ckpts = data_root / run / "ppo" / "checkpoints"
+    assert (ckpts / "checkpoint-1" / "COMPLETE").is_file() and not (ckpts / "checkpoint-2").exists()
+    assert not (data_root / run / "ppo" / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_sampler_error_on_one_machine_stops_the_other_with_its_message(data_root):
+    """Two machines (one process each, gloo): process 1 fails inside sampling at update 2; process 0, on the other
+    machine, is blocked in its next collective, which its launcher knows nothing about. It stops at once, printing
+    process 1's message, and both commands exit with its code. (Without the peer watch, process 0 ends on gloo's
+    "connection closed by peer" traceback once process 1 has gone, and under NCCL waits out the collective timeout;
+    the message asserted below could not be on process 0's output at all.)"""
+    import socket
+
+    from pipeline.core.faults import ERROR_ENV
+
+    run = "guard_sampler_two_machines"
+    _ppo_inputs(data_root, run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        cmd = launch_command(
+            "ppo", "zero3", f"run.output_dir={data_root}", f"run.name={run}", "tracking.mode=disabled"
+        )
+        cmd += [*GUARD_SIZES, "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1"]
+        cmd += ["--main-process-port", str(port)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", ERROR_ENV: "ppo:sample:2@1"}
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], [o[1][-3000:] for o in outs]
+    failing = f"{ERROR_ENV}: non-finite logits in the sampler at update 2 (rank 1)"
+    assert f"[rank 1] error: {failing}" in outs[1][1]
+    assert f"[rank 0] error: stopping: process 1 failed: {failing}" in outs[0][1], outs[0][1][-3000:]
+    assert "Traceback" not in outs[0][1] + outs[1][1]
+
+
+def _first_update(root, run: str) -> dict:
+    return json.loads((root / run / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_keeps_the_frozen_models_fp32_and_the_first_kl_exactly_zero(data_root):
+    """Catches DeepSpeed's bf16 mode casting the "fp32" reference and reward models to bf16 (TRL's prepare_deepspeed
+    copies the engine's bf16 section), and a policy whose rollout log-probs come from bf16 weights while the
+    reference's come from fp32 ones: under DeepSpeed ZeRO-2 and run.precision bf16, the start line reads fp32 from
+    every model's parameters and the first update's KL is exactly 0. Negative control: the same launch with bf16
+    frozen models reads bf16 and its first KL is not 0, so the KL check sees a precision mismatch."""
+    _ppo_inputs(data_root, "ds_bf16")
+    out = _launch("ppo", data_root, "ds_bf16", "zero2", "run.precision=bf16", *GUARD_SIZES)
+    assert "; bf16;" in out and "weights: policy fp32, value fp32, reference fp32, reward model fp32" in out, out[
+        -3000:
+    ]
+    assert _first_update(data_root, "ds_bf16")["objective/kl"] == 0.0
+    _ppo_inputs(data_root, "ds_bf16_frozen")
+    out = _launch(
+        "ppo", data_root, "ds_bf16_frozen", "zero2", "run.precision=bf16", "ppo.frozen_precision=bf16", *GUARD_SIZES
+    )
+    assert "reference bf16, reward model bf16" in out, out[-3000:]
+    assert _first_update(data_root, "ds_bf16_frozen")["objective/kl"] != 0.0
+
+
+@pytest.mark.slow
+def test_lora_sft_under_zero3_merges_its_adapter_at_the_final_save(data_root, tiny_dir):
+    """Catches the final save of a LoRA stage hanging under ZeRO-3 (the main process alone loaded the base for the
+    merge inside deepspeed.zero.Init, waiting for the others forever) and a merge of empty adapter partitions: the
+    merged weights are the base plus scale x B @ A of the gathered adapter."""
+    import torch
+
+    run = "lora_zero3"
+    shutil.copytree(data_root / "tiny_ko" / "data", data_root / run / "data", dirs_exist_ok=True)
+    _launch(
+        "sft", data_root, run, "zero3", "sft.method=lora", "sft.max_steps=3", "sft.save_steps=2", "sft.eval_steps=2"
+    )
+    final = data_root / run / "sft" / "final"
+    assert missing_notices(final) == []
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
+    merged, base = load_file(final / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
+    scale = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    scale = scale["lora_alpha"] / scale["r"]
+    pairs = [k for k in adapter if "lora_A" in k]
+    assert pairs
+    for a_key in pairs:
+        b_key = a_key.replace("lora_A", "lora_B")
+        target = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        assert adapter[b_key].abs().sum() > 0  # trained (B starts at zero)
+        assert torch.allclose(merged[target], base[target] + scale * adapter[b_key] @ adapter[a_key], atol=1e-6)

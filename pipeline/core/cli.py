@@ -101,8 +101,8 @@ def guarded(
 
 
 def _failed(message: object, code: int) -> int:
-    peers.post(message, code)
     print_error(message)
+    peers.post(message, code)
     return code
 
 

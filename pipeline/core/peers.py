@@ -23,6 +23,7 @@ KEY = "gemma-rlhf/failed"
 POLL_S = 0.5
 
 _store: Any = None
+_failed = threading.Event()  # this process has failed on its own: it exits with its own message
 
 
 def _rank() -> int:
@@ -49,10 +50,12 @@ def watch() -> None:
 def _watch(store: Any) -> None:
     me = _rank()
     while True:
+        if _failed.is_set():
+            return
         try:
             if store.check([KEY]):
                 failure = json.loads(store.get(KEY).decode())
-                if failure["rank"] != me:
+                if failure["rank"] != me and not _failed.is_set():
                     sys.stdout.flush()
                     sys.stderr.write(
                         f"[rank {me}] error: stopping: process {failure['rank']} failed: {failure['message']}\n"
@@ -67,6 +70,7 @@ def _watch(store: Any) -> None:
 
 def post(message: object, code: int) -> None:
     """Tell every other process of the job that this one failed with ``message`` (the first failure wins)."""
+    _failed.set()
     if _store is None:
         return
     value = json.dumps({"rank": _rank(), "code": code, "message": str(message)})
