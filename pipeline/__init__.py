@@ -5,10 +5,11 @@
                               wrote there, through ``pipeline.core.rundir``; no stage imports another
       launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
       bench                   benchmark (bench drives the PPO stage's loop)
-    pipeline/core/            what the stages share: the recipe (config, cli, locations), the run directory (rundir,
-                              atomic, checkpoint, notices), models (loading, embedded), the Trainer stages' glue
-                              (trainer_stage, faults), generating and scoring (sampling), and pure math (ppo_math,
-                              reward_stats); it never imports a stage or a tool
+    pipeline/core/            what the stages share: the recipe (config, cli, locations) and its launch (topology),
+                              the run directory (rundir, atomic, checkpoint, notices) and its one writer (writer),
+                              a failing process stopping the others (peers), models (loading, embedded), the Trainer
+                              stages' glue (trainer_stage, faults), generating and scoring (sampling), and pure math
+                              (ppo_math, batching, reward_stats); it never imports a stage or a tool
     data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
 
 Imports run one way, ``data_prep`` <- ``pipeline.core`` <- stages and tools, because each layer is the vocabulary of

@@ -119,7 +119,7 @@ def test_non_finite_weights_stop_the_chain_in_every_stage(tmp_path):
     # (injection, what the stage must say, its last good checkpoint, the stage make must not start)
     faults = [
         ("sft:15", "non-finite loss (nan) at step 20", ("sft", "checkpoint-10"), "rm"),
-        ("rm:12", "non-finite weights at step 15", ("rm", "checkpoint-10"), "ppo"),
+        ("rm:12", "non-finite weights at step 15 (held by process 0)", ("rm", "checkpoint-10"), "ppo"),
         ("ppo:5", "non-finite PPO loss (nan) at update 5, epoch 1, minibatch 1", ("ppo", "checkpoint-4"), None),
     ]
     for spec, said, (stage, good), next_stage in faults:

@@ -11,6 +11,7 @@ A plain ``python -m pipeline.<stage>`` (one process) watches nothing.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ POLL_S = 0.5
 
 _store: Any = None
 _failed = threading.Event()  # this process has failed on its own: it exits with its own message
+_stop = threading.Event()
 
 
 def _rank() -> int:
@@ -44,13 +46,20 @@ def watch() -> None:
         is_master=False,
         timeout=timedelta(seconds=60),
     )
-    threading.Thread(target=_watch, args=(_store,), daemon=True, name="peer-failure-watch").start()
+    thread = threading.Thread(target=_watch, args=(_store,), daemon=True, name="peer-failure-watch")
+    thread.start()
+
+    def _join() -> None:  # no call into the store may be in flight while the interpreter tears it down
+        _stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(_join)
 
 
 def _watch(store: Any) -> None:
     me = _rank()
     while True:
-        if _failed.is_set():
+        if _failed.is_set() or _stop.is_set():
             return
         try:
             if store.check([KEY]):
@@ -65,7 +74,7 @@ def _watch(store: Any) -> None:
                 return
         except Exception:  # noqa: BLE001 - the store is gone: the job is ending, there is nothing left to watch
             return
-        time.sleep(POLL_S)
+        _stop.wait(POLL_S)
 
 
 def post(message: object, code: int) -> None:
