@@ -21,8 +21,11 @@ def _write(tmp_path, data) -> Path:
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_validates(path, tmp_path):
+    from pipeline.core import topology
+
     recipe = load_recipe(path)
     validate(recipe, source=str(path))
+    topology.check(recipe, topology.resolve(recipe), source=str(path))  # under the launch it names
     assert isinstance(recipe, Recipe)
     # Round trip: the resolved recipe saved beside checkpoints loads back to the same recipe.
     (tmp_path / "resolved.yaml").write_text(to_yaml(recipe), encoding="utf-8")

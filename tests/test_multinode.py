@@ -179,3 +179,52 @@ def test_every_machine_gets_a_torchrun_of_its_share_of_the_processes():
     old = [a for a in cmd[3:] if a not in ("--deepspeed_multinode_launcher", "standard")]
     theirs, _ = _accelerate_plan(old)
     assert theirs is not None and theirs[0] == "deepspeed" and "pdsh" in theirs
+
+
+@pytest.mark.slow
+def test_machine_0_killed_mid_stage_stops_machine_1_and_both_resume(zero2_chain):
+    """SIGKILL of machine 0's whole `make` (the writer of every checkpoint) while SFT trains: machine 1 does not
+    wait on (it ends with an error), nothing half-written looks finished, and the same commands run again on both
+    machines resume from the last complete checkpoint and finish."""
+    import shutil
+    import signal
+    import time
+
+    root, _ = zero2_chain
+    out = root / "killed"
+    shutil.copytree(root / "two" / "tiny_ko" / "data", out / "tiny_ko" / "data")
+    sft = out / "tiny_ko" / "sft"
+    port = _free_port()
+    longer = "sft.max_steps=8 sft.save_steps=2 sft.eval_steps=100"
+
+    def start(rank: int, log: str) -> subprocess.Popen:
+        cmd = ["make", "sft", f"RECIPE={RECIPE}", "ACCELERATE_CONFIG=configs/accelerate/zero2.yaml", "NUM_PROCESSES=2"]
+        cmd += ["NUM_MACHINES=2", f"MACHINE_RANK={rank}", "MAIN_PROCESS_IP=127.0.0.1", f"MAIN_PROCESS_PORT={port}"]
+        cmd += [f"OVERRIDES=run.output_dir={out} {SMALL} {longer}"]
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=open(root / log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    m0, m1 = start(0, "killed-0.log"), start(1, "killed-1.log")
+    deadline = time.time() + 300
+    while not (sft / "checkpoints" / "checkpoint-2" / "COMPLETE").is_file():
+        assert m0.poll() is None and time.time() < deadline, (root / "killed-0.log").read_text()[-3000:]
+        time.sleep(0.05)
+    # A machine dies: every process it runs (torchrun starts its workers in process groups of their own).
+    import psutil
+
+    tree = [m0.pid, *(c.pid for c in psutil.Process(m0.pid).children(recursive=True))]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    m0.wait()
+    assert m1.wait(120) != 0  # machine 1 stopped on its own, well within the collective timeout
+    assert not (sft / "final").exists()
+    m0, m1 = start(0, "resumed-0.log"), start(1, "resumed-1.log")
+    assert [m0.wait(600), m1.wait(600)] == [0, 0], (root / "resumed-0.log").read_text()[-3000:]
+    assert "[sft] resuming from" in (root / "resumed-0.log").read_text()
+    state = json.loads((sft / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and missing_notices(sft / "final") == []
+    assert sorted(p.name for p in sft.iterdir() if p.name.startswith((".", "final"))) == ["final"]
