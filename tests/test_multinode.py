@@ -24,7 +24,7 @@ SMALL = (
     "sft.max_steps=3 sft.save_steps=2 sft.eval_steps=2 sft.logging_steps=1 rm.max_steps=3 rm.save_steps=2 "
     "rm.logging_steps=1 rm.min_accuracy=0 ppo.total_episodes=32 ppo.per_device_train_batch_size=4 "
     "ppo.gradient_accumulation_steps=2 ppo.num_mini_batches=2 ppo.num_ppo_epochs=1 ppo.save_steps=1 "
-    "ppo.panel_every=0 tracking.mode=disabled"
+    "ppo.panel_every=0 tracking.mode=disabled report.samples_per_prompt=1 report.examples=1"
 )
 # One thread per process on both layouts: torch's reductions then add in the same order whether the two processes
 # share a "machine" (accelerate gives each one thread) or not (each would get both cores), so losses compare exactly.
@@ -82,9 +82,10 @@ def history(run: Path) -> dict:
     return out
 
 
-def one_writer(run: Path, stages: tuple[str, ...]) -> None:
-    """One data folder, one final per stage, nothing half-written or locked left behind."""
-    assert sorted(p.name for p in run.iterdir()) == sorted(("data", *stages)), sorted(p.name for p in run.iterdir())
+def one_writer(run: Path, stages: tuple[str, ...], report: tuple[str, ...] = ()) -> None:
+    """One data folder, one final per stage (and the report), nothing half-written or locked left behind."""
+    found = sorted(p.name for p in run.iterdir())
+    assert found == sorted(("data", *stages, *report)), found
     for stage in stages:
         assert sorted(p.name for p in (run / stage).iterdir() if p.name.startswith(("final", "."))) == ["final"]
         assert missing_notices(run / stage / "final") == []
@@ -99,7 +100,7 @@ def engine_partitioned_over_two(ckpt: Path) -> None:
 @pytest.fixture(scope="module")
 def zero2_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    logs = two_machines(["sft", "rm", "ppo"], root / "two", "zero2")
+    logs = two_machines(["sft", "rm", "ppo", "report"], root / "two", "zero2")
     return root, logs
 
 
@@ -107,8 +108,11 @@ def zero2_chain(tmp_path_factory):
 def test_two_machines_run_the_chain_under_zero2_as_one_machine_does(zero2_chain):
     root, (m0, m1) = zero2_chain
     run = root / "two" / "tiny_ko"
-    one_writer(run, ("sft", "rm", "ppo"))
+    one_writer(run, ("sft", "rm", "ppo"), ("report", "report.json", "report.md"))
     assert "[data] wrote" in m0 and "[data] wrote" not in m1
+    assert (
+        "[report] wrote" in m0 and "[report] wrote" not in m1 and "written by machine 0" in m1.split("[report]", 1)[1]
+    )
     assert "written by machine 0: using it" in m1
     for log, rank in ((m0, 0), (m1, 1)):
         assert f"--machine_rank {rank} " in log and "--deepspeed_multinode_launcher standard" in log
