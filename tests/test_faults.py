@@ -224,7 +224,13 @@ def test_disk_full_keeps_the_previous_checkpoint_in_every_stage(tmp_path):
         expect_resume = None
         for stage, good, failed in points:
             ckpts = run / stage / "checkpoints"
-            rc, stdout, stderr = _fill_disk_when(out, disk, lambda r, c=ckpts / good: (c / "COMPLETE").is_file())
+            # Ready once the checkpoint is complete and the older ones it replaces are deleted: filling the disk
+            # before that deletion would let it free the room the next save needs.
+            rc, stdout, stderr = _fill_disk_when(
+                out,
+                disk,
+                lambda r, c=ckpts / good: (c / "COMPLETE").is_file() and len(checkpoints(c.parent)) <= 2,
+            )
             assert rc != 0, stdout[-3000:] + stderr[-3000:]
             print(stage, [ln for ln in stderr.splitlines() if ln.startswith("error")])
             assert f"error: {stage}: out of disk space" in stderr and "Traceback" not in stderr, stderr[-3000:]
