@@ -32,7 +32,7 @@ from data_prep.readers import DataError, DatasetRef, data_files, input_identity
 from pipeline.core.atomic import atomic_dir, clean_stale
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe, StageData, recipe_hash, to_yaml
-from pipeline.core.loading import LoadError, load_tokenizer, tokenizer_fingerprint
+from pipeline.core.loading import load_tokenizer, tokenizer_fingerprint
 from pipeline.core.locations import local_path
 from pipeline.core.rundir import (
     DATA_LOCK,
@@ -49,7 +49,7 @@ from pipeline.core.rundir import (
     write_manifest,
 )
 from pipeline.core.topology import Topology
-from pipeline.core.writer import WaitTimeout, wait_until, writer_lock
+from pipeline.core.writer import wait_until, writer_lock
 
 
 def dataset_files(spec: DatasetRef) -> list[Path]:
@@ -259,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         "Format the recipe's datasets into Gemma control-token ids and loss masks.",
         _announce_and_run,
         argv,
-        input_errors=(DataError, LoadError),
-        run_errors=(WaitTimeout,),
         with_launch=True,
     )
 

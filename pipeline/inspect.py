@@ -13,8 +13,9 @@ import argparse
 import sys
 
 from data_prep.gemma_format import END_OF_TURN
-from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, print_error, recipe_from
+from pipeline.core.cli import add_recipe_arguments, print_error, recipe_from
 from pipeline.core.config import ConfigError
+from pipeline.core.errors import EXIT_INPUT
 from pipeline.core.rundir import DATA_SECTIONS, IncompleteError, RunDir, data_output, data_split
 
 

@@ -21,8 +21,9 @@ import argparse
 import subprocess
 import sys
 
-from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, launch_of, print_error, recipe_from
+from pipeline.core.cli import add_recipe_arguments, launch_of, print_error, recipe_from
 from pipeline.core.config import ConfigError
+from pipeline.core.errors import EXIT_INPUT
 from pipeline.core.locations import resolve_path
 from pipeline.core.rundir import TRAINING_STAGES
 

@@ -26,9 +26,10 @@ import sys
 from dataclasses import dataclass
 
 from pipeline.core.batching import batch_sizes
-from pipeline.core.cli import EXIT_INPUT, add_recipe_arguments, launch_of, print_error, recipe_from
+from pipeline.core.cli import add_recipe_arguments, launch_of, print_error, recipe_from
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.embedded import EMBEDDED_MODELS, GGUFSpec
+from pipeline.core.errors import EXIT_INPUT
 from pipeline.core.locations import EMBEDDED_PREFIX, resolve_path
 from pipeline.core.rundir import MODEL_CONFIG, RunDir, is_complete, read_manifest
 from pipeline.core.topology import Topology

@@ -35,6 +35,7 @@ from pipeline.core.atomic import staging_dir
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import add_recipe_arguments, guarded, recipe_from
 from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.errors import RunError
 from pipeline.core.locations import REPO_ROOT, is_hub_id, local_path, path_pattern
 from pipeline.core.notices import PROVENANCE, missing_notices, read_safetensors_metadata
 from pipeline.core.rundir import (
@@ -49,7 +50,6 @@ from pipeline.core.rundir import (
     REWARD_STATS,
     TERMS,
     VALUE,
-    IncompleteError,
     RunDir,
 )
 
@@ -67,7 +67,7 @@ WEIGHT_INDEX = "model.safetensors.index.json"
 _TEXT_SUFFIXES = (".json", ".md", ".jinja", ".txt", ".html")
 
 
-class PublishError(RuntimeError):
+class PublishError(RunError, RuntimeError):
     """The checkpoint cannot be published as it is, or the upload failed."""
 
 
@@ -244,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--private", action="store_true", help="create the repository as private")
     ap.add_argument("--dry-run", action="store_true", help="write runs/<run>/publish/ and upload nothing")
     args = ap.parse_args(argv)
-    return guarded(
-        "publish",
-        lambda: run(recipe_from(args), args.stage, args.repo_id, args.private, args.dry_run),
-        input_errors=(IncompleteError,),
-        run_errors=(PublishError,),
-    )
+    return guarded("publish", lambda: run(recipe_from(args), args.stage, args.repo_id, args.private, args.dry_run))
 
 
 if __name__ == "__main__":

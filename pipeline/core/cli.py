@@ -24,10 +24,8 @@ from collections.abc import Callable
 from pipeline.core import peers, topology
 from pipeline.core.atomic import storage_full, storage_full_message
 from pipeline.core.config import ConfigError, Recipe, load_recipe, to_yaml, validate
+from pipeline.core.errors import EXIT_INPUT, EXIT_RUN, INPUT_ERRORS, RunError
 from pipeline.core.topology import Topology
-
-EXIT_INPUT = 2
-EXIT_RUN = 1
 
 
 def print_error(message: object) -> None:
@@ -77,20 +75,15 @@ def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[Rec
     return recipe, launch_of(recipe, args)
 
 
-def guarded(
-    stage: str,
-    call: Callable[[], object],
-    input_errors: tuple[type[BaseException], ...] = (),
-    run_errors: tuple[type[BaseException], ...] = (),
-) -> int:
-    """Run ``call()`` under the failure policy of every command: a known failure is one ``error:`` line and an exit
-    code, 2 for a bad recipe or input (``ConfigError`` and ``input_errors``), 1 for a failure while running
-    (``run_errors``, or the disk filling up). Anything else keeps its traceback."""
+def guarded(stage: str, call: Callable[[], object]) -> int:
+    """Run ``call()`` under the failure policy of every command (``pipeline.core.errors``): bad input is one ``error:``
+    line and exit 2, a failure while running (or the disk filling up) one line and exit 1. Anything else keeps its
+    traceback."""
     try:
         call()
-    except (ConfigError, *input_errors) as e:
+    except INPUT_ERRORS as e:
         return _failed(e, EXIT_INPUT)
-    except run_errors as e:
+    except RunError as e:
         return _failed(e, EXIT_RUN)
     except Exception as e:
         if not storage_full(e):
@@ -107,13 +100,7 @@ def _failed(message: object, code: int) -> int:
 
 
 def run_cli(
-    stage: str,
-    description: str,
-    run: Callable[..., object],
-    argv: list[str] | None,
-    input_errors: tuple[type[BaseException], ...] = (),
-    run_errors: tuple[type[BaseException], ...] = (),
-    with_launch: bool = False,
+    stage: str, description: str, run: Callable[..., object], argv: list[str] | None, with_launch: bool = False
 ) -> int:
     """Every stage's command line: parse and validate the recipe, then run the stage under ``guarded``: ``run(recipe)``,
     or ``run(recipe, launch)`` for a stage that needs its launch (``with_launch``)."""
@@ -122,7 +109,7 @@ def run_cli(
         recipe, launch = parse_cli(argv, description)
         return run(recipe, launch) if with_launch else run(recipe)
 
-    return guarded(stage, call, input_errors, run_errors)
+    return guarded(stage, call)
 
 
 def main(argv: list[str] | None = None) -> None:

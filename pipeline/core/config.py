@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,35 @@ import yaml
 
 from data_prep.formats import FORMATS
 from pipeline.core.embedded import EMBEDDED_MODELS
+from pipeline.core.errors import ConfigError
 from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, resolve_path
+from pipeline.core.typed import build, field_type
+
+Err = typing.Callable[[str, str], typing.NoReturn]
+"""``err(key, why)``: refuse the recipe naming the key (``validate`` raises ConfigError with the file's name)."""
 
 
-class ConfigError(ValueError):
-    """A recipe that cannot be used: the message names the file and the key."""
+def in_range(err: Err, key: str, value: float | None, ok: bool, rule: str) -> None:
+    """Refuse ``key`` unless its value is None or ``ok``; the message shows the value and the rule."""
+    if value is not None and not ok:
+        err(key, f"{value!r} {rule}")
+
+
+def at_least_one(err: Err, key: str, value: int | None) -> None:
+    in_range(err, key, value, value is None or value >= 1, "must be at least 1")
+
+
+def check_location(err: Err, key: str, p: str, kind: str) -> None:
+    """An embedded model's name, an existing local path, or a well-formed hub id (nothing is downloaded)."""
+    if p.startswith(EMBEDDED_PREFIX):
+        if p[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
+            err(key, f"unknown embedded model {p!r} (known: {', '.join(EMBEDDED_MODELS)})")
+        return
+    if looks_local(p):
+        if not resolve_path(p).exists():
+            err(key, f"local {kind} {p!r} does not exist (resolved to {resolve_path(p)})")
+    elif not is_hub_id(p):
+        err(key, f"{p!r} is neither an existing local path nor a valid hub id (owner/name)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -49,6 +72,10 @@ class RunConfig:
     compute (autocast) over fp32 master weights, also on a CPU. ``fp32``: fp32 throughout. Trained weights are
     always held in fp32 outside DeepSpeed (DeepSpeed keeps its own fp32 master copy)."""
 
+    def check(self, err: Err) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", self.name):
+            err("run.name", f"{self.name!r} must be a plain folder name (letters, digits, _ . -)")
+
 
 @dataclass
 class ModelConfig:
@@ -64,6 +91,13 @@ class ModelConfig:
     """Allow pickle (``.bin``) weights. Off: only safetensors are loaded."""
     terms_of_use: str | None = None
     """Path to a local copy of the Gemma Terms of Use, copied into every checkpoint."""
+
+    def check(self, err: Err) -> None:
+        check_location(err, "model.name_or_path", self.name_or_path, "model directory")
+        if self.tokenizer:
+            check_location(err, "model.tokenizer", self.tokenizer, "tokenizer directory")
+        if self.terms_of_use and not resolve_path(self.terms_of_use).is_file():
+            err("model.terms_of_use", f"file {self.terms_of_use!r} does not exist")
 
 
 @dataclass
@@ -126,6 +160,30 @@ class DataConfig:
     num_proc: int = 1
     """Worker processes for ``datasets.map`` tokenization."""
 
+    def check(self, err: Err) -> None:
+        for stage in ("sft", "preference", "prompts"):
+            sd: StageData = getattr(self, stage)
+            if not 0.0 <= sd.eval_fraction < 1.0:
+                err(f"data.{stage}.eval_fraction", f"{sd.eval_fraction} is not in [0, 1)")
+            for split in ("train", "eval"):
+                for i, spec in enumerate(getattr(sd, split)):
+                    key = f"data.{stage}.{split}.{i}"
+                    check_location(err, f"{key}.path", spec.path, "dataset")
+                    if spec.max_rows is not None and spec.max_rows <= 0:
+                        err(f"{key}.max_rows", "must be positive")
+                    allowed = FORMATS[stage]
+                    if spec.format != "auto" and spec.format not in allowed:
+                        err(
+                            f"{key}.format",
+                            f"{spec.format!r} is not a {stage} format (use one of {', '.join(allowed)})",
+                        )
+        if self.max_length < 8:
+            err("data.max_length", "must be at least 8 tokens")
+        if self.max_prompt_length < 4:
+            err("data.max_prompt_length", "must be at least 4 tokens")
+        if self.num_proc < 1:
+            err("data.num_proc", "must be at least 1")
+
 
 @dataclass
 class LoraSettings:
@@ -140,103 +198,149 @@ class LoraSettings:
     )
     """Gemma modules that get adapters (attention and MLP projections)."""
 
+    def check(self, section: str, err: Err, with_dropout: bool) -> None:
+        """Its numbers in range when the section trains with LoRA (``with_dropout``: a stage that allows dropout)."""
+        at_least_one(err, f"{section}.r", self.r)
+        in_range(err, f"{section}.alpha", self.alpha, self.alpha > 0, "must be positive")
+        if with_dropout:
+            in_range(err, f"{section}.dropout", self.dropout, 0 <= self.dropout < 1, "must be in [0, 1)")
+        if not self.target_modules:
+            err(f"{section}.target_modules", "is empty: LoRA would train nothing")
+
 
 @dataclass
-class SFTConfig:
+class TrainerSettings:
+    """The settings every Trainer-driven stage (SFT, RM, DPO) passes to its transformers/TRL trainer, under the same
+    keys in each recipe section (``sft.learning_rate``, ``rm.learning_rate``, ``dpo.learning_rate``...). Each stage
+    section below adds its own fields and sets its own defaults."""
+
     method: Literal["full", "lora"] = "full"
-    """Full fine-tuning or LoRA (merged into a full checkpoint on export)."""
+    """Full fine-tuning or LoRA (the adapter is merged into a plain full checkpoint on export, and kept beside it)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings when ``method: lora``."""
     learning_rate: float = 2e-5
     """Peak learning rate."""
     num_train_epochs: float = 1.0
-    """Passes over the SFT data."""
+    """Passes over the stage's training data."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run num_train_epochs)."""
     per_device_train_batch_size: int = 4
-    """Sequences per device per micro-batch."""
+    """Examples (dialogues or pairs) per process per micro-batch."""
     per_device_eval_batch_size: int = 8
-    """Sequences per device per eval batch."""
+    """Examples per process per evaluation batch."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     lr_scheduler_type: str = "cosine"
     """transformers scheduler name."""
     warmup_ratio: float = 0.03
-    """Fraction of steps spent warming up the learning rate."""
+    """Fraction of the training steps spent warming up the learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    packing: bool = False
-    """Pack several dialogues per sequence (masks preserved)."""
     logging_steps: int = 10
     """Optimizer steps between log lines."""
     eval_steps: int = 200
-    """Optimizer steps between evaluations."""
+    """Optimizer steps between evaluations on the held-out data."""
     save_steps: int = 200
     """Optimizer steps between resumable checkpoints."""
     save_total_limit: int = 2
     """Resumable checkpoints kept (the oldest are deleted)."""
+
+    def check(self, section: str, err: Err) -> None:
+        """Every shared number in its range: a batch of 0, negative epochs or a zero save interval would otherwise
+        be accepted here and fail (or train nothing) hours later, after the stages before it."""
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+        ):
+            at_least_one(err, f"{section}.{name}", getattr(self, name))
+        in_range(
+            err,
+            f"{section}.max_steps",
+            self.max_steps,
+            self.max_steps == -1 or self.max_steps >= 1,
+            "must be -1 (epochs) or >= 1",
+        )
+        in_range(
+            err,
+            f"{section}.num_train_epochs",
+            self.num_train_epochs,
+            self.max_steps >= 1 or self.num_train_epochs > 0,
+            "must be positive (or set max_steps)",
+        )
+        in_range(err, f"{section}.warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "must be in [0, 1)")
+        in_range(err, f"{section}.weight_decay", self.weight_decay, self.weight_decay >= 0, "must not be negative")
+        in_range(
+            err,
+            f"{section}.max_grad_norm",
+            self.max_grad_norm,
+            self.max_grad_norm >= 0,
+            "must not be negative (0: no clipping)",
+        )
+        if self.method == "lora":
+            self.lora.check(f"{section}.lora", err, with_dropout=True)
+        if self.learning_rate < 0:
+            err(f"{section}.learning_rate", "must not be negative")
+        if self.save_total_limit < 2:
+            # The Trainer deletes older checkpoints before the stage marks the newest one complete: with a limit of
+            # 1, a save that fails (disk full, a kill) would leave nothing to resume from.
+            err(f"{section}.save_total_limit", "must be at least 2 so a failed save keeps the previous checkpoint")
+
+
+@dataclass
+class SFTConfig(TrainerSettings):
+    """Supervised fine-tuning (``make sft``)."""
+
+    packing: bool = False
+    """Pack several dialogues per sequence (masks preserved)."""
     prompt_panel: list[str] = field(default_factory=list)
     """Fixed prompts answered at every evaluation (logged as a table)."""
     panel_max_new_tokens: int = 48
     """Longest prompt-panel answer (greedy)."""
 
+    def check(self, section: str, err: Err) -> None:
+        super().check(section, err)
+        at_least_one(err, f"{section}.panel_max_new_tokens", self.panel_max_new_tokens)
+
 
 @dataclass
-class RMConfig:
-    init_from: str | None = None
-    """Checkpoint the reward model starts from; default: the run's SFT checkpoint."""
-    method: Literal["full", "lora"] = "full"
-    """Full fine-tuning or LoRA (sequence-classification task type)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings when ``method: lora``."""
+class RMConfig(TrainerSettings):
+    """The reward model (``make rm``): a sequence classifier (LoRA: the sequence-classification task type)."""
+
     learning_rate: float = 5e-6
     """Peak learning rate."""
-    num_train_epochs: float = 1.0
-    """Passes over the preference pairs."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run num_train_epochs)."""
-    per_device_train_batch_size: int = 4
-    """Pairs per device per micro-batch."""
-    per_device_eval_batch_size: int = 8
-    """Pairs per device per eval batch."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    lr_scheduler_type: str = "cosine"
-    """transformers scheduler name."""
-    warmup_ratio: float = 0.03
-    """Fraction of steps spent warming up the learning rate."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    init_from: str | None = None
+    """Checkpoint the reward model starts from; default: the run's SFT checkpoint."""
     use_margin: bool = False
     """Use the per-pair ``margin`` column in the Bradley-Terry loss."""
     center_rewards_coefficient: float | None = None
     """Coefficient of the reward-centering term (None: off)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
     min_accuracy: float = 0.6
     """Quality gate: PPO refuses a reward model whose held-out accuracy is below this."""
-    logging_steps: int = 10
-    """Optimizer steps between log lines."""
-    eval_steps: int = 200
-    """Optimizer steps between evaluations."""
-    save_steps: int = 200
-    """Optimizer steps between resumable checkpoints."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept (the oldest are deleted)."""
+
+    def check(self, section: str, err: Err) -> None:
+        super().check(section, err)
+        c = self.center_rewards_coefficient
+        in_range(err, f"{section}.center_rewards_coefficient", c, c is None or c >= 0, "must not be negative")
+        if not 0 <= self.min_accuracy <= 1:
+            err(f"{section}.min_accuracy", "must be in [0, 1]")
 
 
 @dataclass
-class DPOConfig:
-    method: Literal["full", "lora"] = "full"
-    """Full fine-tuning, or a LoRA adapter (the reference is then the adapter-disabled SFT model, no second copy)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA settings when method is lora."""
+class DPOConfig(TrainerSettings):
+    """DPO (``make dpo``). Under LoRA the reference is the adapter-disabled SFT model, no second copy."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate."""
+    warmup_ratio: float = 0.1
+    """Fraction of the training steps spent warming up the learning rate."""
     beta: float = 0.1
     """Strength of the implicit KL to the reference (TRL ``beta``): higher stays closer to the SFT model."""
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
@@ -244,36 +348,23 @@ class DPOConfig:
     label_smoothing: float = 0.0
     """Assumed probability that a preference label is flipped; only the ``robust`` loss reads it (TRL's ``sigmoid``
     does not: conservative DPO is not in the TRL this pipeline runs)."""
-    learning_rate: float = 1e-6
-    """Peak learning rate."""
-    num_train_epochs: float = 1.0
-    """Epochs over the preference pairs."""
-    max_steps: int = -1
-    """Optimizer steps (overrides epochs when positive)."""
-    per_device_train_batch_size: int = 4
-    """Pairs per process per micro-batch."""
-    per_device_eval_batch_size: int = 8
-    """Pairs per process per evaluation batch."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
-    lr_scheduler_type: str = "cosine"
-    """transformers scheduler name."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps spent warming up."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass."""
-    logging_steps: int = 10
-    """Steps between logged metrics."""
-    eval_steps: int = 200
-    """Steps between evaluations on the held-out pairs."""
-    save_steps: int = 200
-    """Steps between resumable checkpoints."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept."""
+
+    def check(self, section: str, err: Err) -> None:
+        super().check(section, err)
+        if self.beta <= 0:
+            err(f"{section}.beta", "must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            err(f"{section}.label_smoothing", f"{self.label_smoothing} is not in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "robust":
+            err(
+                f"{section}.label_smoothing",
+                f"only loss_type robust reads it; {self.loss_type} would ignore it silently",
+            )
+        if self.lora.dropout != 0:
+            err(
+                f"{section}.lora.dropout",
+                "must be 0: DPO runs every dropout off, so policy and reference log-probs compare",
+            )
 
 
 @dataclass
@@ -374,6 +465,81 @@ class PPOConfig:
     panel_every: int = 10
     """Rollout batches between prompt-panel tables."""
 
+    def check(self, err: Err) -> None:
+        for name in (
+            "total_episodes",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "num_ppo_epochs",
+            "num_mini_batches",
+            "response_length",
+            "local_rollout_forward_batch_size",
+            "kl_horizon",
+            "save_steps",
+        ):
+            at_least_one(err, f"ppo.{name}", getattr(self, name))
+        in_range(err, "ppo.panel_every", self.panel_every, self.panel_every >= 0, "must not be negative (0: no panel)")
+        if self.learning_rate < 0:
+            err("ppo.learning_rate", "must not be negative")
+        if self.logits_memory_mb < 1:
+            err("ppo.logits_memory_mb", "must be at least 1")
+        if self.num_generations < 1:
+            err("ppo.num_generations", "must be at least 1")
+        for name in ("kl_coef", "vf_coef"):
+            in_range(err, f"ppo.{name}", getattr(self, name), getattr(self, name) >= 0, "must not be negative")
+        for name in ("cliprange", "cliprange_value", "adam_eps", "max_grad_norm"):
+            in_range(err, f"ppo.{name}", getattr(self, name), getattr(self, name) > 0, "must be positive")
+        for name in ("kl_target", "max_kl", "reward_clip"):
+            value = getattr(self, name)
+            in_range(err, f"ppo.{name}", value, value is None or value > 0, "must be positive (or null: off)")
+        if self.temperature <= 0:
+            err("ppo.temperature", "must be positive (sampling is required for PPO)")
+        if self.lora.dropout != 0:
+            err(
+                "ppo.lora.dropout",
+                "must be 0: PPO runs every dropout off, so rollout and training log-probs are one function",
+            )
+        if self.method == "lora":
+            self.lora.check("ppo.lora", err, with_dropout=False)
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            err("ppo.gamma/ppo.lam", "must be in [0, 1]")
+        self.check_estimator(err)
+
+    def check_estimator(self, err: Err) -> None:
+        """The estimator's own rules, and the group layout the critic-free estimators need."""
+        if self.estimator != "gae" and self.num_generations < 2:
+            # One sample per prompt makes every group advantage 0: training would be a silent no-op (OpenRLHF #1250).
+            err(
+                "ppo.num_generations",
+                f"must be at least 2 for estimator {self.estimator} (each sample's baseline is its group)",
+            )
+        if self.kl_penalty == "loss" and self.kl_estimator == "k1":
+            # The gradient of mean(log pi - log pi_ref) over tokens sampled from pi is 0 in expectation: no pull.
+            err(
+                "ppo.kl_estimator",
+                "k1 as a loss has zero expected gradient (it never pulls to the reference): use k3 or k2",
+            )
+        if self.estimator != "gae":
+            # The group estimators' returns are undiscounted sums from the stop token, never whitened (OpenRLHF
+            # forces the same): settings of the GAE path would be silently ignored.
+            for key, value, default in (
+                ("gamma", self.gamma, 1.0),
+                ("whiten_rewards", self.whiten_rewards, False),
+                ("reward_position", self.reward_position, "eos"),
+            ):
+                if value != default:
+                    err(f"ppo.{key}", f"{value!r} is not used by estimator {self.estimator} (only {default!r} is)")
+            if self.estimator == "rloo" and not self.scale_rewards:
+                err("ppo.scale_rewards", "only estimator grpo reads it (rloo never divides by the group's std)")
+        local = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if local % self.num_generations:
+            # A prompt's samples stay on one process: its group baseline needs all of them.
+            err(
+                "ppo.num_generations",
+                f"{self.num_generations} does not divide the rollouts per process "
+                f"(per_device_train_batch_size x gradient_accumulation_steps = {local})",
+            )
+
 
 @dataclass
 class TrackingConfig:
@@ -409,6 +575,10 @@ class ReportConfig:
     examples: int = 5
     """Held-out prompts shown with their answers before and after PPO."""
 
+    def check(self, err: Err) -> None:
+        at_least_one(err, "report.samples_per_prompt", self.samples_per_prompt)
+        in_range(err, "report.examples", self.examples, self.examples >= 0, "must not be negative")
+
 
 @dataclass
 class PublishConfig:
@@ -418,6 +588,16 @@ class PublishConfig:
     """Hub repository ``make publish`` uploads to when ``REPO_ID`` is not given."""
     private: bool = False
     """Create the Hub repository as private."""
+
+    def check(self, err: Err) -> None:
+        for i, code in enumerate(self.language):
+            if not re.fullmatch(r"[a-z]{2,3}", code):
+                err(
+                    f"publish.language.{i}",
+                    f"{code!r} is not an ISO 639 language code (two or three lowercase letters)",
+                )
+        if self.repo_id is not None and not is_hub_id(self.repo_id):
+            err("publish.repo_id", f"{self.repo_id!r} is not a hub repository id (owner/name)")
 
 
 @dataclass
@@ -429,6 +609,13 @@ class LaunchConfig:
     wait_minutes: float = 60.0
     """How long a process waits for a shared output that another process or machine is writing (the data stage's
     folder, the report) before it stops with a line naming what it waited for."""
+
+    def check(self, err: Err) -> None:
+        n = self.num_processes
+        in_range(err, "launch.num_processes", n, (n or 1) >= 1, "must be at least 1")
+        in_range(err, "launch.wait_minutes", self.wait_minutes, self.wait_minutes > 0, "must be positive")
+        if not resolve_path(self.accelerate_config).is_file():
+            err("launch.accelerate_config", f"file {self.accelerate_config!r} does not exist")
 
 
 @dataclass
@@ -463,132 +650,8 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Strict loading
+# Reading a recipe: strict (typed building in pipeline.core.typed), then command-line overrides
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and ``source``."""
-
-    def fail(why: str = "") -> typing.NoReturn:
-        raise ConfigError(f"{source}: key '{key}': expected {_type_name(tp)}, got {value!r}{why}")
-
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            fail()
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported union {tp} for {key}")
-        return _coerce(value, inner[0], key, source)
-    if value is None:
-        fail()
-    if origin is Literal:
-        if value in args:
-            return value
-        fail()
-    if origin is list:
-        if not isinstance(value, list):
-            fail()
-        return [_coerce(v, args[0], f"{key}.{i}", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            fail()
-        return {
-            _coerce(k, args[0], f"{key}.{k}", source): _coerce(v, args[1], f"{key}.{k}", source)
-            for k, v in value.items()
-        }
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail(" (a mapping)")
-        return _build(tp, value, key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        fail()
-    if tp is int:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                fail()
-            if number.is_integer():
-                return int(number)
-        fail()
-    if tp is float:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                fail()
-        fail()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        fail()
-    raise TypeError(f"unsupported field type {tp} for {key}")
-
-
-def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{source}: unknown key '{where}' (known keys here: {known})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, source)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing required key '{key}'")
-    return cls(**kwargs)
-
-
-def _field_type(path: list[str], source: str) -> None:
-    """Check that a dotted override path names a real field (list indices allowed)."""
-    tp: Any = Recipe
-    walked: list[str] = []
-    for part in path:
-        walked.append(part)
-        origin = typing.get_origin(tp)
-        if origin in (typing.Union, types.UnionType):
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-            origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
-            hints = typing.get_type_hints(tp)
-            if part not in hints:
-                raise ConfigError(f"{source}: unknown key '{'.'.join(walked)}'")
-            tp = hints[part]
-        elif origin is list:
-            if not part.isdigit():
-                raise ConfigError(f"{source}: '{'.'.join(walked)}' must be a list index")
-            tp = typing.get_args(tp)[0]
-        elif origin is dict:
-            tp = typing.get_args(tp)[1]
-        else:
-            raise ConfigError(f"{source}: '{'.'.join(walked[:-1])}' has no sub-key '{part}'")
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -600,7 +663,7 @@ def apply_override(raw: dict, override: str) -> None:
     path = [p for p in dotted.strip().split(".")]
     if not all(path):
         raise ConfigError(f"{source}: empty key")
-    _field_type(path, source)
+    field_type(Recipe, path, source)
     value = yaml.safe_load(text) if text.strip() else ""
     node: Any = raw
     for i, part in enumerate(path[:-1]):
@@ -639,7 +702,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for ov in overrides:
         apply_override(raw, ov)
     source = str(path) if not overrides else f"{path} (with overrides {' '.join(overrides)})"
-    return _build(Recipe, raw, "", source)
+    return build(Recipe, raw, "", source)
 
 
 def to_dict(recipe: Recipe) -> dict:
@@ -662,208 +725,20 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Check what can be checked before anything runs. Raises ConfigError naming the key."""
+    """Check what can be checked before anything runs: each section its own fields. Raises ConfigError naming the
+    key. (The rules that depend on the launch, world size and DeepSpeed, are ``pipeline.core.topology.check``.)"""
 
     def err(key: str, why: str) -> typing.NoReturn:
         raise ConfigError(f"{source}: key '{key}': {why}")
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", recipe.run.name):
-        err("run.name", f"{recipe.run.name!r} must be a plain folder name (letters, digits, _ . -)")
-
-    def check_location(key: str, p: str, kind: str) -> None:
-        if p.startswith(EMBEDDED_PREFIX):
-            if p[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
-                err(key, f"unknown embedded model {p!r} (known: {', '.join(EMBEDDED_MODELS)})")
-            return
-        if looks_local(p):
-            if not resolve_path(p).exists():
-                err(key, f"local {kind} {p!r} does not exist (resolved to {resolve_path(p)})")
-        elif not is_hub_id(p):
-            err(key, f"{p!r} is neither an existing local path nor a valid hub id (owner/name)")
-
-    for i, code in enumerate(recipe.publish.language):
-        if not re.fullmatch(r"[a-z]{2,3}", code):
-            err(f"publish.language.{i}", f"{code!r} is not an ISO 639 language code (two or three lowercase letters)")
-    if recipe.publish.repo_id is not None and not is_hub_id(recipe.publish.repo_id):
-        err("publish.repo_id", f"{recipe.publish.repo_id!r} is not a hub repository id (owner/name)")
-    check_location("model.name_or_path", recipe.model.name_or_path, "model directory")
-    if recipe.model.tokenizer:
-        check_location("model.tokenizer", recipe.model.tokenizer, "tokenizer directory")
-    if recipe.model.terms_of_use and not resolve_path(recipe.model.terms_of_use).is_file():
-        err("model.terms_of_use", f"file {recipe.model.terms_of_use!r} does not exist")
+    recipe.run.check(err)
+    recipe.publish.check(err)
+    recipe.model.check(err)
     if recipe.rm.init_from:
-        check_location("rm.init_from", recipe.rm.init_from, "checkpoint")
-
-    d = recipe.data
-    for stage in ("sft", "preference", "prompts"):
-        sd: StageData = getattr(d, stage)
-        if not 0.0 <= sd.eval_fraction < 1.0:
-            err(f"data.{stage}.eval_fraction", f"{sd.eval_fraction} is not in [0, 1)")
-        for split in ("train", "eval"):
-            for i, spec in enumerate(getattr(sd, split)):
-                key = f"data.{stage}.{split}.{i}"
-                check_location(f"{key}.path", spec.path, "dataset")
-                if spec.max_rows is not None and spec.max_rows <= 0:
-                    err(f"{key}.max_rows", "must be positive")
-                allowed = FORMATS[stage]
-                if spec.format != "auto" and spec.format not in allowed:
-                    err(f"{key}.format", f"{spec.format!r} is not a {stage} format (use one of {', '.join(allowed)})")
-    if d.max_length < 8:
-        err("data.max_length", "must be at least 8 tokens")
-    if d.max_prompt_length < 4:
-        err("data.max_prompt_length", "must be at least 4 tokens")
-    if d.num_proc < 1:
-        err("data.num_proc", "must be at least 1")
-
-    if recipe.dpo.beta <= 0:
-        err("dpo.beta", "must be positive")
-    if not 0.0 <= recipe.dpo.label_smoothing < 0.5:
-        err("dpo.label_smoothing", f"{recipe.dpo.label_smoothing} is not in [0, 0.5)")
-    if recipe.dpo.label_smoothing and recipe.dpo.loss_type != "robust":
-        err("dpo.label_smoothing", f"only loss_type robust reads it; {recipe.dpo.loss_type} would ignore it silently")
-    if recipe.dpo.lora.dropout != 0:
-        err("dpo.lora.dropout", "must be 0: DPO runs every dropout off, so policy and reference log-probs compare")
-    for key in ("sft.learning_rate", "rm.learning_rate", "ppo.learning_rate", "dpo.learning_rate"):
-        section, name = key.split(".")
-        if getattr(getattr(recipe, section), name) < 0:
-            err(key, "must not be negative")
+        check_location(err, "rm.init_from", recipe.rm.init_from, "checkpoint")
+    recipe.data.check(err)
     for section in ("sft", "rm", "dpo"):
-        if getattr(recipe, section).save_total_limit < 2:
-            # The Trainer deletes older checkpoints before the stage marks the newest one complete: with a limit of
-            # 1, a save that fails (disk full, a kill) would leave nothing to resume from.
-            err(f"{section}.save_total_limit", "must be at least 2 so a failed save keeps the previous checkpoint")
-    p = recipe.ppo
-    if p.temperature <= 0:
-        err("ppo.temperature", "must be positive (sampling is required for PPO)")
-    if p.lora.dropout != 0:
-        err(
-            "ppo.lora.dropout",
-            "must be 0: PPO runs every dropout off, so rollout and training log-probs are one function",
-        )
-    if not 0 <= p.lam <= 1 or not 0 <= p.gamma <= 1:
-        err("ppo.gamma/ppo.lam", "must be in [0, 1]")
-    if p.logits_memory_mb < 1:
-        err("ppo.logits_memory_mb", "must be at least 1")
-    if p.num_generations < 1:
-        err("ppo.num_generations", "must be at least 1")
-    if p.estimator != "gae" and p.num_generations < 2:
-        # One sample per prompt makes every group advantage 0: training would be a silent no-op (OpenRLHF #1250).
-        err(
-            "ppo.num_generations",
-            f"must be at least 2 for estimator {p.estimator} (each sample's baseline is its group)",
-        )
-    if p.kl_penalty == "loss" and p.kl_estimator == "k1":
-        # The gradient of mean(log pi - log pi_ref) over tokens sampled from pi is 0 in expectation: no pull at all.
-        err(
-            "ppo.kl_estimator",
-            "k1 as a loss has zero expected gradient (it never pulls to the reference): use k3 or k2",
-        )
-    if p.estimator != "gae":
-        # The group estimators' returns are undiscounted sums from the stop token, never whitened (OpenRLHF forces
-        # the same): settings of the GAE path would be silently ignored.
-        for key, value, default in (
-            ("gamma", p.gamma, 1.0),
-            ("whiten_rewards", p.whiten_rewards, False),
-            ("reward_position", p.reward_position, "eos"),
-        ):
-            if value != default:
-                err(f"ppo.{key}", f"{value!r} is not used by estimator {p.estimator} (only {default!r} is)")
-        if p.estimator == "rloo" and not p.scale_rewards:
-            err("ppo.scale_rewards", "only estimator grpo reads it (rloo never divides by the group's std)")
-    local = p.per_device_train_batch_size * p.gradient_accumulation_steps
-    if local % p.num_generations:
-        # A prompt's samples stay on one process: its group baseline needs all of them.
-        err(
-            "ppo.num_generations",
-            f"{p.num_generations} does not divide the rollouts per process "
-            f"(per_device_train_batch_size x gradient_accumulation_steps = {local})",
-        )
-    if not 0 <= recipe.rm.min_accuracy <= 1:
-        err("rm.min_accuracy", "must be in [0, 1]")
-    check_ranges(recipe, err)
-
-    acc = resolve_path(recipe.launch.accelerate_config)
-    if not acc.is_file():
-        err("launch.accelerate_config", f"file {recipe.launch.accelerate_config!r} does not exist")
-
-
-def check_ranges(recipe: Recipe, err: typing.Callable[[str, str], typing.NoReturn]) -> None:
-    """Every number a stage would take as it is, in its range: a batch of 0, negative epochs or a zero save interval
-    would otherwise be accepted here and fail (or train nothing) hours later, after the stages before it."""
-
-    def check(key: str, value: float | None, ok: bool, rule: str) -> None:
-        if value is not None and not ok:
-            err(key, f"{value!r} {rule}")
-
-    for section in ("sft", "rm", "dpo"):
-        s = getattr(recipe, section)
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            check(f"{section}.{name}", getattr(s, name), getattr(s, name) >= 1, "must be at least 1")
-        for name in ("logging_steps", "eval_steps", "save_steps"):
-            check(f"{section}.{name}", getattr(s, name), getattr(s, name) >= 1, "must be at least 1")
-        check(
-            f"{section}.max_steps", s.max_steps, s.max_steps == -1 or s.max_steps >= 1, "must be -1 (epochs) or >= 1"
-        )
-        check(
-            f"{section}.num_train_epochs",
-            s.num_train_epochs,
-            s.max_steps >= 1 or s.num_train_epochs > 0,
-            "must be positive (or set max_steps)",
-        )
-        check(f"{section}.warmup_ratio", s.warmup_ratio, 0 <= s.warmup_ratio < 1, "must be in [0, 1)")
-        check(f"{section}.weight_decay", s.weight_decay, s.weight_decay >= 0, "must not be negative")
-        check(
-            f"{section}.max_grad_norm", s.max_grad_norm, s.max_grad_norm >= 0, "must not be negative (0: no clipping)"
-        )
-        lora: LoraSettings = s.lora
-        if s.method == "lora":
-            check(f"{section}.lora.r", lora.r, lora.r >= 1, "must be at least 1")
-            check(f"{section}.lora.alpha", lora.alpha, lora.alpha > 0, "must be positive")
-            check(f"{section}.lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "must be in [0, 1)")
-            if not lora.target_modules:
-                err(f"{section}.lora.target_modules", "is empty: LoRA would train nothing")
-    check(
-        "sft.panel_max_new_tokens",
-        recipe.sft.panel_max_new_tokens,
-        recipe.sft.panel_max_new_tokens >= 1,
-        "must be at least 1",
-    )
-    c = recipe.rm.center_rewards_coefficient
-    check("rm.center_rewards_coefficient", c, c is None or c >= 0, "must not be negative")
-
-    p = recipe.ppo
-    for name in (
-        "total_episodes",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_ppo_epochs",
-        "num_mini_batches",
-        "response_length",
-        "local_rollout_forward_batch_size",
-        "kl_horizon",
-        "save_steps",
-    ):
-        check(f"ppo.{name}", getattr(p, name), getattr(p, name) >= 1, "must be at least 1")
-    check("ppo.panel_every", p.panel_every, p.panel_every >= 0, "must not be negative (0: no panel)")
-    for name in ("kl_coef", "vf_coef"):
-        check(f"ppo.{name}", getattr(p, name), getattr(p, name) >= 0, "must not be negative")
-    for name in ("cliprange", "cliprange_value", "adam_eps", "max_grad_norm"):
-        check(f"ppo.{name}", getattr(p, name), getattr(p, name) > 0, "must be positive")
-    for name in ("kl_target", "max_kl", "reward_clip"):
-        value = getattr(p, name)
-        check(f"ppo.{name}", value, value is None or value > 0, "must be positive (or null: off)")
-    if p.method == "lora":
-        check("ppo.lora.r", p.lora.r, p.lora.r >= 1, "must be at least 1")
-        check("ppo.lora.alpha", p.lora.alpha, p.lora.alpha > 0, "must be positive")
-        if not p.lora.target_modules:
-            err("ppo.lora.target_modules", "is empty: LoRA would train nothing")
-    r = recipe.report
-    check("report.samples_per_prompt", r.samples_per_prompt, r.samples_per_prompt >= 1, "must be at least 1")
-    check("report.examples", r.examples, r.examples >= 0, "must not be negative")
-    check(
-        "launch.num_processes",
-        recipe.launch.num_processes,
-        (recipe.launch.num_processes or 1) >= 1,
-        "must be at least 1",
-    )
-    check("launch.wait_minutes", recipe.launch.wait_minutes, recipe.launch.wait_minutes > 0, "must be positive")
+        getattr(recipe, section).check(section, err)
+    recipe.ppo.check(err)
+    recipe.report.check(err)
+    recipe.launch.check(err)

@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 
 from data_prep.gemma_format import END_OF_TURN
+from pipeline.core.errors import InputError
 from pipeline.core.loading import tokenizer_fingerprint
 from pipeline.core.rundir import MODEL_CONFIG, RewardStats, read_manifest
 
 FIELDS = ("hash", "vocab_size", "special_ids", "chat_template_hash")
 
 
-class ConsistencyError(RuntimeError):
+class ConsistencyError(InputError, RuntimeError):
     """Stage inputs disagree on the tokenizer or the chat format."""
 
 

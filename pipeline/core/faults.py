@@ -7,8 +7,10 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from pipeline.core.errors import RunError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(RunError, RuntimeError):
     """Training produced a NaN or infinite loss, gradient norm or weight."""
 
 

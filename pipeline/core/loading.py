@@ -10,10 +10,11 @@ from typing import Any
 from data_prep.gemma_format import BOS, END_OF_TURN, EOS, PAD, START_OF_TURN, install_chat_template, template_hash
 from pipeline.core.config import ConfigError, ModelConfig
 from pipeline.core.embedded import resolve_model_path
+from pipeline.core.errors import InputError
 from pipeline.core.locations import resolve_path
 
 
-class LoadError(RuntimeError):
+class LoadError(InputError, RuntimeError):
     """A model or tokenizer could not be loaded; the message says which and why."""
 
 

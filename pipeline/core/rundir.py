@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import InputError
+
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
@@ -58,7 +60,7 @@ TRAINING_STAGES = ("sft", "rm", "ppo", "dpo")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class IncompleteError(RuntimeError):
+class IncompleteError(InputError, RuntimeError):
     """A stage output is missing or was never finished."""
 
 

@@ -25,12 +25,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.core.errors import RunError
+
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0
 POLL_S = 0.5
 
 
-class WaitTimeout(RuntimeError):
+class WaitTimeout(RunError, RuntimeError):
     """A process waited longer than ``launch.wait_minutes`` for an output another process or machine writes."""
 
 
