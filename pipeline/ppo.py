@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from data_prep.gemma_format import stop_token_ids
+from data_prep.gemma_format import END_OF_TURN, stop_token_ids
 from pipeline.core import peers, topology
 from pipeline.core import ppo_math as pm
 from pipeline.core.batching import BatchSizes, batch_sizes
@@ -57,26 +57,28 @@ from pipeline.core.checkpoint import (
 )
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, PPOConfig, Recipe
-from pipeline.core.consistency import ConsistencyError, check_inputs
+from pipeline.core.consistency import check_inputs
+from pipeline.core.devices import describe_processes, precision
+from pipeline.core.errors import RunError
 from pipeline.core.faults import NonFiniteLossError, fail_if_asked, nonfinite_ranks, poison_if_asked
 from pipeline.core.korean import korean_totals
-from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, load_sequence_classifier, precision
-from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
+from pipeline.core.loading import load_causal_lm, load_sequence_classifier
+from pipeline.core.locations import portable
+from pipeline.core.notices import write_notices
 from pipeline.core.progress import eta
+from pipeline.core.provenance import Derivation, stage_derivation
+from pipeline.core.reward_stats import RewardStats, check_gate
 from pipeline.core.rundir import (
     ADAPTER,
     VALUE,
     DataOutput,
-    IncompleteError,
-    RewardModelGateError,
-    RewardStats,
     RunDir,
     StageDir,
     append_metrics,
-    check_gate,
     checkpoints,
     data_output,
     keep_metrics_until,
+    lineage_metrics,
     lineage_recipe,
 )
 from pipeline.core.sampling import Generation, chunks, generate, left_pad, score, token_values
@@ -84,7 +86,7 @@ from pipeline.core.sampling import Generation, chunks, generate, left_pad, score
 STAGE = "ppo"
 
 
-class PPOStopError(RuntimeError):
+class PPOStopError(RunError, RuntimeError):
     """The run was stopped by a safety check (KL past ppo.max_kl)."""
 
 
@@ -776,7 +778,17 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
 
 def derivation(recipe: Recipe, parent: Path, manifest: dict, method: str, step: int | None, metrics: dict):
     return stage_derivation(
-        recipe, STAGE, method, parent, [s.path for s in recipe.data.prompts.train], manifest, metrics, step
+        recipe,
+        STAGE,
+        method,
+        parent,
+        [s.path for s in recipe.data.prompts.train],
+        manifest,
+        metrics,
+        step,
+        inputs={
+            "reward model": str(RunDir.of(recipe).stage("rm").final)
+        },  # its lineage is recorded beside the parent's
     )
 
 
@@ -795,6 +807,10 @@ class Inputs:
     panel: list[tuple[str, list[int]]]
 
 
+def _warn(message: str) -> None:
+    print(f"[ppo] warning {message}", file=sys.stderr, flush=True)
+
+
 def read_inputs(recipe: Recipe) -> Inputs:
     import datasets
     from transformers import AutoTokenizer
@@ -802,7 +818,7 @@ def read_inputs(recipe: Recipe) -> Inputs:
     run_dir = RunDir.of(recipe)
     sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint (run `make sft` first)")
     rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model (run `make rm` first)")
-    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, recipe.ppo.ignore_rm_gate)
+    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, recipe.ppo.ignore_rm_gate, warn=_warn)
     data = data_output(run_dir)
     check_inputs(data.path, {"the SFT checkpoint": sft_dir, "the reward model": rm_dir})
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
@@ -1256,6 +1272,52 @@ def _write_value_notices(derived: Derivation, tmp: Path) -> None:
     write_notices(tmp / VALUE, derived)  # the value model is loadable on its own: it carries its own notices
 
 
+def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
+    """The PPO model card's account of all three stages, and how to run the model with the right stop token."""
+    sft_m, rm_m = lineage_metrics(sft_dir), lineage_metrics(rm_dir)
+
+    def f(v):
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+    def paths(specs) -> str:
+        return ", ".join(f"`{portable(s.path, recipe.run_dir)}`" for s in specs)
+
+    data = recipe.data
+    p = recipe.ppo
+    ppo = "PPO" if p.estimator == "gae" else f"PPO ({p.estimator}, {p.num_generations} samples per prompt)"
+    return "\n".join(
+        [
+            "## How this model was made",
+            "",
+            "| stage | data | result |",
+            "|---|---|---|",
+            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
+            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
+            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
+            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
+            f"| {ppo} | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
+            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
+            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
+            "",
+            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
+            "",
+            "## Inference",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            f'stop = [tok.convert_tokens_to_ids("{END_OF_TURN}"), tok.eos_token_id]  # a model turn ends with {END_OF_TURN}',
+            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
+            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+        ]
+    )
+
+
 def save(ppo: PPORun, seconds: float) -> Path:
     """The policy as a notice-carrying Gemma derivative (LoRA merged), the value model beside it."""
     cfg, inputs, hist = ppo.recipe.ppo, ppo.inputs, ppo.progress.history
@@ -1314,8 +1376,6 @@ def main(argv: list[str] | None = None) -> int:
         "PPO against the reward model.",
         run,
         argv,
-        input_errors=(IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError),
-        run_errors=(NonFiniteLossError, PPOStopError),
     )
 
 

@@ -36,11 +36,11 @@ from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.korean import korean_metrics
 from pipeline.core.loading import load_causal_lm, load_sequence_classifier
 from pipeline.core.notices import replace_card_section
+from pipeline.core.reward_stats import RewardStats
 from pipeline.core.rundir import (
     REPORT_LOCK,
     DataOutput,
     IncompleteError,
-    RewardStats,
     RunDir,
     data_output,
     lineage_metrics,
@@ -51,7 +51,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.core.sampling import Generation, generate, left_pad, score
 from pipeline.core.topology import Topology
-from pipeline.core.writer import WaitTimeout, wait_until, writer_lock
+from pipeline.core.writer import wait_until, writer_lock
 
 CARD_SECTION = "Evaluation on held-out prompts"
 # The models a report can compare, in column order: the SFT model, then the stages trained from it.
@@ -660,8 +660,6 @@ def main(argv: list[str] | None = None) -> int:
         "Write the run report.",
         run,
         argv,
-        input_errors=(IncompleteError,),
-        run_errors=(WaitTimeout,),
         with_launch=True,
     )
 

@@ -25,28 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN
-from pipeline.core import peers
 from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.consistency import ConsistencyError, check_inputs
-from pipeline.core.faults import NonFiniteLossError
-from pipeline.core.loading import LoadError, describe_processes, load_sequence_classifier, precision
+from pipeline.core.loading import load_sequence_classifier
 from pipeline.core.locations import resolve_path
-from pipeline.core.notices import Derivation, stage_derivation
-from pipeline.core.reward_stats import pair_metrics
-from pipeline.core.rundir import MODEL_CONFIG, IncompleteError, RewardStats, RunDir, data_output
-from pipeline.core.trainer_stage import (
-    check_pad,
-    log_final,
-    loss_metrics,
-    resume_point,
-    save_trainer_final,
-    stage_callback,
-    train_or_restore,
-    trainer_arguments,
-    with_lora,
-)
+from pipeline.core.reward_stats import RewardStats, pair_metrics
+from pipeline.core.rundir import MODEL_CONFIG, RunDir
+from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "rm"
 
@@ -57,20 +43,7 @@ def init_checkpoint(recipe: Recipe) -> Path:
     return require_checkpoint(RunDir.of(recipe).stage("sft").final, "the SFT checkpoint (run `make sft` first)")
 
 
-def derivation(
-    recipe: Recipe, parent: Path, manifest: dict, method: str, step: int | None, metrics: dict
-) -> Derivation:
-    return stage_derivation(
-        recipe,
-        STAGE,
-        method,
-        parent,
-        [s.path for s in recipe.data.preference.train],
-        manifest,
-        metrics,
-        step,
-        pipeline_tag="text-classification",
-    )
+SHOWN = ("loss", "accuracy", "margin", "learning_rate", "grad_norm")  # on the console line
 
 
 def pairs_dataset(path: Path, use_margin: bool):
@@ -144,25 +117,16 @@ def write_reward_stats(stats: RewardStats, tmp: Path) -> None:
 
 
 def run(recipe: Recipe) -> Path:
-    import datasets
-    from accelerate import PartialState
-    from transformers import AutoTokenizer, PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.core.tracking import Tracker
-
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     # 1. Outputs; skip a finished stage.
     if (done_final := finished_or_announce(recipe, STAGE)) is not None:
         return done_final
-    stage = RunDir.of(recipe).stage(STAGE)
 
     # 2. Inputs: the SFT checkpoint, the data stage's pairs and tokenizer.
     parent = init_checkpoint(recipe)
-    data = data_output(RunDir.of(recipe))
-    check_inputs(data.path, {"the SFT checkpoint": parent})
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
-    datasets.disable_progress_bars()
+    data, tokenizer = read_inputs(recipe, parent)
     r = recipe.rm
     train_path, eval_path = data.split("preference", "train"), data.split("preference", "eval")
     if train_path is None:
@@ -172,50 +136,41 @@ def run(recipe: Recipe) -> Path:
     train_ds, _, _ = pairs_dataset(train_path, r.use_margin)
     eval_ds, eval_chosen_len, eval_rejected_len = pairs_dataset(eval_path, r.use_margin)
 
-    # 3. Training arguments (before the model: ZeRO-3 then loads shards; use_cpu gives gloo on a CPU machine).
-    prec = precision(recipe.run.precision)
-    args = RewardConfig(
-        **trainer_arguments(r, recipe, stage, prec, evaluate=True),
+    # 3. Training arguments, processes, tracker, resume point (pipeline.core.trainer_stage).
+    run = open_run(
+        recipe,
+        STAGE,
+        data,
+        tokenizer,
+        parent,
+        RewardConfig,
+        True,
+        started,
+        pipeline_tag="text-classification",
         center_rewards_coefficient=r.center_rewards_coefficient,
         disable_dropout=True,
     )
-    _ = args.device  # sets up the process group now (gloo on CPU)
-    peers.watch()  # a process that fails stops the others at once (pipeline.core.peers)
-    state = PartialState()
-    tracker = Tracker(recipe, STAGE, state.is_main_process)
-    if state.is_main_process:
-        print(f"[rm] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}; from {parent}", flush=True)
 
     # 4. Model: a one-output sequence classifier from the SFT checkpoint, fresh reward head.
-    resume, done = resume_point(stage)
-    from_ckpt = done and r.method == "full"
-    model = load_sequence_classifier(recipe.model, str(resume if from_ckpt else parent), dtype=prec["dtype"])
-    check_pad(tokenizer)
+    from_ckpt = run.done and r.method == "full"
+    model = load_sequence_classifier(recipe.model, str(run.resume if from_ckpt else parent), dtype=run.prec["dtype"])
     if model.config.pad_token_id is None or model.config.pad_token_id == tokenizer.eos_token_id:
         raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
-    if not done:
+    if not run.done:
         init_score_head(model, recipe.run.seed)
-    model, peft_config = with_lora(model, r.method, r.lora, "SEQ_CLS", resume, done, modules_to_save=["score"])
+    model, peft_config = with_lora(model, r.method, r.lora, "SEQ_CLS", run.resume, run.done, modules_to_save=["score"])
     trainer = RewardTrainer(
         model=model,
-        args=args,
+        args=run.args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[
-            stage_callback(
-                STAGE,
-                tracker,
-                partial(derivation, recipe, parent, data.manifest.raw, r.method),
-                ("loss", "accuracy", "margin", "learning_rate", "grad_norm"),
-            )
-        ],
+        callbacks=[run.callback(SHOWN)],
     )
-    trainer.remove_callback(PrinterCallback)
 
-    # 5. Resume from the last complete checkpoint, train.
-    train_or_restore(trainer, STAGE, recipe, resume, done, state.is_main_process)
+    # 5. Train (from the last complete checkpoint, if any).
+    run.train(trainer)
 
     # 6. Judge the reward model on the held-out pairs, scored at the final <end_of_turn> of each response.
     scorer = trainer.accelerator.unwrap_model(trainer.model_wrapped) if trainer.is_deepspeed_enabled else trainer.model
@@ -231,10 +186,7 @@ def run(recipe: Recipe) -> Path:
     stats = pair_metrics(rewards[:n], rewards[n:], eval_chosen_len, eval_rejected_len)
     metrics: dict[str, Any] = {f"eval/{k}": v for k, v in stats.items()}
     metrics.update(loss_metrics(trainer))
-    metrics["steps"] = trainer.state.global_step
-    metrics["seconds_this_session"] = round(time.perf_counter() - t_start, 1)
-    log_final(tracker, STAGE, metrics, trainer.state.global_step)
-    if state.is_main_process:
+    if run.main:
         print("[rm] held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()), flush=True)
         if abs(stats["length_spearman"]) > 0.5:
             print(
@@ -245,25 +197,18 @@ def run(recipe: Recipe) -> Path:
             )
 
     # 7. Save: one notice-carrying, atomic checkpoint with the normalisation statistics beside the weights.
-    method = "lora-merged" if r.method == "lora" else "full"
     reward_stats = RewardStats(
         mean=stats["reward_mean"], std=stats["reward_std"], accuracy=stats["accuracy"], pairs=n, scored_at=END_OF_TURN
     )
-    final = save_trainer_final(
-        stage,
-        trainer,
-        tokenizer,
-        derivation(recipe, parent, data.manifest.raw, method, None, metrics),
-        lora=r.method == "lora",
-        load_base=partial(load_sequence_classifier, recipe.model, str(parent), dtype=prec["dtype"]),
-        extra=partial(write_reward_stats, reward_stats),
-    )
     from_sft = Path(parent).resolve() == RunDir.of(recipe).stage("sft").final.resolve()
-    tracker.log_lineage(final, {"sft" if from_sft else "rm-init": parent})  # rm.init_from: not this run's SFT
-    tracker.finish()
-    if state.is_main_process:
-        print(f"[rm] saved {final} (held-out accuracy {stats['accuracy']:.3f})", flush=True)
-    return final
+    return run.finish(
+        trainer,
+        metrics,
+        load_base=partial(load_sequence_classifier, recipe.model, str(parent), dtype=run.prec["dtype"]),
+        extra=partial(write_reward_stats, reward_stats),
+        lineage={"sft" if from_sft else "rm-init": parent},  # rm.init_from: not this run's SFT
+        summary=f"held-out accuracy {stats['accuracy']:.3f}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         "Train the reward model on the data stage's preference pairs.",
         run,
         argv,
-        input_errors=(IncompleteError, LoadError, ConsistencyError),
-        run_errors=(NonFiniteLossError,),
     )
 
 

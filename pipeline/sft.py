@@ -18,41 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, GemmaEncoder, stop_token_ids
-from pipeline.core import peers
 from pipeline.core.checkpoint import finished_or_announce, stop_at_end_of_turn
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
-from pipeline.core.faults import NonFiniteLossError
-from pipeline.core.loading import LoadError, describe_processes, load_causal_lm, precision
-from pipeline.core.notices import Derivation, stage_derivation
-from pipeline.core.rundir import IncompleteError, RunDir, data_output
+from pipeline.core.loading import load_causal_lm
 from pipeline.core.sampling import generate, left_pad
-from pipeline.core.trainer_stage import (
-    check_pad,
-    log_final,
-    loss_metrics,
-    resume_point,
-    save_trainer_final,
-    stage_callback,
-    train_or_restore,
-    trainer_arguments,
-    with_lora,
-)
+from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "sft"
 
 
-def derivation(recipe: Recipe, data_manifest: dict, method: str, step: int | None, metrics: dict) -> Derivation:
-    return stage_derivation(
-        recipe,
-        STAGE,
-        method,
-        recipe.model.name_or_path,
-        [s.path for s in recipe.data.sft.train],
-        data_manifest,
-        metrics,
-        step,
-    )
+SHOWN = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second")  # on the console line
+EVAL_KEPT = ("loss", "mean_token_accuracy", "entropy")  # the evaluation metrics in the final checkpoint's notices
 
 
 def answer_panel(recipe: Recipe, tracker: Any, tokenizer: Any, panel: list, args, state, model) -> None:
@@ -78,23 +55,15 @@ def answer_panel(recipe: Recipe, tracker: Any, tokenizer: Any, panel: list, args
 
 def run(recipe: Recipe) -> Path:
     import datasets
-    from accelerate import PartialState
-    from transformers import AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.core.tracking import Tracker
-
-    t_start = time.perf_counter()
-    # 1. Outputs; skip a finished stage. (The distributed state is set up by the training arguments below, which
-    #    pick gloo on a CPU-only machine.)
+    started = time.perf_counter()
+    # 1. Outputs; skip a finished stage.
     if (done_final := finished_or_announce(recipe, STAGE)) is not None:
         return done_final
-    stage = RunDir.of(recipe).stage(STAGE)
 
-    # 2. Data and tokenizer from the data stage (the same tokenizer and chat template for every stage).
-    data = data_output(RunDir.of(recipe))
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
-    datasets.disable_progress_bars()
+    # 2. Data and tokenizer from the data stage.
+    data, tokenizer = read_inputs(recipe, parent=None)
     columns = ["input_ids", "assistant_masks"]
     train_path, eval_path = data.split(STAGE, "train"), data.split(STAGE, "eval")
     if train_path is None:
@@ -102,83 +71,42 @@ def run(recipe: Recipe) -> Path:
     train_ds = datasets.Dataset.from_parquet(str(train_path)).select_columns(columns)
     eval_ds = datasets.Dataset.from_parquet(str(eval_path)).select_columns(columns) if eval_path else None
 
-    # 3. Training arguments; precision by device (bf16 on GPU, fp32 on CPU).
-    prec = precision(recipe.run.precision)
+    # 3. Training arguments, processes, tracker, resume point (pipeline.core.trainer_stage).
     s = recipe.sft
-    args = SFTConfig(
-        **trainer_arguments(s, recipe, stage, prec, evaluate=eval_ds is not None),
-        packing=s.packing,
-    )
-    _ = args.device  # sets up the process group now (gloo on CPU), before anything else asks for it
-    peers.watch()  # a process that fails stops the others at once (pipeline.core.peers)
-    state = PartialState()
-    tracker = Tracker(recipe, STAGE, state.is_main_process)
-    if state.is_main_process:
-        print(f"[sft] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}", flush=True)
+    run = open_run(recipe, STAGE, data, tokenizer, None, SFTConfig, eval_ds is not None, started, packing=s.packing)
 
-    # 4. Model (and LoRA). Built after the training arguments: under ZeRO-3 those make from_pretrained
-    #    load each rank's shard directly instead of a full copy per process.
-    resume, done = resume_point(stage)
-    model = load_causal_lm(recipe.model, str(resume) if done and s.method == "full" else None, dtype=prec["dtype"])
-    check_pad(tokenizer)
+    # 4. Model (and LoRA), from the base model or, for a finished run, its last checkpoint.
+    full_done = run.done and s.method == "full"
+    model = load_causal_lm(recipe.model, str(run.resume) if full_done else None, dtype=run.prec["dtype"])
     stop_at_end_of_turn(model.generation_config, tokenizer)  # every checkpoint it writes stops where turns end
-    model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", resume, done)
+    model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", run.resume, run.done)
     enc = GemmaEncoder(tokenizer)
     panel = [
         (p, enc.encode([{"role": "user", "content": p}], add_generation_prompt=True).input_ids) for p in s.prompt_panel
     ]
     trainer = SFTTrainer(
         model=model,
-        args=args,
+        args=run.args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[
-            stage_callback(
-                STAGE,
-                tracker,
-                partial(derivation, recipe, data.manifest.raw, s.method),
-                ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second"),
-                on_evaluate=partial(answer_panel, recipe, tracker, tokenizer, panel),
-            )
-        ],
+        callbacks=[run.callback(SHOWN, on_evaluate=partial(answer_panel, recipe, run.tracker, tokenizer, panel))],
     )
-    trainer.remove_callback(PrinterCallback)  # our callback prints one line per log
 
-    # 5. Resume from the last complete checkpoint, train.
-    train_or_restore(trainer, STAGE, recipe, resume, done, state.is_main_process)
+    # 5. Train (from the last complete checkpoint, if any); the held-out loss at the last step.
+    run.train(trainer)
     metrics: dict[str, Any] = loss_metrics(trainer)
     if eval_ds is not None:
         last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         if last_eval is None or last_eval.get("step") != trainer.state.global_step:
             last_eval = trainer.evaluate()
         metrics.update(
-            {
-                f"eval/{k[5:]}": v
-                for k, v in last_eval.items()
-                if k.startswith("eval_") and k[5:] in ("loss", "mean_token_accuracy", "entropy")
-            }
+            {f"eval/{k[5:]}": v for k, v in last_eval.items() if k.startswith("eval_") and k[5:] in EVAL_KEPT}
         )
-    metrics["steps"] = trainer.state.global_step
-    metrics["seconds_this_session"] = round(time.perf_counter() - t_start, 1)
 
     # 6. Save: one notice-carrying, atomic checkpoint (LoRA merged into a full one; the adapter kept beside).
-    method = "lora-merged" if s.method == "lora" else "full"
-    final = save_trainer_final(
-        stage,
-        trainer,
-        tokenizer,
-        derivation(recipe, data.manifest.raw, method, None, metrics),
-        lora=s.method == "lora",
-        load_base=partial(load_causal_lm, recipe.model, dtype=prec["dtype"]),
-    )
-    log_final(tracker, STAGE, metrics, trainer.state.global_step)
-    tracker.log_lineage(final)
-    tracker.finish()
-    if state.is_main_process:
-        print(f"[sft] saved {final} ({', '.join(f'{k} {v:.4g}' for k, v in metrics.items())})", flush=True)
-    return final
+    return run.finish(trainer, metrics, load_base=partial(load_causal_lm, recipe.model, dtype=run.prec["dtype"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         "Supervised fine-tuning on the data stage's dialogues.",
         run,
         argv,
-        input_errors=(IncompleteError, LoadError),
-        run_errors=(NonFiniteLossError,),
     )
 
 

@@ -139,7 +139,7 @@ def test_resuming_notices_a_local_path_moved_to_another_folder(tmp_path):
     from pipeline.core.checkpoint import changed_since
     from pipeline.core.config import load_recipe, to_dict
     from pipeline.core.locations import portable
-    from pipeline.core.notices import path_digests
+    from pipeline.core.provenance import path_digests
     from tests.conftest import REPO
 
     recipe_file = REPO / "recipes" / "tiny_ko.yaml"

@@ -121,7 +121,7 @@ def test_precision_is_a_checked_recipe_key():
 def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
     """Catches a value model that outputs raw reward units while the scores are standardised: its first targets
     would be off by the reward model's mean and scale (here 3.0 and 6.7)."""
-    from pipeline.core.rundir import RewardStats
+    from pipeline.core.reward_stats import RewardStats
     from pipeline.core.sampling import left_pad, positions, score_at
     from pipeline.ppo import build_setup
 

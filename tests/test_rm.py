@@ -117,7 +117,7 @@ def test_wandb_has_rm_metrics(chain):
 
 
 def test_quality_gate(chain, tmp_path, capsys):
-    from pipeline.core.rundir import RewardModelGateError, check_gate
+    from pipeline.core.reward_stats import RewardModelGateError, check_gate
 
     _, final = chain
     acc = json.loads((final / "reward_stats.json").read_text())["accuracy"]

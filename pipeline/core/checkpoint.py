@@ -19,7 +19,8 @@ from data_prep.gemma_format import stop_token_ids
 from pipeline.core.atomic import commit_dir, staging_dir
 from pipeline.core.config import to_dict, to_yaml
 from pipeline.core.locations import portable
-from pipeline.core.notices import Derivation, flatten, missing_notices, path_digests, write_notices
+from pipeline.core.notices import missing_notices, write_notices
+from pipeline.core.provenance import Derivation, flatten, path_digests
 from pipeline.core.rundir import (
     GENERATION_CONFIG,
     MARKER,

@@ -14,7 +14,8 @@ from pathlib import Path
 from data_prep.gemma_format import END_OF_TURN
 from pipeline.core.errors import InputError
 from pipeline.core.loading import tokenizer_fingerprint
-from pipeline.core.rundir import MODEL_CONFIG, RewardStats, read_manifest
+from pipeline.core.reward_stats import RewardStats
+from pipeline.core.rundir import MODEL_CONFIG, read_manifest
 
 FIELDS = ("hash", "vocab_size", "special_ids", "chat_template_hash")
 

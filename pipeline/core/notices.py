@@ -17,23 +17,27 @@ checkpoint without its notices is never complete; ``missing_notices`` checks a d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from data_prep.gemma_format import END_OF_TURN, GENERATION_PROMPT
-from pipeline.core.config import recipe_hash, to_dict
 from pipeline.core.embedded import EMBEDDED_MODELS, embedded_dir
-from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, portable, scrub_paths
+from pipeline.core.locations import EMBEDDED_PREFIX, is_hub_id, looks_local, portable
+from pipeline.core.provenance import (
+    Derivation,
+    git_commit,
+    hub_datasets,
+    known_paths,
+    lineage_record,
+    scrub_text_files,
+)
 from pipeline.core.rundir import (
     CARD_FILE,
     LINEAGE,
@@ -41,8 +45,6 @@ from pipeline.core.rundir import (
     NOTICE_FILE,
     RECIPE_FILE,
     TERMS,
-    RunDir,
-    lineage_metrics,
     read_lineage,
 )
 
@@ -55,106 +57,6 @@ CONFIG_NOTICE_KEY = "gemma_derivative"
 PROVENANCE = "Provenance files"  # the card section naming the run-directory files a published export leaves out
 _TERMS_NAMES = ("gemma_terms_of_use", "terms_of_use", "gemma-terms-of-use", "terms-of-use")
 _warned_terms = False
-
-
-@dataclass
-class Derivation:
-    """What one stage did to produce a checkpoint."""
-
-    stage: str
-    """Pipeline stage: sft, rm or ppo."""
-    method: str
-    """full, lora (adapter) or lora-merged."""
-    run_name: str
-    """Recipe run name."""
-    base_model: str
-    """The original Gemma model (hub id or local path)."""
-    base_revision: str | None
-    """Hub revision of the base model, when known."""
-    parent: str
-    """The checkpoint this one was trained from."""
-    datasets: list[str]
-    """Training data: hub dataset ids or local file paths."""
-    recipe: dict
-    """The resolved recipe."""
-    recipe_hash: str
-    """sha256 of the resolved recipe."""
-    data_manifest: dict | None = None
-    """The data stage's manifest (inputs, counts, tokenizer and template hashes)."""
-    metrics: dict = field(default_factory=dict)
-    """Final (or current) metrics of the stage."""
-    step: int | None = None
-    """Optimizer step of an intermediate checkpoint (None: final)."""
-    terms_source: str | None = None
-    """A local copy of the Gemma Terms of Use to include (recipe's model.terms_of_use)."""
-    pipeline_tag: str = "text-generation"
-    """Hub pipeline tag of the checkpoint."""
-    extra_sections: list[str] = field(default_factory=list)
-    """More model-card sections (markdown), e.g. a stage summary."""
-    run_root: Path | None = None
-    """The run directory: local paths are written relative to it (or to the repository), never absolute."""
-    language: list[str] = field(default_factory=list)
-    """The model's languages (the card's ``language``)."""
-    inputs: dict[str, str] = field(default_factory=dict)
-    """Other checkpoints this one was made with, by role (PPO: the reward model); their lineage is recorded."""
-    tracking_runs: dict[str, str] = field(default_factory=dict)
-    """W&B run URLs of the stages so far, by stage (linked from the card)."""
-
-
-def stage_derivation(
-    recipe,
-    stage: str,
-    method: str,
-    parent: str | Path,
-    datasets: list[str],
-    data_manifest: dict,
-    metrics: dict,
-    step: int | None,
-    pipeline_tag: str = "text-generation",
-) -> Derivation:
-    """A stage's Derivation, with everything that comes from the recipe filled in. PPO's reward model is an input of
-    its lineage beside the parent (the SFT checkpoint)."""
-    from pipeline.core.rundir import wandb_runs
-
-    run = RunDir.of(recipe)
-    inputs = {"reward model": str(run.stage("rm").final)} if stage == "ppo" else {}
-    return Derivation(
-        stage=stage,
-        method=method,
-        run_name=recipe.run.name,
-        base_model=recipe.model.name_or_path,
-        base_revision=recipe.model.revision,
-        parent=str(parent),
-        datasets=datasets,
-        recipe=to_dict(recipe),
-        recipe_hash=recipe_hash(recipe),
-        data_manifest=data_manifest,
-        metrics=metrics,
-        step=step,
-        terms_source=recipe.model.terms_of_use,
-        pipeline_tag=pipeline_tag,
-        run_root=run.root,
-        language=list(recipe.publish.language),
-        inputs=inputs,
-        tracking_runs={stage: r["url"] for stage, r in wandb_runs(run).items() if r.get("url")},
-    )
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,12 +146,6 @@ def hub_base_model(base_model: str) -> str | None:
     if base_model.startswith(EMBEDDED_PREFIX):
         return getattr(EMBEDDED_MODELS.get(base_model[len(EMBEDDED_PREFIX) :]), "upstream", None)
     return base_model if is_hub_id(base_model) and not looks_local(base_model) else None
-
-
-def hub_datasets(datasets: list[str]) -> list[str]:
-    """The hub dataset ids among a recipe's dataset paths (decided on the paths as written: a local folder outside
-    the repository is written by its name alone, which could look like a hub id)."""
-    return [x for x in datasets if not looks_local(x) and is_hub_id(x)]
 
 
 def lineage_datasets(d: Derivation) -> list[tuple[str, str, bool]]:
@@ -354,27 +250,6 @@ def model_card(d: Derivation, date: str, commit: str, terms_copy: str | None) ->
 # --------------------------------------------------------------------------------------------------------------
 
 
-def flatten(d, prefix: str = "") -> dict:
-    """A nested dict as ``{"a.b.c": value}``."""
-    if isinstance(d, dict):
-        out: dict = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def path_digests(recipe: dict, run_root: Path | None) -> dict[str, str]:
-    """For each recipe key whose value is a local path written in a shorter portable form (a file outside the
-    repository keeps its name alone), a digest of the full path: the lineage holds no absolute path, yet a resumed
-    stage can still tell that ``/data/v1/x.jsonl`` became ``/data/v2/x.jsonl``."""
-    return {
-        k: hashlib.sha256(v.encode()).hexdigest()[:16]
-        for k, v in flatten(recipe).items()
-        if isinstance(v, str) and portable(v, run_root) != v
-    }
-
-
 def write_notices(ckpt: str | Path, d: Derivation) -> None:
     """Write every notice into the checkpoint directory ``ckpt`` (weights and config already saved there)."""
     global _warned_terms
@@ -418,24 +293,7 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
         cfg[CONFIG_NOTICE_KEY] = {"notice": NOTICE_LINE, "terms": TERMS_URL, "modifications": history}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    lineage = {
-        "stage": d.stage,
-        "method": d.method,
-        "step": d.step,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "base_model": {"id": d.base_model, "revision": d.base_revision},
-        "parent": d.parent,
-        "parent_lineage": read_lineage(d.parent),
-        "inputs": {role: {"path": path, "lineage": read_lineage(path)} for role, path in d.inputs.items()},
-        "datasets": d.datasets,
-        "hub_datasets": hub_datasets(d.datasets),
-        "data_manifest": d.data_manifest,
-        "recipe_hash": d.recipe_hash,
-        "recipe": d.recipe,
-        "recipe_path_digests": path_digests(d.recipe, d.run_root),
-        "git_commit": commit,
-        "metrics": d.metrics,
-    }
+    lineage = lineage_record(d, commit)
     (ckpt / LINEAGE).write_text(
         json.dumps(portable(lineage, d.run_root), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
     )
@@ -443,34 +301,6 @@ def write_notices(ckpt: str | Path, d: Derivation) -> None:
     (ckpt / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
     (ckpt / CARD_FILE).write_text(model_card(d, date, commit, terms_copy), encoding="utf-8")
     scrub_text_files(ckpt, d.run_root, known_paths(d))
-
-
-_TEXT_SUFFIXES = (".json", ".md", ".yaml", ".yml", ".txt", ".jinja")
-_SCRUB_MAX_BYTES = 16 << 20  # a tokenizer.json of a 262k vocabulary is ~33 MB and names no path
-
-
-def known_paths(d: Derivation) -> dict[str, str]:
-    """The absolute local paths a stage may have handed to other libraries (the base model, the parent, the inputs,
-    the data), each with its portable form."""
-    out = {}
-    for p in [d.base_model, d.parent, *d.inputs.values(), *d.datasets, d.terms_source]:
-        if p and not p.startswith(EMBEDDED_PREFIX) and looks_local(p):
-            resolved = str(Path(p).expanduser().resolve() if Path(p).expanduser().is_absolute() else REPO_ROOT / p)
-            out[resolved] = portable(resolved, d.run_root)
-    return out
-
-
-def scrub_text_files(ckpt: Path, run_root: Path | None, known: dict[str, str] | None = None) -> None:
-    """Rewrite absolute local paths that other libraries wrote into a checkpoint's text files (PEFT's
-    ``adapter_config.json`` and adapter card name the base model's folder) to their portable forms, so that nothing
-    a checkpoint carries names this machine's folders."""
-    for f in sorted(ckpt.rglob("*")):
-        if not f.is_file() or f.suffix not in _TEXT_SUFFIXES or f.stat().st_size > _SCRUB_MAX_BYTES:
-            continue
-        text = f.read_text(encoding="utf-8", errors="surrogateescape")
-        clean = scrub_paths(text, run_root, known)
-        if clean != text:
-            f.write_text(clean, encoding="utf-8", errors="surrogateescape")
 
 
 def missing_notices(ckpt: str | Path, lineage: bool = True) -> list[str]:
@@ -499,52 +329,6 @@ def missing_notices(ckpt: str | Path, lineage: bool = True) -> list[str]:
         if CONFIG_NOTICE_KEY not in json.loads(cfg.read_text(encoding="utf-8")):
             missing.append(f"{cfg.relative_to(ckpt)} notice")
     return missing
-
-
-def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
-    """The PPO model card's account of all three stages, and how to run the model with the right stop token."""
-    sft_m, rm_m = lineage_metrics(sft_dir), lineage_metrics(rm_dir)
-
-    def f(v):
-        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
-
-    def paths(specs) -> str:
-        return ", ".join(f"`{portable(s.path, recipe.run_dir)}`" for s in specs)
-
-    data = recipe.data
-    p = recipe.ppo
-    ppo = "PPO" if p.estimator == "gae" else f"PPO ({p.estimator}, {p.num_generations} samples per prompt)"
-    return "\n".join(
-        [
-            "## How this model was made",
-            "",
-            "| stage | data | result |",
-            "|---|---|---|",
-            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
-            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
-            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
-            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
-            f"| {ppo} | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
-            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
-            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
-            "",
-            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
-            "",
-            "## Inference",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            'tok = AutoTokenizer.from_pretrained("PATH")',
-            'model = AutoModelForCausalLM.from_pretrained("PATH")',
-            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
-            '                              return_tensors="pt", return_dict=True)',
-            f'stop = [tok.convert_tokens_to_ids("{END_OF_TURN}"), tok.eos_token_id]  # a model turn ends with {END_OF_TURN}',
-            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
-            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
-            "```",
-        ]
-    )
 
 
 def replace_card_section(ckpt: str | Path, title: str, body: str) -> None:

@@ -1,9 +1,18 @@
-"""Pure functions for judging a reward model on held-out preference pairs."""
+"""A reward model judged on held-out preference pairs: the pair metrics (pure functions), the statistics stored
+beside its weights (``reward_stats.json``: the mean and std PPO normalises scores with, the held-out accuracy), and
+the gate that refuses to optimise against a reward model below ``rm.min_accuracy``."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.core.errors import InputError
+from pipeline.core.rundir import REWARD_STATS, IncompleteError
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -69,3 +78,71 @@ def pair_metrics(
         "length_spearman": spearman(all_rewards, list(chosen_len) + list(rejected_len)),
         "pairs": n,
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward model's statistics and the gate PPO applies to them
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RewardModelGateError(InputError, RuntimeError):
+    """The reward model is not good enough to optimise against."""
+
+
+@dataclass(frozen=True)
+class RewardStats:
+    """``rm/final/reward_stats.json``: the reward model judged on held-out pairs."""
+
+    mean: float
+    """Mean reward over every held-out response (PPO's ``normalize_reward`` subtracts it)."""
+    std: float
+    """Standard deviation of those rewards (PPO's ``normalize_reward`` divides by it)."""
+    accuracy: float
+    """Held-out pairwise accuracy (the gate's measure)."""
+    pairs: int
+    """Held-out pairs scored."""
+    scored_at: str
+    """The token the reward is read at (PPO rollouts must stop on it)."""
+
+    def write(self, folder: str | Path) -> None:
+        (Path(folder) / REWARD_STATS).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RewardStats | None:
+        """The statistics stored with a reward model, or None for a checkpoint that has none."""
+        path = Path(folder) / REWARD_STATS
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                float(raw["mean"]), float(raw["std"]), float(raw["accuracy"]), int(raw["pairs"]), raw["scored_at"]
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise IncompleteError(
+                f"{path} is not a reward model's statistics file ({type(e).__name__}: {e})"
+            ) from None
+
+
+def warn_on_stderr(message: str) -> None:
+    print(f"warning {message}", file=sys.stderr, flush=True)
+
+
+def check_gate(
+    rm_dir: str | Path, min_accuracy: float, override: bool, warn: Callable[[str], None] = warn_on_stderr
+) -> float:
+    """The reward model's held-out accuracy. Below ``min_accuracy`` it raises RewardModelGateError, or, when
+    ``override`` lets the run start anyway, hands the reason to ``warn`` (the caller prints it its own way)."""
+    stats = RewardStats.read(rm_dir)
+    if stats is None:
+        raise RewardModelGateError(f"{rm_dir} has no {REWARD_STATS}: it was not written by the reward-model stage")
+    if stats.accuracy < min_accuracy:
+        msg = (
+            f"the reward model at {rm_dir} has held-out pairwise accuracy {stats.accuracy:.3f}, below "
+            f"rm.min_accuracy {min_accuracy}: PPO against it would optimise noise. Improve the reward model (data, "
+            "epochs), lower rm.min_accuracy, or set ppo.ignore_rm_gate=true to start anyway"
+        )
+        if not override:
+            raise RewardModelGateError(msg)
+        warn(f"(ppo.ignore_rm_gate): {msg}")
+    return stats.accuracy

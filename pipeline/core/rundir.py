@@ -28,9 +28,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -270,67 +269,6 @@ class DataOutput:
 def data_output(run: RunDir, what: str = "the data stage output (run `make data` first)") -> DataOutput:
     path = require_complete(run.data, what)
     return DataOutput(path, read_manifest(path))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The reward model's statistics and the gate PPO applies to them
-# --------------------------------------------------------------------------------------------------------------
-
-
-class RewardModelGateError(RuntimeError):
-    """The reward model is not good enough to optimise against."""
-
-
-@dataclass(frozen=True)
-class RewardStats:
-    """``rm/final/reward_stats.json``: the reward model judged on held-out pairs."""
-
-    mean: float
-    """Mean reward over every held-out response (PPO's ``normalize_reward`` subtracts it)."""
-    std: float
-    """Standard deviation of those rewards (PPO's ``normalize_reward`` divides by it)."""
-    accuracy: float
-    """Held-out pairwise accuracy (the gate's measure)."""
-    pairs: int
-    """Held-out pairs scored."""
-    scored_at: str
-    """The token the reward is read at (PPO rollouts must stop on it)."""
-
-    def write(self, folder: str | Path) -> None:
-        (Path(folder) / REWARD_STATS).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def read(cls, folder: str | Path) -> RewardStats | None:
-        """The statistics stored with a reward model, or None for a checkpoint that has none."""
-        path = Path(folder) / REWARD_STATS
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(
-                float(raw["mean"]), float(raw["std"]), float(raw["accuracy"]), int(raw["pairs"]), raw["scored_at"]
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise IncompleteError(
-                f"{path} is not a reward model's statistics file ({type(e).__name__}: {e})"
-            ) from None
-
-
-def check_gate(rm_dir: str | Path, min_accuracy: float, override: bool) -> float:
-    """The reward model's held-out accuracy; raises RewardModelGateError below ``min_accuracy`` unless overridden."""
-    stats = RewardStats.read(rm_dir)
-    if stats is None:
-        raise RewardModelGateError(f"{rm_dir} has no {REWARD_STATS}: it was not written by the reward-model stage")
-    if stats.accuracy < min_accuracy:
-        msg = (
-            f"the reward model at {rm_dir} has held-out pairwise accuracy {stats.accuracy:.3f}, below "
-            f"rm.min_accuracy {min_accuracy}: PPO against it would optimise noise. Improve the reward model (data, "
-            "epochs), lower rm.min_accuracy, or set ppo.ignore_rm_gate=true to start anyway"
-        )
-        if not override:
-            raise RewardModelGateError(msg)
-        print(f"[ppo] warning (ppo.ignore_rm_gate): {msg}", file=sys.stderr, flush=True)
-    return stats.accuracy
 
 
 # --------------------------------------------------------------------------------------------------------------

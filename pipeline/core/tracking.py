@@ -98,7 +98,7 @@ class Tracker:
             return
         import wandb
 
-        from pipeline.core.notices import git_commit
+        from pipeline.core.provenance import git_commit
 
         t = recipe.tracking
         run_dir = RunDir.of(recipe)

@@ -1,11 +1,13 @@
-"""What the two Trainer-driven stages (SFT and RM) share, as functions: the training arguments both take from their
-recipe section, the callback (W&B and console logging under ``stage/group/name`` keys with tokens/s, a stop on a
-non-finite loss, grad norm or weights, the notices and completion marker on every resumable checkpoint the Trainer
-saves), resuming, LoRA, and the final save (LoRA merged into a full checkpoint, the adapter kept beside it, the
-Trainer's pickles and the adapter's tokenizer copies removed).
+"""What the Trainer-driven stages (SFT, RM and DPO) share: one run object, ``TrainerRun``, opened by ``open_run``
+(training arguments from the recipe section, the process group, the peer watch, the tracker, the resume point) and
+closed by ``TrainerRun.finish`` (the notice-carrying final checkpoint, LoRA merged into it and the adapter kept
+beside it, the final metrics, the lineage); and the pieces between: the callback (W&B and console logging under
+``stage/group/name`` keys with tokens/s, a stop on a non-finite loss, grad norm or weights, the notices and
+completion marker on every resumable checkpoint the Trainer saves), LoRA, and training or restoring a finished run.
 
-The stages keep what differs: their data, their model class, their metrics (the SFT prompt panel; the reward
-model's held-out pairs and statistics).
+The stages keep what is their own: their data, their model class, their trainer, their metrics (the SFT prompt
+panel; the reward model's held-out pairs and statistics; DPO's implicit-reward accuracy). PPO, our own loop, has its
+own run object (``pipeline.ppo.PPORun``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import peers
 from pipeline.core.checkpoint import (
     last_good_note,
     last_resumable,
@@ -28,15 +32,199 @@ from pipeline.core.checkpoint import (
     training_done,
     warn_if_changed,
 )
-from pipeline.core.config import ConfigError, LoraSettings, Recipe
+from pipeline.core.config import ConfigError, LoraSettings, Recipe, TrainerSettings
+from pipeline.core.consistency import check_inputs
+from pipeline.core.devices import describe_processes, precision
 from pipeline.core.faults import NonFiniteLossError, nonfinite_ranks, poison_if_asked
-from pipeline.core.notices import CARD_FILE, Derivation
 from pipeline.core.progress import eta
-from pipeline.core.rundir import ADAPTER, TRAINER_STATE, StageDir, checkpoint_dir
+from pipeline.core.provenance import Derivation, stage_derivation
+from pipeline.core.rundir import (
+    ADAPTER,
+    CARD_FILE,
+    TRAINER_STATE,
+    DataOutput,
+    RunDir,
+    StageDir,
+    checkpoint_dir,
+    data_output,
+)
 
 # What a saved LoRA adapter folder keeps of the tokenizer: nothing (the tokenizer sits once, beside the weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 TRAINER_PICKLE = "training_args.bin"  # the Trainer's pickled settings: no use to recipients
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run: opened before the model is built, finished by the final save
+# --------------------------------------------------------------------------------------------------------------
+
+# The data section each stage trains on (``recipe.data.<section>.train`` are the datasets its notices name).
+DATA_SECTION = {"sft": "sft", "rm": "preference", "dpo": "preference"}
+
+
+@dataclass
+class TrainerRun:
+    """One run of a Trainer-driven stage: its recipe section, inputs, training arguments, processes and tracker."""
+
+    recipe: Recipe
+    name: str
+    """The stage: ``sft``, ``rm`` or ``dpo``."""
+    stage: StageDir
+    data: DataOutput
+    """The data stage's output the stage reads."""
+    tokenizer: Any
+    """The data stage's tokenizer (every stage's checkpoint carries the same one)."""
+    parent: Path | None
+    """The checkpoint the model starts from (None: the recipe's base model)."""
+    args: Any
+    """The trainer's TrainingArguments (TRL's SFTConfig, RewardConfig or DPOConfig)."""
+    prec: dict
+    """``pipeline.core.devices.precision``: bf16 or fp32, the dtype to load in, CPU or not."""
+    main: bool
+    """This is the job's main process (it prints, writes notices and finishes the save)."""
+    tracker: Any
+    resume: Path | None
+    """The newest complete resumable checkpoint, if any."""
+    done: bool
+    """That checkpoint already holds the run's last step: restore it instead of training."""
+    started: float
+    """``time.perf_counter()`` when the stage started (for ``seconds_this_session``)."""
+    pipeline_tag: str = "text-generation"
+
+    @property
+    def settings(self) -> TrainerSettings:
+        return getattr(self.recipe, self.name)
+
+    def derivation(self, method: str, step: int | None, metrics: dict) -> Derivation:
+        """What a checkpoint of this stage is derived from (its notices and lineage); ``method`` as exported."""
+        return stage_derivation(
+            self.recipe,
+            self.name,
+            method,
+            self.parent if self.parent is not None else self.recipe.model.name_or_path,
+            [s.path for s in getattr(self.recipe.data, DATA_SECTION[self.name]).train],
+            self.data.manifest.raw,
+            metrics,
+            step,
+            pipeline_tag=self.pipeline_tag,
+        )
+
+    def callback(self, shown: tuple[str, ...], on_evaluate: Callable[..., None] | None = None):
+        """The stage's TrainerCallback (``stage_callback``): intermediate checkpoints carry ``settings.method``."""
+        return stage_callback(
+            self.name, self.tracker, partial(self.derivation, self.settings.method), shown, on_evaluate
+        )
+
+    def train(self, trainer: Any) -> None:
+        """Train from the start or the resume point, or restore a finished run's state; one console line per log."""
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the stage callback prints one line per log
+        train_or_restore(trainer, self.name, self.recipe, self.resume, self.done, self.main)
+
+    def finish(
+        self,
+        trainer: Any,
+        metrics: dict[str, Any],
+        load_base: Callable[[], Any],
+        extra: Callable[[Path], None] | None = None,
+        lineage: dict[str, Path] | None = None,
+        summary: str | None = None,
+    ) -> Path:
+        """Save the notice-carrying final checkpoint (``save_trainer_final``; LoRA merged into ``load_base()``,
+        ``extra(tmp)`` adds the stage's files), log the final metrics and the lineage (``lineage``: the checkpoints
+        it was made from, by artifact name), and print ``summary`` (default: the metrics)."""
+        metrics["steps"] = trainer.state.global_step
+        metrics["seconds_this_session"] = round(time.perf_counter() - self.started, 1)
+        lora = self.settings.method == "lora"
+        final = save_trainer_final(
+            self.stage,
+            trainer,
+            self.tokenizer,
+            self.derivation("lora-merged" if lora else "full", None, metrics),
+            lora=lora,
+            load_base=load_base,
+            extra=extra,
+        )
+        log_final(self.tracker, self.name, metrics, trainer.state.global_step)
+        self.tracker.log_lineage(final, lineage)
+        self.tracker.finish()
+        if self.main:
+            if summary is None:
+                numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                summary = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+            print(f"[{self.name}] saved {final} ({summary})", flush=True)
+        return final
+
+
+def read_inputs(recipe: Recipe, parent: Path | None) -> tuple[DataOutput, Any]:
+    """The data stage's output and its tokenizer (the same tokenizer and chat template for every stage), checked
+    against the checkpoint the stage starts from when there is one (``pipeline.core.consistency``)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    data = data_output(RunDir.of(recipe))
+    if parent is not None:
+        check_inputs(data.path, {"the SFT checkpoint": parent})
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
+    datasets.disable_progress_bars()
+    return data, tokenizer
+
+
+def open_run(
+    recipe: Recipe,
+    name: str,
+    data: DataOutput,
+    tokenizer: Any,
+    parent: Path | None,
+    arguments: type,
+    evaluate: bool,
+    started: float,
+    pipeline_tag: str = "text-generation",
+    **stage_arguments: Any,
+) -> TrainerRun:
+    """The common opening of a Trainer stage, after its inputs are read and before its model is built: the training
+    arguments (``arguments``, TRL's config class, with the recipe section's shared settings and ``stage_arguments``),
+    the process group they set up (gloo on a CPU), the peer watch, the tracker, the process line, the pad check and
+    the resume point. Built before the model: under ZeRO-3 the arguments make ``from_pretrained`` load each
+    process's shard directly instead of a full copy per process."""
+    from accelerate import PartialState
+
+    from pipeline.core.tracking import Tracker
+
+    stage = RunDir.of(recipe).stage(name)
+    prec = precision(recipe.run.precision)
+    args = arguments(**trainer_arguments(getattr(recipe, name), recipe, stage, prec, evaluate), **stage_arguments)
+    _ = args.device  # sets up the process group now (gloo on CPU), before anything else asks for it
+    peers.watch()  # a process that fails stops the others at once (pipeline.core.peers)
+    state = PartialState()
+    tracker = Tracker(recipe, name, state.is_main_process)
+    if state.is_main_process:
+        source = f"; from {parent}" if parent is not None else ""
+        print(f"[{name}] {describe_processes(state)}; {'bf16' if prec['bf16'] else 'fp32'}{source}", flush=True)
+    check_pad(tokenizer)
+    resume, done = resume_point(stage)
+    return TrainerRun(
+        recipe=recipe,
+        name=name,
+        stage=stage,
+        data=data,
+        tokenizer=tokenizer,
+        parent=parent,
+        args=args,
+        prec=prec,
+        main=state.is_main_process,
+        tracker=tracker,
+        resume=resume,
+        done=done,
+        started=started,
+        pipeline_tag=pipeline_tag,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pieces
+# --------------------------------------------------------------------------------------------------------------
 
 
 def trainer_arguments(section: Any, recipe: Recipe, stage: StageDir, prec: dict, evaluate: bool) -> dict:
