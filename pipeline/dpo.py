@@ -81,11 +81,12 @@ def run(recipe: Recipe) -> Path:
         recipe,
         STAGE,
         data,
-        tokenizer,
-        parent,
-        DPOConfig,
-        eval_ds is not None,
-        started,
+        data_section="preference",
+        tokenizer=tokenizer,
+        parent=parent,
+        arguments=DPOConfig,
+        evaluate=eval_ds is not None,
+        started=started,
         beta=d.beta,
         loss_type=[d.loss_type],
         label_smoothing=d.label_smoothing,
@@ -130,12 +131,7 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        STAGE,
-        "DPO on the data stage's preference pairs, from the SFT checkpoint.",
-        run,
-        argv,
-    )
+    return run_cli(STAGE, "DPO on the data stage's preference pairs, from the SFT checkpoint.", run, argv)
 
 
 if __name__ == "__main__":

@@ -1371,12 +1371,7 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        STAGE,
-        "PPO against the reward model.",
-        run,
-        argv,
-    )
+    return run_cli(STAGE, "PPO against the reward model.", run, argv)
 
 
 if __name__ == "__main__":

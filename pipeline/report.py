@@ -655,13 +655,7 @@ def markdown(recipe: Recipe, run_dir: RunDir, r: dict, texts: list[str], answers
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        "report",
-        "Write the run report.",
-        run,
-        argv,
-        with_launch=True,
-    )
+    return run_cli("report", "Write the run report.", run, argv, with_launch=True)
 
 
 if __name__ == "__main__":

@@ -141,11 +141,12 @@ def run(recipe: Recipe) -> Path:
         recipe,
         STAGE,
         data,
-        tokenizer,
-        parent,
-        RewardConfig,
-        True,
-        started,
+        data_section="preference",
+        tokenizer=tokenizer,
+        parent=parent,
+        arguments=RewardConfig,
+        evaluate=True,
+        started=started,
         pipeline_tag="text-classification",
         center_rewards_coefficient=r.center_rewards_coefficient,
         disable_dropout=True,
@@ -212,12 +213,7 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        STAGE,
-        "Train the reward model on the data stage's preference pairs.",
-        run,
-        argv,
-    )
+    return run_cli(STAGE, "Train the reward model on the data stage's preference pairs.", run, argv)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,18 @@ def run(recipe: Recipe) -> Path:
 
     # 3. Training arguments, processes, tracker, resume point (pipeline.core.trainer_stage).
     s = recipe.sft
-    run = open_run(recipe, STAGE, data, tokenizer, None, SFTConfig, eval_ds is not None, started, packing=s.packing)
+    run = open_run(
+        recipe,
+        STAGE,
+        data,
+        data_section="sft",
+        tokenizer=tokenizer,
+        parent=None,  # the recipe's base model
+        arguments=SFTConfig,
+        evaluate=eval_ds is not None,
+        started=started,
+        packing=s.packing,
+    )
 
     # 4. Model (and LoRA), from the base model or, for a finished run, its last checkpoint.
     full_done = run.done and s.method == "full"
@@ -110,12 +121,7 @@ def run(recipe: Recipe) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(
-        STAGE,
-        "Supervised fine-tuning on the data stage's dialogues.",
-        run,
-        argv,
-    )
+    return run_cli(STAGE, "Supervised fine-tuning on the data stage's dialogues.", run, argv)
 
 
 if __name__ == "__main__":

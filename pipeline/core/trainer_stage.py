@@ -58,9 +58,6 @@ TRAINER_PICKLE = "training_args.bin"  # the Trainer's pickled settings: no use t
 # The run: opened before the model is built, finished by the final save
 # --------------------------------------------------------------------------------------------------------------
 
-# The data section each stage trains on (``recipe.data.<section>.train`` are the datasets its notices name).
-DATA_SECTION = {"sft": "sft", "rm": "preference", "dpo": "preference"}
-
 
 @dataclass
 class TrainerRun:
@@ -72,6 +69,8 @@ class TrainerRun:
     stage: StageDir
     data: DataOutput
     """The data stage's output the stage reads."""
+    data_section: str
+    """The recipe's data section the stage trains on (``sft`` or ``preference``; its notices name those datasets)."""
     tokenizer: Any
     """The data stage's tokenizer (every stage's checkpoint carries the same one)."""
     parent: Path | None
@@ -102,7 +101,7 @@ class TrainerRun:
             self.name,
             method,
             self.parent if self.parent is not None else self.recipe.model.name_or_path,
-            [s.path for s in getattr(self.recipe.data, DATA_SECTION[self.name]).train],
+            [s.path for s in getattr(self.recipe.data, self.data_section).train],
             self.data.manifest.raw,
             metrics,
             step,
@@ -175,6 +174,7 @@ def open_run(
     recipe: Recipe,
     name: str,
     data: DataOutput,
+    data_section: str,
     tokenizer: Any,
     parent: Path | None,
     arguments: type,
@@ -209,6 +209,7 @@ def open_run(
         name=name,
         stage=stage,
         data=data,
+        data_section=data_section,
         tokenizer=tokenizer,
         parent=parent,
         args=args,
