@@ -10,7 +10,7 @@ final ``<end_of_turn>`` (never at the newline that follows it in rendered text).
 with the per-pair ``margin`` column and a reward-centering term. After training the held-out pairs are scored:
 accuracy, margin, reward statistics and the Spearman correlation of reward with length go to W&B, the model
 card, ``lineage.json`` and ``reward_stats.json`` (whose mean and std PPO uses to normalise scores). PPO refuses a
-reward model below ``rm.min_accuracy`` (``pipeline.core.rundir.check_gate``).
+reward model below ``rm.min_accuracy`` (``pipeline.core.reward_stats.check_gate``).
 """
 
 from __future__ import annotations
