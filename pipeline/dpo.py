@@ -26,10 +26,8 @@ from pipeline.core.rundir import RunDir
 from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "dpo"
-SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm")
-
-
-EVAL_KEPT = (
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate", "grad_norm")  # on the console line
+EVAL_KEPT = (  # TRL's held-out metrics kept in the final checkpoint's notices
     "eval_loss",
     "eval_rewards/accuracies",
     "eval_rewards/margins",

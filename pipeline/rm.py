@@ -35,15 +35,13 @@ from pipeline.core.rundir import MODEL_CONFIG, RunDir
 from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "rm"
+SHOWN = ("loss", "accuracy", "margin", "learning_rate", "grad_norm")  # on the console line
 
 
 def init_checkpoint(recipe: Recipe) -> Path:
     if recipe.rm.init_from:
         return require_checkpoint(resolve_path(recipe.rm.init_from), "the reward model's rm.init_from checkpoint")
     return require_checkpoint(RunDir.of(recipe).stage("sft").final, "the SFT checkpoint (run `make sft` first)")
-
-
-SHOWN = ("loss", "accuracy", "margin", "learning_rate", "grad_norm")  # on the console line
 
 
 def pairs_dataset(path: Path, use_margin: bool):

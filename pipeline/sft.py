@@ -26,8 +26,6 @@ from pipeline.core.sampling import generate, left_pad
 from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "sft"
-
-
 SHOWN = ("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "tokens_per_second")  # on the console line
 EVAL_KEPT = ("loss", "mean_token_accuracy", "entropy")  # the evaluation metrics in the final checkpoint's notices
 
