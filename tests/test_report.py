@@ -125,30 +125,30 @@ ANSWERS = {  # one held-out prompt, two samples per model: (text, ended its turn
 }
 
 
-def _result(ground_truth: str, overlap: dict[str, int], hit: int) -> dict:
-    from pipeline.report import measures
+def _result(ground_truth: str, overlap: dict[str, int], hit: int):
+    from pipeline.report import PPOFacts, Report, RewardModelFacts, measures
 
-    r = measures(ground_truth, ["사과는 무엇인가요?"], ANSWERS, {"sft": -0.5, "ppo": 1.25})
-    r.update(
-        rm_accuracy=0.9,
-        ppo_kl=0.3,
-        ppo_updates=3,
+    return Report(
+        models=measures(ground_truth, ["사과는 무엇인가요?"], ANSWERS, {"sft": -0.5, "ppo": 1.25}),
+        rm=RewardModelFacts(accuracy=0.9),
+        ppo=PPOFacts(kl=0.3, updates=3, estimator="gae", num_generations=1, kl_penalty="reward"),
         stage_seconds={"data": 1.0, "sft": 2.0, "rm": 3.0, "ppo": 4.0},
         samples_per_prompt=2,
         heldout_prompts=1 if not hit else 5,
         heldout_overlap=overlap,
         heldout_overlap_any=hit,
         ground_truth=ground_truth,
+        models_compared={},
     )
-    return r
 
 
 def test_report_without_a_rule_shows_korean_measures_and_labels_the_reward_models_view(tmp_path):
     """Catches a report without a ground-truth rule that shows the reward-model score as if it measured quality, or
     drops the Korean measures; and wrong Korean means (computed here by hand)."""
-    from pipeline.report import RM_VIEW, card_section, markdown
+    from pipeline.report import RM_VIEW, card_section, flatten, markdown
 
-    r = _result("none", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    result = _result("none", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    r = flatten(result)
     assert "sft_accuracy" not in r and "ppo_accuracy" not in r
     assert r["sft_korean"] == pytest.approx(
         {"hangul_ratio": 0.5, "script_switch_rate": 0.0, "repetition": 0.0, "stop_rate": 0.5, "length": 10.5}
@@ -157,29 +157,30 @@ def test_report_without_a_rule_shows_korean_measures_and_labels_the_reward_model
     assert r["ppo_korean"]["hangul_ratio"] == pytest.approx((1 + 5 / 9) / 2)
     assert r["ppo_korean"]["script_switch_rate"] == 0.5 and r["ppo_korean"]["stop_rate"] == 1.0
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}", "report.ground_truth=none"])
-    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    md = markdown(recipe, RunDir.of(recipe), result, ["사과는 무엇인가요?"], [])
     assert "No ground-truth rule (`report.ground_truth: none`)" in md and "not evidence of better answers" in md
     assert f"| mean {RM_VIEW} | -0.500 | 1.250 |" in md
     assert "| Hangul share of the letters | 0.500 | 0.778 |" in md
     assert "| Korean answers that switch script | 0.000 | 0.500 |" in md
     assert "ground-truth rate" not in md
     assert "1 held-out prompts (never in any training data" in md
-    card = card_section(r)
+    card = card_section(result)
     assert f"| {RM_VIEW} | -0.500 | 1.250 | +1.750 |" in card and "| answer length (tokens) | 10.500 | 5.500 |" in card
 
 
 def test_report_with_a_rule_keeps_its_keys_and_adds_the_korean_measures(tmp_path):
     """Catches the Korean measures replacing the ground-truth rate (the keys other tests and the README read) or the
     no-rule disclaimer showing when a rule judges the answers."""
-    from pipeline.report import markdown
+    from pipeline.report import flatten, markdown
 
-    r = _result("polite_korean", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    result = _result("polite_korean", {"sft": 0, "preference": 0, "prompts": 0}, 0)
+    r = flatten(result)
     # Polite, ended and at least half Hangul: both PPO answers; of the SFT ones only 사과는 맛있습니다.
     assert r["sft_accuracy"] == 0.5 and r["ppo_accuracy"] == 1.0
     names = {"hangul_ratio", "script_switch_rate", "repetition", "stop_rate", "length"}
     assert set(r["sft_korean"]) == set(r["ppo_korean"]) == names
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
-    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    md = markdown(recipe, RunDir.of(recipe), result, ["사과는 무엇인가요?"], [])
     assert "| ground-truth rate (polite_korean, held-out prompts) | 0.500 | 1.000 |" in md
     assert "| Hangul share of the letters |" in md and "No ground-truth rule" not in md
 
@@ -191,7 +192,7 @@ def test_report_says_how_many_heldout_prompts_were_trained_on(tmp_path):
 
     r = _result("none", {"sft": 2, "preference": 0, "prompts": 1}, 2)
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}", "report.ground_truth=none"])
-    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], ANSWERS, [])
+    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], [])
     assert "never in any training data" not in md
     assert (
         "2 of 5 held-out prompts also appear in the training data (2 in the SFT training rows, 0 in the preference "
@@ -265,64 +266,74 @@ HELDOUT = dict(  # the report's held-out facts for THREE's one prompt, none of i
 def test_report_table_has_a_column_per_model_and_names_the_estimator(tmp_path):
     """Catches a report that drops a model the run trained (the DPO column, or its dpo_ keys), that does not say
     which PPO estimator ran, or that writes DPO's card with PPO's numbers; the SFT and PPO keys stay as they were."""
-    from pipeline.report import RM_VIEW, card_section, markdown, measures
+    from dataclasses import replace
 
-    r = measures("polite_korean", ["사과는 무엇인가요?"], THREE, {"sft": -0.5, "ppo": 1.25, "dpo": 0.75})
-    assert (r["sft_accuracy"], r["ppo_accuracy"], r["dpo_accuracy"]) == (0.5, 1.0, 1.0)
-    assert set(r["dpo_korean"]) == set(r["sft_korean"]) and r["dpo_rm_score"] == 0.75
-    r.update(
-        methods=["sft", "ppo", "dpo"],
-        rm_accuracy=0.9,
-        ppo_kl=0.3,
-        ppo_updates=3,
-        ppo_estimator="rloo",
-        ppo_num_generations=4,
-        ppo_kl_penalty="reward",
-        dpo_method="full",
-        dpo_beta=0.1,
-        dpo_loss_type="sigmoid",
-        dpo_steps=4,
-        dpo_eval_reward_accuracy=0.625,
+    from pipeline.report import (
+        RM_VIEW,
+        DPOFacts,
+        PPOFacts,
+        Report,
+        RewardModelFacts,
+        card_section,
+        flatten,
+        markdown,
+        measures,
+    )
+
+    result = Report(
+        models=measures("polite_korean", ["사과는 무엇인가요?"], THREE, {"sft": -0.5, "ppo": 1.25, "dpo": 0.75}),
+        rm=RewardModelFacts(accuracy=0.9),
+        ppo=PPOFacts(kl=0.3, updates=3, estimator="rloo", num_generations=4, kl_penalty="reward"),
+        dpo=DPOFacts(method="full", beta=0.1, loss_type="sigmoid", steps=4, eval_reward_accuracy=0.625),
         stage_seconds={"data": 1.0, "sft": 2.0, "rm": 3.0, "ppo": 4.0, "dpo": 5.0},
         **HELDOUT,
         ground_truth="polite_korean",
+        models_compared={},
     )
+    r = flatten(result)
+    assert (r["sft_accuracy"], r["ppo_accuracy"], r["dpo_accuracy"]) == (0.5, 1.0, 1.0)
+    assert set(r["dpo_korean"]) == set(r["sft_korean"]) and r["dpo_rm_score"] == 0.75
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
-    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], THREE, ["methods.png"])
+    md = markdown(recipe, RunDir.of(recipe), result, ["사과는 무엇인가요?"], ["methods.png"])
     assert "| measure | SFT | PPO (rloo, k=4) | DPO |" in md and "|---|---|---|---|" in md
     assert "| ground-truth rate (polite_korean, held-out prompts) | 0.500 | 1.000 | 1.000 |" in md
     assert "4 samples per prompt (critic-free: no value model" in md
     assert "- DPO: full, beta 0.1, sigmoid loss, 4 steps" in md and "0.625" in md
     assert "| 사과는 무엇인가요? | 사과는 맛있습니다. | 사과는 좋아요. | 사과는 달아요. |" in md
-    dpo_card = card_section(r, "dpo")
+    dpo_card = card_section(result, "dpo")
     assert "| measure | SFT | DPO | change |" in dpo_card and f"| {RM_VIEW} | -0.500 | 0.750 | +1.250 |" in dpo_card
     assert "value model" not in dpo_card and "implicit-reward accuracy 0.625" in dpo_card
-    ppo_card = card_section(r, "ppo")
+    ppo_card = card_section(result, "ppo")
     assert f"| {RM_VIEW} | -0.500 | 1.250 | +1.750 |" in ppo_card and "estimator rloo" in ppo_card
     # GAE names its value model (negative control for the critic-free wording above)
-    md_gae = markdown(recipe, RunDir.of(recipe), {**r, "ppo_estimator": "gae"}, ["사과는 무엇인가요?"], THREE, [])
+    gae = replace(result, ppo=replace(result.ppo, estimator="gae"))
+    md_gae = markdown(recipe, RunDir.of(recipe), gae, ["사과는 무엇인가요?"], [])
     assert "| PPO (gae) |" in md_gae and "GAE with a value model" in md_gae and "critic-free" not in md_gae
 
 
 def test_report_without_ppo_or_a_reward_model_shows_no_reward_column(tmp_path):
     """Catches a DPO-only report (no PPO, no reward model) that expects PPO's keys or a reward-model score: no PPO
     column, no reward-model row, no rm_score keys; with a reward model the row is there (negative control)."""
-    from pipeline.report import RM_VIEW, markdown, measures
+    from dataclasses import replace
+
+    from pipeline.report import RM_VIEW, Report, flatten, markdown, measures
 
     two = {"sft": THREE["sft"], "dpo": THREE["dpo"]}
-    r = measures("polite_korean", ["사과는 무엇인가요?"], two, {})
-    assert r["dpo_accuracy"] == 1.0 and not any(k.startswith("ppo_") or k.endswith("rm_score") for k in r)
-    r.update(
+    result = Report(
+        models=measures("polite_korean", ["사과는 무엇인가요?"], two, {}),
         stage_seconds={"data": 1.0, "sft": 2.0, "dpo": 5.0},
         **HELDOUT,
         ground_truth="none",
+        models_compared={},
     )
+    r = flatten(result)
+    assert r["dpo_accuracy"] == 1.0 and not any(k.startswith("ppo_") or k.endswith("rm_score") for k in r)
     recipe = load_recipe(RECIPE, [f"run.output_dir={tmp_path}"])
-    md = markdown(recipe, RunDir.of(recipe), r, ["사과는 무엇인가요?"], two, [])
+    md = markdown(recipe, RunDir.of(recipe), result, ["사과는 무엇인가요?"], [])
     assert "\n| measure | SFT | DPO |\n" in md and "- PPO" not in md
     assert "reward-model score" not in md and "Reward model" not in md
     scored = measures("polite_korean", ["사과는 무엇인가요?"], two, {"sft": 0.1, "dpo": 0.2})
-    md = markdown(recipe, RunDir.of(recipe), {**r, **scored}, ["사과는 무엇인가요?"], two, [])
+    md = markdown(recipe, RunDir.of(recipe), replace(result, models=scored), ["사과는 무엇인가요?"], [])
     assert f"| mean {RM_VIEW} | 0.100 | 0.200 |" in md
 
 
