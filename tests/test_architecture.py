@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = ("pipeline", "data_prep")
 STAGES = {"pipeline.data", "pipeline.sft", "pipeline.rm", "pipeline.ppo", "pipeline.report"}
