@@ -1,15 +1,19 @@
 """The RLHF pipeline for Gemma-family models: stages and tools over a shared core.
 
     pipeline/                 what a user runs, one module each (``python -m pipeline.<name>``)
-      data sft rm ppo report  the stages, chained through the run directory: each reads only what an earlier stage
-                              wrote there, through ``pipeline.core.rundir``; no stage imports another
+      data sft rm ppo dpo     the stages, chained through the run directory: each reads only what an earlier stage
+      report                  wrote there, through ``pipeline.core.rundir``; no stage imports another (dpo, like
+                              ppo, starts from the SFT checkpoint; report compares every model the run trained)
       launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
-      bench                   benchmark (bench drives the PPO stage's loop)
+      bench publish           benchmark (bench drives the PPO stage's loop: the one tool that imports a stage),
+                              publish a finished model to the Hugging Face Hub; no tool imports another
     pipeline/core/            what the stages share: the recipe (config, cli, locations) and its launch (topology),
                               the run directory (rundir, atomic, checkpoint, notices) and its one writer (writer),
                               a failing process stopping the others (peers), models (loading, embedded), the Trainer
                               stages' glue (trainer_stage, faults), generating and scoring (sampling), and pure math
-                              (ppo_math, batching, reward_stats); it never imports a stage or a tool
+                              (ppo_math, batching, reward_stats, korean), a stage's inputs checked against the data
+                              stage's format (consistency), W&B and console progress (tracking, progress); it never
+                              imports a stage or a tool
     data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
 
 Imports run one way, ``data_prep`` <- ``pipeline.core`` <- stages and tools, because each layer is the vocabulary of

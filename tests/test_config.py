@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from pipeline.core.config import ConfigError, Recipe, apply_override, load_recipe, recipe_hash, to_yaml, validate
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 MIN = {"run": {"name": "r"}, "model": {"name_or_path": "google/gemma-2b"}}
 
 
@@ -200,3 +201,10 @@ def test_group_estimator_settings_that_are_read_pass(tmp_path):
         {"estimator": "gae", "kl_penalty": "loss", "kl_estimator": "k2"},
     ):
         validate(load_recipe(_write(tmp_path, {**MIN, "ppo": ppo})), source="r.yaml")
+
+
+def test_precision_is_a_checked_recipe_key():
+    """Catches an unknown precision silently meaning fp32."""
+    assert load_recipe(RECIPE, ["run.precision=bf16"]).run.precision == "bf16"
+    with pytest.raises(ConfigError, match="run.precision"):
+        load_recipe(RECIPE, ["run.precision=fp16"])

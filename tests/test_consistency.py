@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.data import main as data_main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 FAST = ["sft.max_steps=4", "sft.save_steps=100", "sft.eval_steps=100", "tracking.mode=disabled"]

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.core.rundir import MARKER
 from pipeline.data import main as data_main
-from tests.conftest import REPO, write_jsonl, write_recipe
+from tests.helpers import REPO
+from tests.helpers.recipes import write_jsonl, write_recipe
 
 SFT_ROW = {
     "messages": [

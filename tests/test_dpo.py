@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from pipeline.core.notices import NOTICE_LINE, missing_notices, read_safetensors_metadata
-from tests.conftest import REPO, kill_and_resume, launch_command
-from tests.ppo_chain import RECIPE, _recipe, rule_rate
-from tests.wandb_offline import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.chain import RECIPE, chain_recipe, rule_rate
+from tests.helpers.launch import kill_and_resume, launch_command
+from tests.helpers.wandb_offline import read_offline_run
 
 SHORT = ["dpo.max_steps=4", "dpo.save_steps=4", "dpo.eval_steps=100", "dpo.logging_steps=1"]
 
@@ -58,7 +59,7 @@ def _run(recipe):
 def trained(chain, tmp_path_factory):
     """The recipe's own DPO section on a copy of the tiny chain (W&B offline): (run folder, final, trainer)."""
     out = _inputs(chain, tmp_path_factory.mktemp("dpo"))
-    final, trainer = _run(_recipe(out, "tracking.mode=offline"))
+    final, trainer = _run(chain_recipe(out, "tracking.mode=offline"))
     return out, final, trainer
 
 
@@ -91,7 +92,7 @@ def test_trains_on_the_recipe_and_saves_a_derivative(trained, chain):
     from transformers import AutoTokenizer
 
     out, final, trainer = trained
-    recipe = _recipe(out)
+    recipe = chain_recipe(out)
     d = recipe.dpo
     args = trainer.args
     assert (args.beta, args.loss_type, args.learning_rate) == (d.beta, [d.loss_type], d.learning_rate)
@@ -232,7 +233,7 @@ def test_wandb_offline_run_has_the_dpo_metrics(trained):
     ):
         assert k in keys, k
     assert all(k.startswith("dpo/") for k in keys if not k.startswith("_")), sorted(keys)
-    assert run["config"]["recipe"]["dpo"]["beta"] == _recipe(out).dpo.beta
+    assert run["config"]["recipe"]["dpo"]["beta"] == chain_recipe(out).dpo.beta
 
 
 def test_finished_stage_is_skipped(trained, capsys):
@@ -241,7 +242,7 @@ def test_finished_stage_is_skipped(trained, capsys):
 
     out, final, _ = trained
     stamp = (final / "COMPLETE").read_text()
-    assert dpo.run(_recipe(out)) == final
+    assert dpo.run(chain_recipe(out)) == final
     assert "already finished" in capsys.readouterr().out and (final / "COMPLETE").read_text() == stamp
 
 
@@ -255,7 +256,7 @@ def test_lora_reference_is_the_adapter_disabled_model_and_the_final_is_merged(ch
 
     out = _inputs(chain, tmp_path)
     overrides = ["dpo.method=lora", "dpo.lora.r=4", "dpo.learning_rate=5e-3", "dpo.max_steps=6", "dpo.save_steps=3"]
-    final, trainer = _run(_recipe(out, *overrides, "dpo.eval_steps=3"))
+    final, trainer = _run(chain_recipe(out, *overrides, "dpo.eval_steps=3"))
     assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default"}
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -290,7 +291,7 @@ def test_a_rerun_after_the_last_checkpoint_keeps_the_sft_reference(chain, tmp_pa
 
     out = _inputs(chain, tmp_path)
     lora = ["dpo.method=lora", "dpo.lora.r=4", "dpo.learning_rate=5e-3"] if method == "lora" else []
-    recipe = _recipe(out, *SHORT, *lora)
+    recipe = chain_recipe(out, *SHORT, *lora)
     final = dpo.run(recipe)
     first = json.loads((final / "lineage.json").read_text())["metrics"]
     weights = load_file(final / "model.safetensors")

@@ -12,7 +12,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.core.notices import missing_notices
-from tests.conftest import REPO, files_naming
+from tests.helpers import REPO
+from tests.helpers.checkpoints import files_naming
 
 # Fake tokens in the environment of the whole chain: none may reach a file the run writes or its console output.
 SECRETS = {

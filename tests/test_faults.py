@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.core.notices import missing_notices
 from pipeline.core.rundir import checkpoints
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMALL = (
     "sft.max_steps=40 sft.save_steps=10 sft.eval_steps=20 rm.max_steps=20 rm.save_steps=5 rm.eval_steps=10 "

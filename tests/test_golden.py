@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ppo_chain import _recipe
+from tests.helpers.chain import chain_recipe
 
 GOLDEN = Path(__file__).parent / "golden" / "toy_chain.json"
 DPO = ["dpo.max_steps=3", "dpo.save_steps=3", "dpo.eval_steps=100", "dpo.logging_steps=1"]
@@ -87,7 +87,7 @@ def _dpo(chain: Path, out: Path, *overrides: str) -> Path:
     from pipeline import dpo
 
     _copy(chain, out, ("data", "sft/final"))
-    return dpo.run(_recipe(out, *overrides))
+    return dpo.run(chain_recipe(out, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def observed(chain, tmp_path_factory) -> dict:
     dpo_full = _dpo(chain, tmp_path_factory.mktemp("dpo"), *DPO)
     dpo_lora = _dpo(chain, tmp_path_factory.mktemp("dpo_lora"), *DPO_LORA)
     ppo_out = _copy(chain, tmp_path_factory.mktemp("ppo"), ("data", "sft/final", "rm/final"))
-    ppo_final = ppo.run(_recipe(ppo_out, *PPO))
+    ppo_final = ppo.run(chain_recipe(ppo_out, *PPO))
     return {
         "sft": {"metrics": trainer_losses(run / "sft" / "final"), "weights": weight_digest(run / "sft" / "final")},
         "rm": {
@@ -134,5 +134,6 @@ def test_negative_control_a_small_change_in_training_is_reported(chain, observed
     nudged = json.loads(json.dumps(observed["sft"]["weights"]))
     name = next(iter(nudged))
     nudged[name][1] *= 1 + 10 * RTOL
-    assert mismatches(nudged, golden["sft"]["weights"]) == [f"/{name}[1]: {nudged[name][1]!r}, recorded "
-                                                               f"{golden['sft']['weights'][name][1]!r}"]
+    assert mismatches(nudged, golden["sft"]["weights"]) == [
+        f"/{name}[1]: {nudged[name][1]!r}, recorded {golden['sft']['weights'][name][1]!r}"
+    ]

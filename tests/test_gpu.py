@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.core.notices import missing_notices
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from pipeline.core.notices import missing_notices
 from pipeline.data import main as data_main
-from tests.conftest import REPO, launch_command
+from tests.helpers import REPO
+from tests.helpers.launch import launch_command
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 CONFIGS = [("ddp", "MULTI_CPU"), ("zero2", "DeepSpeed ZeRO-2"), ("zero3", "DeepSpeed ZeRO-3")]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.notices import missing_notices
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = "recipes/tiny_ko.yaml"
 SMALL = (

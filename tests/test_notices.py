@@ -19,7 +19,7 @@ from pipeline.core.notices import (
     write_notices,
 )
 from pipeline.core.rundir import IncompleteError
-from tests.conftest import files_naming
+from tests.helpers.checkpoints import files_naming
 
 
 def _derivation(**kw) -> Derivation:
@@ -117,7 +117,7 @@ def test_next_stage_refuses_incomplete_or_unmarked(tmp_path, tiny_dir):
 def test_resuming_with_changed_settings_names_each_change(tmp_path, capsys):
     from pipeline.core.checkpoint import changed_since, warn_if_changed
     from pipeline.core.config import load_recipe, to_dict
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     recipe_file = REPO / "recipes" / "tiny_ko.yaml"
     ckpt = tmp_path / "checkpoints" / "checkpoint-10"
@@ -140,7 +140,7 @@ def test_resuming_notices_a_local_path_moved_to_another_folder(tmp_path):
     from pipeline.core.config import load_recipe, to_dict
     from pipeline.core.locations import portable
     from pipeline.core.provenance import path_digests
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     recipe_file = REPO / "recipes" / "tiny_ko.yaml"
     v1 = load_recipe(recipe_file, [f"run.output_dir={tmp_path}", f"model.name_or_path={tmp_path / 'v1' / 'gemma'}"])

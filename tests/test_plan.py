@@ -19,7 +19,7 @@ from pipeline.plan import (
     sft_shape,
     trained_bytes,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def plan(recipe, gpu_gib: float = 80.0, **launch):

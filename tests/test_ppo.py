@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from pipeline.core.notices import missing_notices
-from tests.conftest import REPO
-from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup, rule_rate
+from tests.helpers import REPO
+from tests.helpers.chain import BASE, RECIPE, chain_recipe, fresh_run, ppo_metrics, ppo_setup, rule_rate
 
 
 def test_lr0_invariants(chain, tmp_path):
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
-    ppo.run(_recipe(out, "ppo.learning_rate=0", "ppo.total_episodes=64", "ppo.panel_every=0"))
-    for m in _metrics(out):
+    out = fresh_run(chain, tmp_path)
+    ppo.run(chain_recipe(out, "ppo.learning_rate=0", "ppo.total_episodes=64", "ppo.panel_every=0"))
+    for m in ppo_metrics(out):
         assert m["val/ratio"] == pytest.approx(1.0, abs=1e-6)
         assert m["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
         assert m["policy/clipfrac_avg"] == 0.0 and m["val/clipfrac_avg"] == 0.0
@@ -59,9 +59,9 @@ def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path, monkeypat
     monkeypatch.setattr(
         AcceleratedOptimizer, "step", lambda self, *a, **k: outer.append(1) or real_outer(self, *a, **k)
     )
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     final = ppo.run(
-        _recipe(
+        chain_recipe(
             out,
             "ppo.total_episodes=32",
             "ppo.per_device_train_batch_size=4",
@@ -86,7 +86,7 @@ def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
     from pipeline.core.sampling import left_pad, positions
     from pipeline.ppo import policy_logprobs_and_values
 
-    s, tok = _setup(chain, "ppo.temperature=0.7")
+    s, tok = ppo_setup(chain, "ppo.temperature=0.7")
     prompts = [
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
         for p in ("사과는 무엇인가요?", "3 더하기 4는?")
@@ -134,7 +134,7 @@ def test_left_padding_invariance(chain):
     from pipeline.core.sampling import positions
     from pipeline.ppo import policy_logprobs_and_values
 
-    s, tok = _setup(chain)
+    s, tok = ppo_setup(chain)
     seen: list = []
     for backbone in (s.unwrapped.policy.get_decoder(), s.unwrapped.value.model):
         backbone.forward = lambda *a, f=backbone.forward, **k: seen.append(k.get("position_ids")) or f(*a, **k)
@@ -168,7 +168,7 @@ def test_score_is_read_at_the_stop_token(chain):
 
     from pipeline.core.sampling import left_pad, positions, score_at
 
-    s, tok = _setup(chain)
+    s, tok = ppo_setup(chain)
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "사과는 무엇인가요?"}], add_generation_prompt=True, return_dict=False
@@ -190,9 +190,9 @@ def test_score_is_read_at_the_stop_token(chain):
 def test_ppo_learns_the_ground_truth_property(chain, tmp_path):
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
-    final = ppo.run(_recipe(out, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
-    metrics = _metrics(out)
+    out = fresh_run(chain, tmp_path)
+    final = ppo.run(chain_recipe(out, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
+    metrics = ppo_metrics(out)
     first = sum(m["objective/scores"] for m in metrics[:5]) / 5
     last = sum(m["objective/scores"] for m in metrics[-5:]) / 5
     assert last > first + 0.2
@@ -221,9 +221,9 @@ def test_resume_after_kill_continues_exactly(chain, tmp_path_factory, estimator)
     if estimator == "rloo":
         args += ["ppo.estimator=rloo", "ppo.num_generations=4"]
     critic = estimator == "gae"
-    a = _fresh(chain, tmp_path_factory.mktemp("a"))
+    a = fresh_run(chain, tmp_path_factory.mktemp("a"))
     assert subprocess.run(_cmd(a, *args), cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
-    b = _fresh(chain, tmp_path_factory.mktemp("b"))
+    b = fresh_run(chain, tmp_path_factory.mktemp("b"))
     proc = subprocess.Popen(_cmd(b, *args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = b / "tiny_ko" / "ppo" / "checkpoints" / "checkpoint-3" / "COMPLETE"
     deadline = time.time() + 300
@@ -235,7 +235,7 @@ def test_resume_after_kill_continues_exactly(chain, tmp_path_factory, estimator)
     res = subprocess.run(_cmd(b, *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout and "(update 3)" in res.stdout
-    ma, mb = _metrics(a), _metrics(b)
+    ma, mb = ppo_metrics(a), ppo_metrics(b)
     assert [m["update"] for m in mb] == list(range(1, 9))
     for x, y in zip(ma, mb):  # the resumed run continues the killed run's RNG stream and state exactly
         keys = ["objective/scores", "objective/kl", "loss/policy_avg", "episode"] + ["loss/value_avg"] * critic
@@ -258,7 +258,7 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_the_last_good_checkpo
     from pipeline import ppo
     from pipeline.core.faults import FAULT_ENV
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     ckpts = out / "tiny_ko" / "ppo" / "checkpoints"
     monkeypatch.setenv(FAULT_ENV, "ppo:3")  # one weight becomes NaN just before update 3 trains
     args = [*BASE, "ppo.total_episodes=320", "ppo.panel_every=0", "ppo.save_steps=1"]
@@ -276,7 +276,7 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_the_last_good_checkpo
 def test_weights_stepped_to_inf_stop_before_the_next_rollout(chain, tmp_path, capsys):
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     # An exploding learning rate: the loss and the clipped gradient stay finite, the step makes the weights inf.
     args = [*BASE, "ppo.total_episodes=320", "ppo.panel_every=0", "ppo.learning_rate=1e30", "ppo.max_grad_norm=1e30"]
     assert ppo.main(["--recipe", str(RECIPE), f"run.output_dir={out}", *args]) == 1
@@ -288,7 +288,7 @@ def test_weights_stepped_to_inf_stop_before_the_next_rollout(chain, tmp_path, ca
 def test_kl_limit_stops(chain, tmp_path, capsys):
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     rc = ppo.main(
         [
             "--recipe",
@@ -310,9 +310,9 @@ def test_reward_model_gate(chain, tmp_path, capsys):
     reward model here is untrained (learning rate 0), so the gate must close: the test cannot pass vacuously."""
     from pipeline import ppo, rm
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     shutil.rmtree(out / "tiny_ko" / "rm" / "final")
-    rm.run(_recipe(out, "rm.learning_rate=0", "rm.max_steps=2", "rm.eval_steps=2", "rm.save_steps=2"))
+    rm.run(chain_recipe(out, "rm.learning_rate=0", "rm.max_steps=2", "rm.eval_steps=2", "rm.save_steps=2"))
     acc = json.loads((out / "tiny_ko" / "rm" / "final" / "reward_stats.json").read_text())["accuracy"]
     assert acc < 0.9
     args = ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, "rm.min_accuracy=0.9", "ppo.total_episodes=32"]
@@ -329,9 +329,9 @@ def test_lora_policy_exports_merged(chain, tmp_path):
 
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     final = ppo.run(
-        _recipe(
+        chain_recipe(
             out,
             "ppo.method=lora",
             "ppo.lora.r=4",

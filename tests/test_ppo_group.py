@@ -10,7 +10,7 @@ import torch
 from pipeline.core import ppo_math as pm
 from pipeline.core.batching import batch_sizes
 from pipeline.core.notices import missing_notices
-from tests.ppo_chain import _fresh, _metrics, _recipe, _setup, rule_rate
+from tests.helpers.chain import chain_recipe, fresh_run, ppo_metrics, ppo_setup, rule_rate
 
 RLOO = ["ppo.estimator=rloo", "ppo.num_generations=4"]
 
@@ -40,19 +40,19 @@ def test_no_value_model_is_built_trained_or_saved(chain, tmp_path):
     model's parameters in its optimizer."""
     from pipeline import ppo
 
-    s, _ = _setup(chain, *RLOO)
+    s, _ = ppo_setup(chain, *RLOO)
     assert s.unwrapped.value is None
     policy_params = sum(p.numel() for p in s.unwrapped.policy.parameters())
     trained = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
     assert trained == policy_params
-    gae, _ = _setup(chain)
+    gae, _ = ppo_setup(chain)
     assert sum(p.numel() for g in gae.optimizer.param_groups for p in g["params"]) > 1.5 * policy_params
 
-    out = _fresh(chain, tmp_path)
-    final = ppo.run(_recipe(out, *RLOO, "ppo.total_episodes=64", "ppo.panel_every=1"))
+    out = fresh_run(chain, tmp_path)
+    final = ppo.run(chain_recipe(out, *RLOO, "ppo.total_episodes=64", "ppo.panel_every=1"))
     assert not (final / "value").exists() and missing_notices(final) == []
     assert "| PPO (rloo, 4 samples per prompt) |" in (final / "README.md").read_text()  # the card says how
-    metrics = _metrics(out)
+    metrics = ppo_metrics(out)
     assert [m["update"] for m in metrics] == [1, 2]
     for m in metrics:
         assert "loss/value_avg" not in m and "value/grad_norm" not in m and "val/explained_variance" not in m
@@ -68,11 +68,13 @@ def test_lr0_ratio_is_one_and_kl_zero_without_a_value_model(chain, tmp_path):
     and training, or a reference that is not the SFT model, breaks them)."""
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     ppo.run(
-        _recipe(out, "ppo.estimator=grpo", "ppo.num_generations=4", "ppo.learning_rate=0", "ppo.total_episodes=32")
+        chain_recipe(
+            out, "ppo.estimator=grpo", "ppo.num_generations=4", "ppo.learning_rate=0", "ppo.total_episodes=32"
+        )
     )
-    (m,) = _metrics(out)
+    (m,) = ppo_metrics(out)
     assert m["val/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert m["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-10)
     assert m["objective/kl"] == pytest.approx(0.0, abs=1e-6)
@@ -83,7 +85,7 @@ def _moved_policy_rollout(chain, *overrides):
     rollout of it with every advantage set to 0: only a KL term can move the policy."""
     from pipeline.ppo import rollout
 
-    s, tok = _setup(
+    s, tok = ppo_setup(
         chain,
         *RLOO,
         "ppo.learning_rate=1e-3",
@@ -139,8 +141,8 @@ def test_rloo_learns_the_ground_truth_property(chain, tmp_path):
     SFT, with no value model."""
     from pipeline import ppo
 
-    out = _fresh(chain, tmp_path)
-    final = ppo.run(_recipe(out, *RLOO, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
+    out = fresh_run(chain, tmp_path)
+    final = ppo.run(chain_recipe(out, *RLOO, "ppo.total_episodes=1920", "ppo.panel_every=0"))  # 60 updates
     sft_rate, ppo_rate = rule_rate(out / "tiny_ko" / "sft" / "final"), rule_rate(final)
     assert ppo_rate > sft_rate + 0.15, (sft_rate, ppo_rate)
     assert not (final / "value").exists()
@@ -153,11 +155,11 @@ def test_a_checkpoint_resumes_only_under_its_estimator(chain, tmp_path, capsys):
     import shutil
 
     from pipeline import ppo
-    from tests.ppo_chain import BASE, RECIPE
+    from tests.helpers.chain import BASE, RECIPE
 
-    out = _fresh(chain, tmp_path)
+    out = fresh_run(chain, tmp_path)
     args = ["ppo.total_episodes=64", "ppo.save_steps=1", "ppo.panel_every=0"]
-    ppo.run(_recipe(out, *args))
+    ppo.run(chain_recipe(out, *args))
     stage = out / "tiny_ko" / "ppo"
     shutil.rmtree(stage / "final")  # as if killed after checkpoint-1 of its 2 updates
     cli = ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, *args]

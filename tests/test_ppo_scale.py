@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from pipeline.core.config import ConfigError, load_recipe
-from tests.conftest import REPO, launch_command
-from tests.ppo_chain import BASE, RECIPE, _fresh, _metrics, _recipe, _setup
+from tests.helpers import REPO
+from tests.helpers.chain import BASE, RECIPE
+from tests.helpers.chain import chain_recipe as _recipe
+from tests.helpers.chain import fresh_run as _fresh
+from tests.helpers.chain import ppo_metrics as _metrics
+from tests.helpers.chain import ppo_setup as _setup
+from tests.helpers.checkpoints import changed_fraction as _changed_fraction
+from tests.helpers.launch import launch_command
 
 
 def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹차에 대해 알려 주세요.")):
@@ -26,23 +32,7 @@ def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹
     ]
 
 
-def _changed_fraction(before: dict, after: dict) -> float:
-    changed = sum(int((before[k] != after[k]).sum()) for k in before)
-    return changed / sum(v.numel() for v in before.values())
-
-
 # W1 -------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; a stage with another mixed precision needs a fresh one (a stage
-    normally runs in its own process)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_path, capsys, fresh_accelerator_state):
@@ -75,44 +65,6 @@ def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_pa
         opt.step()
     pure = {k: v.detach().float() for k, v in w.items()}
     assert _changed_fraction({k: v.to(torch.bfloat16).float() for k, v in sft.items()}, pure) < 0.5
-
-
-def test_sft_under_bf16_steps_fp32_master_weights(chain, tmp_path, tiny_dir, fresh_accelerator_state, capsys):
-    """Catches SFT (and RM, which shares the loading) stepping bf16 weights: the model must load in fp32 and the
-    Trainer autocast, so a small learning rate still moves nearly every weight."""
-    from safetensors.torch import load_file
-
-    from pipeline import sft
-
-    out = tmp_path
-    shutil.copytree(chain / "tiny_ko" / "data", out / "tiny_ko" / "data")
-    final = sft.run(
-        load_recipe(
-            RECIPE,
-            [
-                f"run.output_dir={out}",
-                "run.precision=bf16",
-                "tracking.mode=disabled",
-                "sft.max_steps=3",
-                "sft.learning_rate=3e-6",
-                "sft.warmup_ratio=0",
-                "sft.lr_scheduler_type=constant",
-                "sft.eval_steps=1000",
-                "sft.save_steps=1000",
-            ],
-        )
-    )
-    assert "; bf16" in capsys.readouterr().out
-    base, got = load_file(tiny_dir / "model.safetensors"), load_file(final / "model.safetensors")
-    assert {v.dtype for v in got.values()} == {torch.float32}
-    assert _changed_fraction(base, {k: got[k] for k in base}) > 0.9
-
-
-def test_precision_is_a_checked_recipe_key():
-    """Catches an unknown precision silently meaning fp32."""
-    assert load_recipe(RECIPE, ["run.precision=bf16"]).run.precision == "bf16"
-    with pytest.raises(ConfigError, match="run.precision"):
-        load_recipe(RECIPE, ["run.precision=fp16"])
 
 
 # W2 -------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.core import ppo_math as pm
 from pipeline.core.sampling import left_pad
-from tests.ppo_chain import _setup
+from tests.helpers.chain import ppo_setup
 
 
 def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹차에 대해 알려 주세요.")):
@@ -48,7 +48,7 @@ def test_the_head_runs_only_on_valid_response_positions_with_the_same_numbers(ch
     the valid positions that scatters log-probs or gradients back to the wrong place."""
     from pipeline.ppo import response_logprobs
 
-    s, tok = _setup(chain)
+    s, tok = ppo_setup(chain)
     policy = s.unwrapped.policy
     seq, mask, pos, resp, valid = _batch(s, tok)
     rows, handle = _head_rows(policy)
@@ -77,7 +77,7 @@ def test_logits_within_the_budget_are_kept_and_past_it_recomputed_with_equal_gra
     chunked path whose gradients differ."""
     from pipeline.ppo import logit_positions, response_logprobs
 
-    s, tok = _setup(chain)
+    s, tok = ppo_setup(chain)
     policy = s.unwrapped.policy
     seq, mask, pos, resp, valid = _batch(s, tok)
     small = 20 / 1024  # 20 KB: pieces of a few positions on the toy's vocabulary
@@ -107,7 +107,7 @@ def test_logits_within_the_budget_are_kept_and_past_it_recomputed_with_equal_gra
 def _rollout(chain, *overrides):
     from pipeline.ppo import rollout
 
-    s, tok = _setup(chain, *overrides)
+    s, tok = ppo_setup(chain, *overrides)
     s.model.eval()
     torch.manual_seed(3)
     return rollout(s, _prompts(tok) * 2, 0.05), s
@@ -182,7 +182,7 @@ def test_fused_adamw_steps_like_the_default_loop():
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_the_stage_builds_a_fused_optimizer(chain, method):
-    s, _ = _setup(chain, f"ppo.method={method}")
+    s, _ = ppo_setup(chain, f"ppo.method={method}")
     opt = s.optimizer.optimizer if hasattr(s.optimizer, "optimizer") else s.optimizer
     assert opt.defaults["fused"] is True
 
@@ -194,11 +194,11 @@ def test_bf16_frozen_models_are_refused_under_zero3(chain, monkeypatch):
     through make it is refused before any stage runs, tests/test_recipe_rules.py.)"""
     from pipeline import ppo
     from pipeline.core.config import ConfigError
-    from tests.ppo_chain import _recipe
+    from tests.helpers.chain import chain_recipe
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate sets in a stage it launched
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigError, match="frozen_precision': bf16 is not supported under DeepSpeed ZeRO-3"):
-        ppo.setup(_recipe(chain, "ppo.frozen_precision=bf16"), None)
+        ppo.setup(chain_recipe(chain, "ppo.frozen_precision=bf16"), None)
     with pytest.raises(AttributeError):  # past the checks: the missing inputs are reached
-        ppo.setup(_recipe(chain), None)
+        ppo.setup(chain_recipe(chain), None)

@@ -15,8 +15,8 @@ import yaml
 from pipeline.core.locations import REPO_ROOT, portable, portable_path, scrub_paths
 from pipeline.core.notices import missing_notices, read_safetensors_metadata
 from pipeline.publish import PublishError, drop_card_section, export, exported_names, local_paths_in, stale_files
-from tests.fake_hub import FakeHub
-from tests.ppo_chain import _recipe
+from tests.helpers.chain import chain_recipe
+from tests.helpers.fake_hub import FakeHub
 
 
 @pytest.fixture()
@@ -129,7 +129,7 @@ def test_exported_names_leave_out_run_files(tmp_path):
 
 
 def test_export_is_clean_and_complete(run_copy):
-    recipe = _recipe(run_copy)
+    recipe = chain_recipe(run_copy)
     out = export(recipe, "sft")
     assert out == run_copy / "tiny_ko" / "publish"
     assert missing_notices(out, lineage=False) == []
@@ -152,7 +152,7 @@ def test_export_stops_at_end_of_turn_with_a_plain_generate(run_copy):
     """Bug: a derivative saved with the base's generation config never stopped at <end_of_turn>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = export(_recipe(run_copy), "sft")
+    out = export(chain_recipe(run_copy), "sft")
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -176,7 +176,7 @@ def test_export_refuses_a_model_that_does_not_stop(run_copy):
     cfg["eos_token_id"] = 1  # <eos> only, as a base model ships
     gen.write_text(json.dumps(cfg))
     with pytest.raises(PublishError, match="does not include <end_of_turn>"):
-        export(_recipe(run_copy), "sft")
+        export(chain_recipe(run_copy), "sft")
     assert not (run_copy / "tiny_ko" / "publish").exists(), "nothing half-written is left"
 
 
@@ -185,7 +185,7 @@ def test_export_refuses_a_checkpoint_without_its_notices(run_copy):
     from pipeline.core.rundir import IncompleteError
 
     with pytest.raises(IncompleteError, match="NOTICE"):
-        export(_recipe(run_copy), "sft")
+        export(chain_recipe(run_copy), "sft")
 
 
 def test_export_refuses_a_local_path(run_copy):
@@ -193,7 +193,7 @@ def test_export_refuses_a_local_path(run_copy):
     card = run_copy / "tiny_ko" / "sft" / "final" / "README.md"
     card.write_text(card.read_text() + f"\nsee {REPO_ROOT}/runs\n")
     with pytest.raises(PublishError, match="names local folders: README.md"):
-        export(_recipe(run_copy), "sft")
+        export(chain_recipe(run_copy), "sft")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_export_checks_its_own_notices(run_copy, monkeypatch):
 
     monkeypatch.setattr(publish, "drop_card_section", lambda card, title: card.replace("Use restrictions", "Uses"))
     with pytest.raises(PublishError, match="lacks its Gemma derivative notices: README.md"):
-        export(_recipe(run_copy), "sft")
+        export(chain_recipe(run_copy), "sft")
     assert not (run_copy / "tiny_ko" / "publish").exists()
 
 

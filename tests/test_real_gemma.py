@@ -16,7 +16,7 @@ from data_prep.gemma_format import GemmaEncoder, render, stop_token_ids
 from pipeline.core.config import load_recipe
 from pipeline.core.notices import missing_notices
 from pipeline.data import main as data_main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "gemma3_270m_ko.yaml"
 SMALL = [

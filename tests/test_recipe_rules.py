@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.core import topology
 from pipeline.core.config import ConfigError, load_recipe, validate
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 ZERO3 = ("ACCELERATE_CONFIG=configs/accelerate/zero3.yaml", "NUM_PROCESSES=2")

@@ -12,8 +12,10 @@ import torch
 from pipeline.core.config import ConfigError, load_recipe
 from pipeline.core.rundir import RunDir, data_output
 from pipeline.data import main as data_main
-from tests.conftest import write_jsonl, write_recipe
-from tests.ppo_chain import RECIPE, _fresh, _recipe
+from tests.helpers.chain import RECIPE
+from tests.helpers.chain import chain_recipe as _recipe
+from tests.helpers.chain import fresh_run as _fresh
+from tests.helpers.recipes import write_jsonl, write_recipe
 
 
 def _chat(user: str, answer: str = "네, 그렇습니다.") -> dict:
@@ -427,3 +429,44 @@ def test_report_on_sft_and_dpo_only(three_methods, tmp_path):
     assert (r["sft_accuracy"], r["dpo_accuracy"]) == (both["sft_accuracy"], both["dpo_accuracy"])
     first = (three_methods / "tiny_ko" / "report.md").read_text(encoding="utf-8")
     assert _answer_column(md, 0) == _answer_column(first, 0) and _answer_column(md, 1) == _answer_column(first, 2)
+
+
+def test_report_rules_report_each_part_of_the_topic_rule():
+    """Catches the report's topic rule collapsing into one number (or into the style rule): each part and their
+    conjunction are reported, arithmetic prompts apart."""
+    from pipeline.report import ModelResult, PPOFacts, Report, RewardModelFacts, card_section, ground_truth_check
+
+    topic, style = ground_truth_check("polite_on_topic"), ground_truth_check("polite_korean")
+    assert ground_truth_check("none") is None
+    off = ("사과는 무엇인가요?", "바나나는 정말 좋습니다.", True)
+    assert topic(*off) == {"accuracy": False, "polite_accuracy": True, "on_topic_accuracy": False}
+    assert style(*off) == {"accuracy": True}  # negative control: the style rule alone passes it
+    assert topic("3 더하기 4는?", "정답은 7이에요.", True) == {"accuracy": None, "arithmetic_accuracy": True}
+    r = Report(
+        models={
+            m: ModelResult(answers=[], stop_rate=1.0, korean={}, accuracy=v, polite_accuracy=v, on_topic_accuracy=0.5)
+            for m, v in (("sft", 0.25), ("ppo", 0.75))
+        },
+        ground_truth="polite_on_topic",
+        samples_per_prompt=1,
+        heldout_prompts=2,
+        heldout_overlap={},
+        heldout_overlap_any=0,
+        stage_seconds={},
+        models_compared={},
+        rm=RewardModelFacts(accuracy=1.0),
+        ppo=PPOFacts(kl=0.5, updates=1, estimator="gae", num_generations=1, kl_penalty="reward"),
+    )
+    card = card_section(r)
+    assert "| polite Korean (part of the rule) | 0.250 | 0.750 | +0.500 |" in card
+    assert "| on topic (part of the rule) | 0.500 | 0.500 | +0.000 |" in card
+
+
+def test_report_answer_cells_keep_the_table_whole():
+    """Catches an answer with a newline or a pipe breaking the report's markdown table (a model that runs on into
+    an invented turn writes newlines)."""
+    from pipeline.report import cell
+
+    got = cell("수박은 좋다. | 모델\nmodel\n다음", False)
+    assert "\n" not in got and "\\|" in got and got.endswith("*(no `<end_of_turn>`)*")
+    assert cell("수박은 정말 좋습니다.", True) == "수박은 정말 좋습니다."

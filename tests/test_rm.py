@@ -12,8 +12,9 @@ import torch
 from pipeline.core.config import load_recipe
 from pipeline.core.notices import NOTICE_LINE, missing_notices, read_safetensors_metadata
 from pipeline.data import main as data_main
-from tests.conftest import REPO, kill_and_resume
-from tests.wandb_offline import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.launch import kill_and_resume
+from tests.helpers.wandb_offline import read_offline_run
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 SFT_FAST = ["sft.max_steps=150", "sft.eval_steps=1000", "sft.save_steps=1000"]

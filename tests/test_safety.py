@@ -10,7 +10,7 @@ import torch
 from pipeline.core.config import ModelConfig, load_recipe
 from pipeline.core.loading import LoadError, load_causal_lm
 from pipeline.data import main as data_main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 SECRETS = {
@@ -99,7 +99,7 @@ def test_a_gated_hub_model_without_a_token_is_one_clear_message(tmp_path, monkey
     that is merely missing must not be called gated (the negative control)."""
     from transformers import AutoTokenizer
 
-    from tests.conftest import write_recipe
+    from tests.helpers.recipes import write_recipe
 
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
 

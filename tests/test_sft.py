@@ -13,8 +13,10 @@ import torch
 from pipeline.core.config import load_recipe
 from pipeline.core.notices import NOTICE_LINE, TERMS_FILE, missing_notices, read_safetensors_metadata
 from pipeline.data import main as data_main
-from tests.conftest import REPO, kill_and_resume
-from tests.wandb_offline import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.checkpoints import changed_fraction
+from tests.helpers.launch import kill_and_resume
+from tests.helpers.wandb_offline import read_offline_run
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 FAST = [
@@ -231,3 +233,34 @@ def test_non_finite_loss_stops_with_the_step_and_no_final(sft_run, tmp_path, cap
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-1"]
     assert (ckpts / "checkpoint-1" / "COMPLETE").is_file()
     assert not (tmp_path / "tiny_ko" / "sft" / "final").exists()
+
+
+def test_sft_under_bf16_steps_fp32_master_weights(chain, tmp_path, tiny_dir, fresh_accelerator_state, capsys):
+    """Catches SFT (and RM, which shares the loading) stepping bf16 weights: the model must load in fp32 and the
+    Trainer autocast, so a small learning rate still moves nearly every weight."""
+    from safetensors.torch import load_file
+
+    from pipeline import sft
+
+    out = tmp_path
+    shutil.copytree(chain / "tiny_ko" / "data", out / "tiny_ko" / "data")
+    final = sft.run(
+        load_recipe(
+            RECIPE,
+            [
+                f"run.output_dir={out}",
+                "run.precision=bf16",
+                "tracking.mode=disabled",
+                "sft.max_steps=3",
+                "sft.learning_rate=3e-6",
+                "sft.warmup_ratio=0",
+                "sft.lr_scheduler_type=constant",
+                "sft.eval_steps=1000",
+                "sft.save_steps=1000",
+            ],
+        )
+    )
+    assert "; bf16" in capsys.readouterr().out
+    base, got = load_file(tiny_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.float32}
+    assert changed_fraction(base, {k: got[k] for k in base}) > 0.9

@@ -16,8 +16,8 @@ import pytest
 from pipeline.core.config import load_recipe
 from pipeline.core.rundir import RunDir, wandb_runs, write_marker
 from pipeline.core.tracking import Tracker
-from tests.conftest import REPO
-from tests.wandb_offline import read_offline_run
+from tests.helpers import REPO
+from tests.helpers.wandb_offline import read_offline_run
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 characters, the shape of a W&B API key

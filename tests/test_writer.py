@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.core import writer
 from pipeline.core.writer import WaitTimeout, wait_until, writer_lock
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _hold(lock: str, seconds: float, log: str, name: str) -> None:

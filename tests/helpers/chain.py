@@ -1,5 +1,5 @@
 """The tiny chain PPO tests start from (data, SFT, reward model; built once per session by the ``chain`` fixture in
-conftest.py), and helpers to run PPO or build its models on it."""
+tests/conftest.py), and helpers to run PPO or build its models on it."""
 
 from __future__ import annotations
 
@@ -9,47 +9,50 @@ import shutil
 import torch
 
 from pipeline.core.config import load_recipe
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 BASE = ["sft.max_steps=300", "sft.eval_steps=1000", "sft.save_steps=1000", "tracking.mode=disabled"]
 
 
-def _recipe(out, *overrides):
+def chain_recipe(out, *overrides):
+    """The embedded recipe at the chain's settings, writing runs under ``out``, with ``overrides`` applied last."""
     return load_recipe(RECIPE, [f"run.output_dir={out}", *BASE, *overrides])
 
 
 def build_chain(out):
+    """Data, SFT and the reward model of the embedded recipe under ``out``, in this process."""
     from pipeline import rm, sft
     from pipeline.data import main as data_main
 
     assert data_main(["--recipe", str(RECIPE), f"run.output_dir={out}"]) == 0
-    recipe = _recipe(out)
+    recipe = chain_recipe(out)
     sft.run(recipe)
     rm.run(recipe)
     return out
 
 
-def _fresh(chain, tmp_path):
+def fresh_run(chain, tmp_path):
     """A run folder with the chain's data, SFT and RM (so each test's PPO starts from scratch)."""
     for part in ("data", "sft/final", "rm/final"):
         shutil.copytree(chain / "tiny_ko" / part, tmp_path / "tiny_ko" / part)
     return tmp_path
 
 
-def _metrics(out) -> list[dict]:
+def ppo_metrics(out) -> list[dict]:
+    """The PPO stage's metrics.jsonl under ``out``, one dict per update."""
     lines = (out / "tiny_ko" / "ppo" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines]
 
 
-def _setup(chain, *overrides):
+def ppo_setup(chain, *overrides):
     """The PPO models as the stage builds them, in this process."""
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
     from pipeline.ppo import build_setup
 
-    recipe = _recipe(chain, *overrides)
+    recipe = chain_recipe(chain, *overrides)
     run = chain / "tiny_ko"
     tok = AutoTokenizer.from_pretrained(run / "data" / "tokenizer")
     value = run / "rm" / "final" if recipe.ppo.estimator == "gae" else None  # critic-free: no value model
