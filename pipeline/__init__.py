@@ -7,13 +7,14 @@
       launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
       bench publish           benchmark (bench drives the PPO stage's loop: the one tool that imports a stage),
                               publish a finished model to the Hugging Face Hub; no tool imports another
-    pipeline/core/            what the stages share: the recipe (config, cli, locations) and its launch (topology),
-                              the run directory (rundir, atomic, checkpoint, notices) and its one writer (writer),
-                              a failing process stopping the others (peers), models (loading, embedded), the Trainer
-                              stages' glue (trainer_stage, faults), generating and scoring (sampling), and pure math
-                              (ppo_math, batching, reward_stats, korean), a stage's inputs checked against the data
-                              stage's format (consistency), W&B and console progress (tracking, progress); it never
-                              imports a stage or a tool
+    pipeline/core/            what the stages share: the recipe (config, typed, cli, locations) and its launch
+                              (topology), the two kinds of failure a command reports (errors), the run directory
+                              (rundir, atomic, checkpoint) and its one writer (writer), what a checkpoint carries
+                              (notices, provenance), a failing process stopping the others (peers), models (loading,
+                              embedded, devices), the Trainer stages' run (trainer_stage, faults), generating and
+                              scoring (sampling), and pure math (ppo_math, batching, reward_stats, korean), a stage's
+                              inputs checked against the data stage's format (consistency), W&B and console progress
+                              (tracking, progress); it never imports a stage or a tool
     data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
 
 Imports run one way, ``data_prep`` <- ``pipeline.core`` <- stages and tools, because each layer is the vocabulary of

@@ -354,3 +354,39 @@ def test_citation_keys_are_defined_in_docs():
 @pytest.mark.parametrize("text", ["see pitfall P99 here", "as in N+ detail 42", "# X3 ----", "(W9)"])
 def test_the_citation_rule_catches_an_undefined_key(text):
     assert undefined({"x.py": used_keys(text)}, defined_keys()) != []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The core knows no stage's voice: it prints no stage's prefix ("[ppo] ...") and reads no stage's metric keys
+# --------------------------------------------------------------------------------------------------------------
+
+STAGE_VOICE = re.compile(r"\[(?:data|sft|rm|ppo|dpo|report)\]|['\"](?:score_first|score_last|kl_last_10|updates)['\"]")
+
+
+def stage_voice(srcs: dict[str, str]) -> list[str]:
+    """``module:line`` of every string in pipeline.core that speaks for a stage: its console prefix, or one of the
+    PPO summary keys a stage computes (the stage owns both; the core takes them as arguments)."""
+    out = []
+    for name, source in srcs.items():
+        if not name.startswith("pipeline.core"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and STAGE_VOICE.search(node.value):
+                out.append(f"{name}:{node.lineno}")
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                if STAGE_VOICE.search(repr(node.slice.value)):
+                    out.append(f"{name}:{node.lineno}")
+    return out
+
+
+def test_the_core_prints_no_stage_prefix_and_reads_no_stage_metrics():
+    assert not stage_voice(sources())
+
+
+def test_the_stage_voice_rule_catches_a_prefix_and_a_metric_key():
+    bad = {
+        "pipeline.core.x": 'import sys\nprint(f"[ppo] warning: {msg}", file=sys.stderr)\n',
+        "pipeline.core.y": "def f(metrics):\n    return metrics['score_last']\n",
+        "pipeline.ppo": 'print("[ppo] fine here")\n',
+    }
+    assert stage_voice(bad) == ["pipeline.core.x:2", "pipeline.core.y:2"]
