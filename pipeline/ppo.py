@@ -1097,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         "PPO against the reward model.",
         run,
         argv,
-        input_errors=(IncompleteError, LoadError, RewardModelGateError, ConsistencyError, ValueError),
+        input_errors=(IncompleteError, LoadError, RewardModelGateError, ConsistencyError),
         run_errors=(NonFiniteLossError, PPOStopError),
     )
 
