@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from data_prep.gemma_format import stop_token_ids
+from data_prep.gemma_format import END_OF_TURN, stop_token_ids
 from pipeline.core import peers, topology
 from pipeline.core import ppo_math as pm
 from pipeline.core.batching import BatchSizes, batch_sizes
@@ -78,7 +78,8 @@ from pipeline.core.loading import (
     load_sequence_classifier,
     precision,
 )
-from pipeline.core.notices import Derivation, chain_summary, stage_derivation, write_notices
+from pipeline.core.locations import portable
+from pipeline.core.notices import Derivation, stage_derivation, write_notices
 from pipeline.core.policy import PolicyAndValue, clip_each, logit_positions, response_logprobs, vocabulary_size
 from pipeline.core.progress import eta
 from pipeline.core.rundir import (
@@ -95,6 +96,7 @@ from pipeline.core.rundir import (
     checkpoints,
     data_output,
     keep_metrics_until,
+    lineage_metrics,
     lineage_recipe,
 )
 from pipeline.core.sampling import Generation, chunks, generate, left_pad, score
@@ -1037,6 +1039,52 @@ def _write_weights(ppo: PPORun, state_dict: dict, tmp: Path) -> None:
 
 def _write_value_notices(derived: Derivation, tmp: Path) -> None:
     write_notices(tmp / VALUE, derived)  # the value model is loadable on its own: it carries its own notices
+
+
+def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
+    """The PPO model card's account of all three stages, and how to run the model with the right stop token."""
+    sft_m, rm_m = lineage_metrics(sft_dir), lineage_metrics(rm_dir)
+
+    def f(v):
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+    def paths(specs) -> str:
+        return ", ".join(f"`{portable(s.path, recipe.run_dir)}`" for s in specs)
+
+    data = recipe.data
+    p = recipe.ppo
+    ppo = "PPO" if p.estimator == "gae" else f"PPO ({p.estimator}, {p.num_generations} samples per prompt)"
+    return "\n".join(
+        [
+            "## How this model was made",
+            "",
+            "| stage | data | result |",
+            "|---|---|---|",
+            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
+            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
+            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
+            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
+            f"| {ppo} | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
+            f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
+            f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
+            "",
+            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
+            "",
+            "## Inference",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok.apply_chat_template([{"role": "user", "content": "안녕하세요?"}], add_generation_prompt=True,',
+            '                              return_tensors="pt", return_dict=True)',
+            f'stop = [tok.convert_tokens_to_ids("{END_OF_TURN}"), tok.eos_token_id]  # a model turn ends with {END_OF_TURN}',
+            "out = model.generate(**ids, max_new_tokens=256, eos_token_id=stop)",
+            'print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+        ]
+    )
 
 
 def save(ppo: PPORun, seconds: float) -> Path:
