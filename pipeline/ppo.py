@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -390,20 +391,6 @@ class StepCounter:
         self.steps = 0
 
 
-# What each micro-batch (and each optimizer step) records; ``update_stats`` turns them into the update's metrics.
-UPDATE_STATS = (
-    "approxkl",
-    "clipfrac",
-    "pg_loss",
-    "vf_loss",
-    "vf_clipfrac",
-    "ratio",
-    "kl_loss",
-    "policy_grad_norm",
-    "value_grad_norm",
-)
-
-
 def train_on_rollout(
     s: Setup,
     ro: Rollout,
@@ -420,7 +407,7 @@ def train_on_rollout(
     cfg = s.cfg
     where = f"update {update}"
     poison_if_asked(STAGE, update, s.unwrapped)
-    grid: dict[str, list[torch.Tensor]] = {k: [] for k in UPDATE_STATS}
+    grid: dict[str, list[torch.Tensor]] = defaultdict(list)  # each micro-batch's stats, each step's gradient norms
     kl_loss_coef = kl_coef if cfg.kl_penalty == "loss" else 0.0
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
@@ -693,9 +680,9 @@ class PPORun:
 
 
 def load_models(recipe: Recipe, policy_dir: Path, rm_dir: Path, value_dir: Path | None, prec: dict) -> tuple:
-    """(policy, value, reward, reference) with dropout off, the frozen two frozen; the policy wrapped in LoRA under
-    ``ppo.method: lora``, whose reference is then None (the same base with the adapter disabled, no second copy);
-    no value model without ``value_dir``."""
+    """(policy, value, reward, reference), dropout off in all four, the reward model and the reference frozen. Under
+    ``ppo.method: lora`` the policy is wrapped in LoRA and the reference is None (the same base with the adapter
+    disabled, no second copy); without ``value_dir`` the value is None."""
     cfg = recipe.ppo
     load = {"dtype": prec["dtype"], "dropout_off": True}
     frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
