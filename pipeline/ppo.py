@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -59,12 +59,24 @@ from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, PPOConfig, Recipe
 from pipeline.core.consistency import check_inputs
 from pipeline.core.devices import describe_processes, precision
+from pipeline.core.distributed import (
+    check_deepspeed_step,
+    check_loss,
+    gather_stats,
+    gathered,
+    make_accelerator,
+    parameter_dtypes,
+    pooled_means,
+    prepare_frozen,
+    unwrapped_for_generation,
+)
 from pipeline.core.errors import RunError
 from pipeline.core.faults import NonFiniteLossError, fail_if_asked, nonfinite_ranks, poison_if_asked
 from pipeline.core.korean import korean_totals
-from pipeline.core.loading import load_causal_lm, load_sequence_classifier
+from pipeline.core.loading import disable_dropout, load_causal_lm, load_sequence_classifier
 from pipeline.core.locations import portable
 from pipeline.core.notices import write_notices
+from pipeline.core.policy import PolicyAndValue, clip_each, logit_positions, response_logprobs, vocabulary_size
 from pipeline.core.progress import eta
 from pipeline.core.provenance import Derivation, stage_derivation
 from pipeline.core.reward_stats import RewardStats, check_gate
@@ -81,7 +93,7 @@ from pipeline.core.rundir import (
     lineage_metrics,
     lineage_recipe,
 )
-from pipeline.core.sampling import Generation, chunks, generate, left_pad, score, token_values
+from pipeline.core.sampling import Generation, chunks, generate, left_pad, score
 
 STAGE = "ppo"
 
@@ -93,161 +105,6 @@ class PPOStopError(RunError, RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class PolicyAndValue(nn.Module):
-    """Policy and value model trained together under one optimizer (and one DeepSpeed engine).
-
-    The value is ``(head - value_shift) / value_scale``: a value model that starts from the reward model outputs
-    reward-model units, and when PPO standardises the scores (``normalize_reward``) its values are standardised the
-    same way, so values and returns share a scale from the first update (OpenRLHF's critic does the same). The two
-    numbers are fixed for the run (the reward model's stored mean and std) and are not weights.
-
-    ``value=None`` (a critic-free estimator): the policy alone; the values are None."""
-
-    def __init__(self, policy: nn.Module, value: nn.Module | None, value_shift: float = 0.0, value_scale: float = 1.0):
-        super().__init__()
-        self.policy = policy
-        self.value = value
-        self.value_shift = value_shift
-        self.value_scale = value_scale
-
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        position_ids,
-        responses,
-        temperature: float,
-        entropy: bool = False,
-        valid: torch.Tensor | None = None,
-        memory_mb: float = 256,
-        policy: bool = True,
-    ):
-        """Log-probs of ``responses`` (B, L) under the policy (0 where ``valid`` is False), the value of the state
-        before each response token (B, L), and (with ``entropy``) the policy's entropy at each response position
-        (B, L) or None. ``policy=False``: the values alone (log-probs and entropy None). Values are None without a
-        value model."""
-        L = responses.size(1)
-        lp = ent = None
-        if policy:
-            lp, ent = response_logprobs(
-                self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy, valid, memory_mb
-            )
-        if self.value is None:
-            return lp, None, ent
-        values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
-        if self.value_shift or self.value_scale != 1.0:
-            values = (values - self.value_shift) / self.value_scale
-        return lp, values, ent
-
-    # generate() is called on the policy; these let TRL's unwrap_model_for_generation handle the wrapper.
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.policy.gradient_checkpointing_disable()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
-
-def vocabulary_size(model: nn.Module) -> int:
-    """Rows of the output head, from the config: under ZeRO-3 the head's weight is a partitioned parameter whose
-    local shape is (0,)."""
-    return int(model.config.get_text_config().vocab_size)
-
-
-def logit_positions(model: nn.Module, memory_mb: float) -> int:
-    """Response positions whose fp32 logits fit in ``memory_mb`` (``ppo.logits_memory_mb``)."""
-    return max(1, int(memory_mb * (1 << 20)) // (4 * vocabulary_size(model)))
-
-
-def response_logprobs(
-    model: nn.Module,
-    input_ids,
-    attention_mask,
-    position_ids,
-    responses,
-    temperature: float,
-    entropy: bool = False,
-    valid: torch.Tensor | None = None,
-    memory_mb: float = 256,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM; 0 where ``valid`` (B, L) is
-    False (prompt, padding and post-stop positions never reach the output head).
-
-    The backbone runs once; the output head and the log-softmax run only on the valid response positions. When the
-    fp32 logits of B x L positions fit in ``memory_mb`` they are computed at once and kept for the backward pass;
-    past it they are computed in pieces of at most that size and, when gradients are needed, recomputed in the
-    backward pass (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the
-    logits are the largest tensor of PPO: 8 x 48 positions hold 403 MB.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    B, L = responses.shape
-    backbone = model.get_decoder()
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, -L - 1 : -1]  # (B, L, H): positions predicting y_t
-    if valid is None:
-        valid = torch.ones(B, L, dtype=torch.bool, device=responses.device)
-    where = valid.reshape(-1).nonzero().squeeze(1)
-    h, tokens = hidden.reshape(B * L, -1).index_select(0, where), responses.reshape(-1).index_select(0, where)
-
-    # Without soft-capping the head is linear, so the temperature divides the (N, H) hidden states instead of the
-    # (N, vocabulary) logits: one pass over the largest tensor less, forward and backward.
-    linear = not cap and getattr(head, "bias", None) is None
-
-    def scaled_logits(x: torch.Tensor) -> torch.Tensor:
-        """logits / T in fp32, (N, vocabulary)."""
-        if linear:
-            return head(x / temperature).float()
-        logits = head(x).float()
-        return (torch.tanh(logits / cap) * cap if cap else logits) / temperature
-
-    def chunk_logprobs(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        return pm.token_logprobs(scaled_logits(x), tok)
-
-    def chunk_entropy(scaled: torch.Tensor) -> torch.Tensor:
-        return pm.entropy_from_logits(scaled.detach().unsqueeze(0), 1.0).squeeze(0)
-
-    # The number of pieces (and whether they are recomputed) depends only on (B, L), the same on every process:
-    # under ZeRO-3 each head call gathers the head's weight collectively, so every process must call it equally
-    # often. The valid positions are spread evenly over the pieces (a piece may be empty).
-    pieces = -(-(B * L) // logit_positions(model, memory_mb))
-    recompute = torch.is_grad_enabled() and pieces > 1
-    lps, ents = [], []
-    for x, tok in zip(h.tensor_split(pieces), tokens.tensor_split(pieces)):
-        if recompute:  # nothing of the piece is kept, so the entropy needs its own head call
-            lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False))
-            if entropy:
-                with torch.no_grad():
-                    ents.append(chunk_entropy(scaled_logits(x)))
-        else:  # one head call for both
-            scaled = scaled_logits(x)
-            lps.append(pm.token_logprobs(scaled, tok))
-            if entropy:
-                ents.append(chunk_entropy(scaled))
-    flat = torch.zeros(B * L, dtype=torch.float32, device=responses.device)
-    lp = flat.index_put((where,), torch.cat(lps) if lps else flat[:0]).reshape(B, L)
-    ent = flat.index_put((where,), torch.cat(ents) if ents else flat[:0]).reshape(B, L) if entropy else None
-    return lp, ent
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Every dropout module off (LoRA's included): rollout and training log-probs must be the same function. Rates
-    that a model copies from its config when it is built are zeroed before loading (``dropout_off``)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "dropout"):
-        if config is not None and getattr(config, key, None):
-            setattr(config, key, 0.0)
 
 
 @dataclass
@@ -301,32 +158,6 @@ class Setup:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def unwrapped_for_generation(s: Setup):
-    """The bare PolicyAndValue for generate(); under ZeRO-3 with its parameters gathered once for the whole rollout,
-    not per generated token (P12; TRL's helper). TRL is imported only then: importing it costs about 190 MB of
-    resident memory."""
-    if s.zero3:
-        from trl.models.utils import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(s.model, s.accelerator) as unwrapped:
-            yield unwrapped
-    else:
-        yield s.unwrapped
-
-
-@contextmanager
-def gathered(s: Setup, module: nn.Module):
-    """A frozen DeepSpeed-inference model with its ZeRO-3 shards gathered (for generating from it)."""
-    if s.zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            yield module
-    else:
-        yield module
-
-
 def sample(s: Setup, queries: torch.Tensor, greedy: bool = False, model: nn.Module | None = None) -> Generation:
     """Responses of the policy (or of ``model``, a frozen one) to the left-padded ``queries``, truncated after the
     stop token: sampled at the PPO temperature, or greedy."""
@@ -339,9 +170,9 @@ def sample(s: Setup, queries: torch.Tensor, greedy: bool = False, model: nn.Modu
     )
     if model is not None:
         module = model.module if hasattr(model, "module") else model  # a DeepSpeed inference engine's model
-        with gathered(s, module):
+        with gathered(module, s.zero3):
             return generate(module, queries, **kwargs)
-    with unwrapped_for_generation(s) as unwrapped:
+    with unwrapped_for_generation(s.model, s.accelerator, s.zero3) as unwrapped:
         return generate(unwrapped.policy, queries, **kwargs)
 
 
@@ -404,16 +235,15 @@ class Rollout:
 
 def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0) -> Rollout:
     """Steps 1-7 of PPO update ``update`` (counted from 1) on this process's ``prompts``."""
-    cfg = s.cfg
     t0 = time.perf_counter()
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
     with record_function("ppo/sample"):
         g = sample(s, left_pad(prompts, s.pad_id, s.accelerator.device))
         fail_if_asked(STAGE, "sample", update)
-    responses, seq_len, stopped = g.responses, g.seq_len, g.stopped
+    responses = g.responses
     t_gen = time.perf_counter() - t0
     seq, mask, pos = g.inputs()  # pad ids inside a response are never generated before the stop
-    valid = pm.valid_mask(seq_len, responses.size(1))
+    valid = pm.valid_mask(g.seq_len, responses.size(1))
     # 3-5. Log-probs under the policy (the sampler's, or a forward like the training one) and the reference; values.
     t1 = time.perf_counter()
     if s.sampler_logprobs and g.logprobs is not None:  # (a Generation built by hand has none)
@@ -427,26 +257,56 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0)
             logprobs, values, entropy = policy_logprobs_and_values(s, seq, mask, pos, responses, True, valid)
     with record_function("ppo/reference"):
         ref_lp = ref_logprobs(s, seq, mask, pos, responses, valid)
-    # 6. Score at the stop token (or the last token when the response never stopped). Only <end_of_turn> ends a
-    #    turn: a response that stopped on <eos> is read at a token the reward model never learned to score, so it
-    #    counts as not ended (the missing-stop penalty applies), like one cut at the length limit.
+    # 6. Score at the stop token (or the last token when the response never stopped); only <end_of_turn> ends a turn.
+    scored = score_responses(s, g)
+    t_score = time.perf_counter() - t1
+    # 7. Masks, per-token KL, rewards, GAE, whitening; or, critic-free, the group transform and plain returns.
+    adv = estimate_advantages(s, logprobs, ref_lp, values, scored[2], g.seq_len, kl_coef)
+    stats = rollout_stats(s, g, adv, entropy, scored, t_gen, t_score)
+    return Rollout(
+        seq=seq,
+        mask=mask,
+        pos=pos,
+        responses=responses,
+        logprobs=adv.logprobs,
+        values=adv.values,
+        advantages=adv.advantages,
+        returns=adv.returns,
+        action_mask=adv.action_mask,
+        value_mask=adv.value_mask,
+        ref_logprobs=adv.ref_logprobs,
+        stats=stats,
+        generation=g,
+    )
+
+
+def score_responses(s: Setup, g: Generation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 6: (raw scores, ended, final scores), each (B,). Only <end_of_turn> ends a turn: a response that stopped
+    on <eos> is read at a token the reward model never learned to score, so it counts as not ended (the missing-stop
+    penalty applies), like one cut at the length limit."""
     with record_function("ppo/reward"):
-        raw_scores = score(s.reward, g, cfg.local_rollout_forward_batch_size)
+        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size)
     ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
     scores = pm.final_scores(
         raw_scores,
         ended,
         mean=s.reward_mean,
         std=s.reward_std,
-        normalize=cfg.normalize_reward,
-        clip=cfg.reward_clip,
-        missing_stop_penalty=cfg.missing_eos_penalty,
+        normalize=s.cfg.normalize_reward,
+        clip=s.cfg.reward_clip,
+        missing_stop_penalty=s.cfg.missing_eos_penalty,
     )
-    t_score = time.perf_counter() - t1
-    # 7. Masks, per-token KL, rewards, GAE, whitening; or, critic-free, the group transform and plain returns.
+    return raw_scores, ended, scores
+
+
+def estimate_advantages(s: Setup, logprobs, ref_lp, values, scores, seq_len, kl_coef: float) -> pm.Advantages:
+    """Step 7: with a value model, the per-token KL penalty and the score as rewards, GAE, returns and whitened
+    advantages; critic-free, the group transform of the scores and undiscounted returns (``pipeline.core.ppo_math``).
+    """
+    cfg = s.cfg
     kl_in_reward = cfg.kl_penalty == "reward"
     if s.critic:
-        adv = pm.advantages(
+        return pm.advantages(
             logprobs,
             ref_lp,
             values,
@@ -459,23 +319,26 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0)
             gamma=cfg.gamma,
             lam=cfg.lam,
         )
-    else:
-        adv = pm.group_token_advantages(
-            logprobs,
-            ref_lp,
-            scores,
-            seq_len,
-            k=cfg.num_generations,
-            estimator=cfg.estimator,
-            scale=cfg.scale_rewards,
-            kl_coef=kl_coef,
-            kl_estimator=cfg.kl_estimator,
-            kl_in_reward=kl_in_reward,
-        )
-    action_mask, value_mask, logprobs, values, kl = adv.action_mask, adv.value_mask, adv.logprobs, adv.values, adv.kl
-    advantages, returns, non_score = adv.advantages, adv.returns, adv.non_score
+    return pm.group_token_advantages(
+        logprobs,
+        ref_lp,
+        scores,
+        seq_len,
+        k=cfg.num_generations,
+        estimator=cfg.estimator,
+        scale=cfg.scale_rewards,
+        kl_coef=kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        kl_in_reward=kl_in_reward,
+    )
+
+
+def rollout_stats(s: Setup, g: Generation, adv: pm.Advantages, entropy, scored, t_gen: float, t_score: float) -> dict:
+    """The rollout's metrics on this process (docs/ppo.md has the glossary); ``scored``: ``score_responses``."""
+    raw_scores, ended, scores = scored
+    action_mask, logprobs, non_score = adv.action_mask, adv.logprobs, adv.non_score
     stats = {
-        "objective/kl": kl.sum(1).mean(),
+        "objective/kl": adv.kl.sum(1).mean(),
         "objective/entropy": pm.masked_sum(-logprobs, action_mask, 1).mean(),
         "policy/entropy_avg": pm.masked_mean(entropy, action_mask),
         "objective/non_score_reward": non_score.sum(1).mean(),
@@ -483,34 +346,20 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0)
         "objective/scores": scores.mean(),
         "objective/raw_scores": raw_scores.mean(),
         "val/num_eos_tokens": ended.float().sum(),
-        "ppo/response_length": (seq_len + 1).float().mean(),
+        "ppo/response_length": (g.seq_len + 1).float().mean(),
         "ppo/no_stop_rate": (~ended).float().mean(),
-        "ppo/eos_stop_rate": (stopped & ~ended).float().mean(),
+        "ppo/eos_stop_rate": (g.stopped & ~ended).float().mean(),
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
     }
     if s.critic:
-        stats["val/explained_variance"] = torch.tensor(pm.explained_variance(values, returns, value_mask))
+        stats["val/explained_variance"] = torch.tensor(pm.explained_variance(adv.values, adv.returns, adv.value_mask))
     else:  # how much of the batch carries a score signal: a group whose samples all score alike gets none
-        group_std = scores.view(-1, cfg.num_generations).std(1)
+        group_std = scores.view(-1, s.cfg.num_generations).std(1)
         stats["objective/score_std_in_group"] = group_std.mean()
         stats["objective/zero_std_groups"] = (group_std < 1e-6).float().mean()
-    return Rollout(
-        seq,
-        mask,
-        pos,
-        responses,
-        logprobs,
-        values,
-        advantages,
-        returns,
-        action_mask,
-        value_mask,
-        adv.ref_logprobs,
-        stats,
-        generation=g,
-    )
+    return stats
 
 
 def answer_totals(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, tuple[float, int]]:
@@ -521,15 +370,6 @@ def answer_totals(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, 
     ids = [r[: n + (0 if st else 1)] for r, n, st in zip(g.responses.tolist(), seq_len, stopped)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return korean_totals(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
-
-
-def pooled_means(acc: Any, totals: dict[str, tuple[float, int]]) -> dict[str, float]:
-    """Means over every process's answers (sums and counts reduced, so a process with fewer answers of a kind
-    weighs less); a measure no answer on any process has (no Korean answer: no switch rate) is left out."""
-    keys = list(totals)
-    t = torch.tensor([list(totals[k]) for k in keys], dtype=torch.float32, device=acc.device)
-    t = acc.reduce(t, reduction="sum").tolist()
-    return {k: s / n for k, (s, n) in zip(keys, t) if n > 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,91 +397,17 @@ def train_on_rollout(
     counted from 1). With ``ppo.kl_penalty: loss`` the policy loss gains ``kl_coef`` times the per-token KL of the
     current policy to the reference (clamped to 10 per token, as OpenRLHF's estimate), averaged like the policy
     loss; ``kl_coef`` is the controller's value this update."""
-    cfg, acc = s.cfg, s.accelerator
+    cfg = s.cfg
     where = f"update {update}"
     poison_if_asked(STAGE, update, s.unwrapped)
-    world = acc.num_processes
-    grid: dict[str, list[torch.Tensor]] = {
-        k: []
-        for k in (
-            "approxkl",
-            "clipfrac",
-            "pg_loss",
-            "vf_loss",
-            "vf_clipfrac",
-            "ratio",
-            "kl_loss",
-            "policy_grad_norm",
-            "value_grad_norm",
-        )
-    }
+    grid: dict[str, list[torch.Tensor]] = defaultdict(list)  # each micro-batch's stats, each step's gradient norms
     kl_loss_coef = kl_coef if cfg.kl_penalty == "loss" else 0.0
     for epoch in range(cfg.num_ppo_epochs):
         order = torch.randperm(sizes.local_batch, generator=generator).to(ro.seq.device)
         for m in range(cfg.num_mini_batches):
             idx = order[m * sizes.local_mini_batch : (m + 1) * sizes.local_mini_batch]
-            # The loss of a minibatch is the mean over its valid tokens on every process: each micro-batch
-            # contributes its token sum divided by the global count (x world: DDP averages gradients over
-            # processes; x micro_per_mini: accelerate divides by the accumulation steps).
-            n_pg = acc.reduce(ro.action_mask[idx].sum().float(), reduction="sum").clamp(min=1)
-            n_vf = acc.reduce(ro.value_mask[idx].sum().float(), reduction="sum").clamp(min=1)
-            scale = world * sizes.micro_per_mini
-            for k in range(sizes.micro_per_mini):
-                mb = idx[k * cfg.per_device_train_batch_size : (k + 1) * cfg.per_device_train_batch_size]
-                with acc.accumulate(s.model):
-                    am, vm = ro.action_mask[mb], ro.value_mask[mb]
-                    new_lp, vpred, _ = s.model(
-                        ro.seq[mb],
-                        ro.mask[mb],
-                        ro.pos[mb],
-                        ro.responses[mb],
-                        cfg.temperature,
-                        valid=am,
-                        memory_mb=cfg.logits_memory_mb,
-                    )
-                    pg, pg_clipped, ratio = pm.clipped_policy_loss(
-                        new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange
-                    )
-                    loss = pm.masked_sum(pg, am) / n_pg
-                    if vpred is not None:
-                        vf, vf_clipped = pm.clipped_value_loss(
-                            vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value
-                        )
-                        loss = loss + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf
-                    if kl_loss_coef:
-                        ref_lp = torch.where(am, ro.ref_logprobs[mb], new_lp.detach())
-                        kl_tok = pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator).clamp(-10.0, 10.0)
-                        kl_tok = torch.where(am, kl_tok, 0.0)
-                        loss = loss + kl_loss_coef * pm.masked_sum(kl_tok, am) / n_pg
-                    loss = loss * scale
-                    check_loss(acc, loss, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        if acc.distributed_type == "DEEPSPEED":  # the engine clipped and stepped in backward()
-                            check_deepspeed_step(s.model, f"{where}, epoch {epoch + 1}, minibatch {m + 1}")
-                        else:
-                            norms = clip_each(acc, s.unwrapped, cfg.max_grad_norm)
-                            for name, norm in zip(("policy_grad_norm", "value_grad_norm"), norms):
-                                if not torch.isfinite(norm):  # the same on every process
-                                    raise NonFiniteLossError(
-                                        f"non-finite gradient norm ({float(norm)}) at {where}, epoch {epoch + 1}, "
-                                        f"minibatch {m + 1} (the step was not taken)"
-                                    )
-                                grid[name].append(norm.float())
-                        counter.steps += 1
-                    s.optimizer.step()
-                    s.optimizer.zero_grad()
-                with torch.no_grad():
-                    log_ratio = torch.where(am, new_lp - ro.logprobs[mb], torch.zeros_like(new_lp))
-                    grid["approxkl"].append(pm.masked_mean(0.5 * log_ratio**2, am))
-                    grid["clipfrac"].append(pm.masked_mean(pg_clipped.float(), am))
-                    grid["pg_loss"].append(pm.masked_mean(pg, am))
-                    if vpred is not None:
-                        grid["vf_loss"].append(pm.masked_mean(vf, vm))
-                        grid["vf_clipfrac"].append(pm.masked_mean(vf_clipped.float(), vm))
-                    if kl_loss_coef:
-                        grid["kl_loss"].append(pm.masked_mean(kl_tok, am))
-                    grid["ratio"].append(pm.masked_mean(ratio, am))
+            at = f"{where}, epoch {epoch + 1}, minibatch {m + 1}"
+            train_minibatch(s, ro, idx, sizes, counter, kl_loss_coef, at, grid)
     # A finite loss and gradient can still step the weights to inf; the next rollout would then sample from NaN
     # logits. Every process checks the weights it holds (its partition under ZeRO-3) and all stop together.
     poison_if_asked(STAGE, update, s.unwrapped, after_step=True)
@@ -649,6 +415,111 @@ def train_on_rollout(
         raise NonFiniteLossError(
             f"non-finite weights after the optimizer steps of {where} (held by process {', '.join(map(str, bad))})"
         )
+    return update_stats(grid)
+
+
+def train_minibatch(
+    s: Setup,
+    ro: Rollout,
+    idx: torch.Tensor,
+    sizes: BatchSizes,
+    counter: StepCounter,
+    kl_loss_coef: float,
+    where: str,
+    grid: dict[str, list[torch.Tensor]],
+) -> None:
+    """One optimizer step on the rollouts ``idx``: a forward and backward pass per micro-batch, the gradients
+    accumulated, the step at the last. Each micro-batch's stats (and the step's gradient norms) go to ``grid``."""
+    acc = s.accelerator
+    # The loss of a minibatch is the mean over its valid tokens on every process: each micro-batch
+    # contributes its token sum divided by the global count (x world: DDP averages gradients over
+    # processes; x micro_per_mini: accelerate divides by the accumulation steps).
+    n_pg = acc.reduce(ro.action_mask[idx].sum().float(), reduction="sum").clamp(min=1)
+    n_vf = acc.reduce(ro.value_mask[idx].sum().float(), reduction="sum").clamp(min=1)
+    scale, n = acc.num_processes * sizes.micro_per_mini, s.cfg.per_device_train_batch_size
+    for k in range(sizes.micro_per_mini):
+        mb = idx[k * n : (k + 1) * n]
+        with acc.accumulate(s.model):
+            loss, stats = ppo_loss(s, ro, mb, n_pg, n_vf, kl_loss_coef)
+            loss = loss * scale
+            check_loss(acc, loss, where, "PPO loss")
+            acc.backward(loss)
+            stats.update(optimizer_step(s, counter, where))
+        for key, value in stats.items():
+            grid[key].append(value)
+
+
+def ppo_loss(
+    s: Setup, ro: Rollout, mb: torch.Tensor, n_pg: torch.Tensor, n_vf: torch.Tensor, kl_loss_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of micro-batch ``mb`` (rows of the rollout) and its stats: the clipped policy loss, the clipped value
+    loss (with a value model) and the KL to the reference (``kl_loss_coef`` > 0), each a sum over the valid tokens
+    divided by the minibatch's count of them on every process (``n_pg``, ``n_vf``)."""
+    cfg = s.cfg
+    am, vm = ro.action_mask[mb], ro.value_mask[mb]  # (b, L) each
+    new_lp, vpred, _ = s.model(  # (b, L) log-probs under the current policy, (b, L) values or None
+        ro.seq[mb],
+        ro.mask[mb],
+        ro.pos[mb],
+        ro.responses[mb],
+        cfg.temperature,
+        valid=am,
+        memory_mb=cfg.logits_memory_mb,
+    )
+    pg, pg_clipped, ratio = pm.clipped_policy_loss(new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange)
+    loss = pm.masked_sum(pg, am) / n_pg
+    if vpred is not None:
+        vf, vf_clipped = pm.clipped_value_loss(vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value)
+        loss = loss + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf
+    if kl_loss_coef:
+        ref_lp = torch.where(am, ro.ref_logprobs[mb], new_lp.detach())
+        kl_tok = pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator).clamp(-10.0, 10.0)
+        kl_tok = torch.where(am, kl_tok, 0.0)
+        loss = loss + kl_loss_coef * pm.masked_sum(kl_tok, am) / n_pg
+    with torch.no_grad():
+        log_ratio = torch.where(am, new_lp - ro.logprobs[mb], torch.zeros_like(new_lp))
+        stats = {
+            "approxkl": pm.masked_mean(0.5 * log_ratio**2, am),
+            "clipfrac": pm.masked_mean(pg_clipped.float(), am),
+            "pg_loss": pm.masked_mean(pg, am),
+            "ratio": pm.masked_mean(ratio, am),
+        }
+        if vpred is not None:
+            stats.update(vf_loss=pm.masked_mean(vf, vm), vf_clipfrac=pm.masked_mean(vf_clipped.float(), vm))
+        if kl_loss_coef:
+            stats["kl_loss"] = pm.masked_mean(kl_tok, am)
+    return loss, stats
+
+
+def optimizer_step(s: Setup, counter: StepCounter, where: str) -> dict[str, torch.Tensor]:
+    """At the minibatch's last micro-batch: the policy's and the value model's gradients clipped apart (stopping on a
+    non-finite norm before the step), the step, the gradients zeroed; accelerate makes the step and the zeroing
+    no-ops inside gradient accumulation. Returns the norms before clipping of a step taken ({} otherwise, and under
+    DeepSpeed, whose engine clipped and stepped in ``backward``)."""
+    acc, norms = s.accelerator, {}
+    if acc.sync_gradients:
+        if acc.distributed_type == "DEEPSPEED":  # the engine clipped and stepped in backward()
+            check_deepspeed_step(s.model, where)
+        else:
+            norms = clip_gradients(s, where)
+        counter.steps += 1
+    s.optimizer.step()
+    s.optimizer.zero_grad()
+    return norms
+
+
+def clip_gradients(s: Setup, where: str) -> dict[str, torch.Tensor]:
+    """The policy's and the value model's gradients clipped apart (``clip_each``); their norms before clipping."""
+    norms, out = clip_each(s.accelerator, s.unwrapped, s.cfg.max_grad_norm), {}
+    for name, norm in zip(("policy_grad_norm", "value_grad_norm"), norms):
+        if not torch.isfinite(norm):  # the same on every process
+            raise NonFiniteLossError(f"non-finite gradient norm ({float(norm)}) at {where} (the step was not taken)")
+        out[name] = norm.float()
+    return out
+
+
+def update_stats(grid: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The update's metrics on this process: the means over its micro-batches (gradient norms: over its steps)."""
     mean = {k: torch.stack(v).mean() for k, v in grid.items() if v}
     norms = {f"{k.split('_')[0]}/grad_norm": mean[k] for k in ("policy_grad_norm", "value_grad_norm") if k in mean}
     out = {
@@ -663,49 +534,6 @@ def train_on_rollout(
         out.update({"loss/value_avg": mean["vf_loss"], "val/clipfrac_avg": mean["vf_clipfrac"]})
     if "kl_loss" in mean:
         out["loss/kl_avg"] = mean["kl_loss"]
-    return out
-
-
-def check_loss(acc: Any, loss: torch.Tensor, where: str) -> None:
-    """Stop on a non-finite loss on any process, on every process at once: a process that raised alone would leave
-    the others waiting in the gradient all-reduce until the launcher tears the group down."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, reduction="sum")
-    if bad.item():
-        here = f"{loss.item()}" if not torch.isfinite(loss.detach()) else "on another process"
-        raise NonFiniteLossError(f"non-finite PPO loss ({here}) at {where}")
-
-
-def check_deepspeed_step(engine: Any, where: str) -> None:
-    """DeepSpeed takes the optimizer step inside ``backward`` and, finding non-finite gradients, skips it with a
-    warning and carries on: a run would go on to the end without training. Stop instead, on every process (the
-    overflow flag is reduced over processes), while the weights are still the last finite ones. With fp16 loss
-    scaling a skipped step is how the scale is found, so it is left to DeepSpeed."""
-    if engine.fp16_enabled() or engine.was_step_applied():
-        return
-    raise NonFiniteLossError(
-        f"non-finite gradients at {where}: DeepSpeed skipped the optimizer step, the weights are unchanged"
-    )
-
-
-def clip_each(acc: Any, model: PolicyAndValue, max_norm: float) -> tuple[torch.Tensor, ...]:
-    """Clip the policy's and the value model's gradients each to ``max_norm`` (OpenRLHF clips its actor and critic
-    apart): under one joint norm, large value gradients early in training would shrink the policy's step. Returns
-    the norms before clipping (the policy's alone without a value model)."""
-    parts = (model.policy,) if model.value is None else (model.policy, model.value)
-    return tuple(
-        torch.as_tensor(acc.clip_grad_norm_([p for p in part.parameters() if p.requires_grad], max_norm))
-        for part in parts
-    )
-
-
-def gather_stats(acc: Any, stats: dict) -> dict[str, float]:
-    """Means over processes (sums for counts), as plain floats."""
-    out = {}
-    for k, v in stats.items():
-        v = torch.as_tensor(v, dtype=torch.float32, device=acc.device)
-        out[k] = float(acc.reduce(v, reduction="sum" if k == "val/num_eos_tokens" else "mean"))
     return out
 
 
@@ -858,24 +686,11 @@ class PPORun:
         return self.s.accelerator
 
 
-def build_setup(
-    recipe: Recipe,
-    accelerator: Any,
-    policy_dir: Path,
-    rm_dir: Path,
-    value_dir: Path | None,
-    tokenizer: Any,
-    total_updates: int,
-    reward_stats: RewardStats | None = None,
-):
-    """Load, freeze, wrap and prepare the four models (three without a value model: ``value_dir`` None); returns
-    (Setup, scheduler). ``reward_stats``: the value model's outputs are standardised with them (it starts from the
-    reward model and scores are normalised)."""
-    from transformers import get_scheduler
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
+def load_models(recipe: Recipe, policy_dir: Path, rm_dir: Path, value_dir: Path | None, prec: dict) -> tuple:
+    """(policy, value, reward, reference), dropout off in all four, the reward model and the reference frozen. Under
+    ``ppo.method: lora`` the policy is wrapped in LoRA and the reference is None (the same base with the adapter
+    disabled, no second copy); without ``value_dir`` the value is None."""
     cfg = recipe.ppo
-    prec = precision(recipe.run.precision)
     load = {"dtype": prec["dtype"], "dropout_off": True}
     frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
     policy = load_causal_lm(recipe.model, str(policy_dir), **load)
@@ -910,6 +725,28 @@ def build_setup(
         if frozen is not None:
             frozen.requires_grad_(False)
             frozen.eval()
+    return policy, value, reward, ref
+
+
+def build_setup(
+    recipe: Recipe,
+    accelerator: Any,
+    policy_dir: Path,
+    rm_dir: Path,
+    value_dir: Path | None,
+    tokenizer: Any,
+    total_updates: int,
+    reward_stats: RewardStats | None = None,
+):
+    """Load, freeze, wrap and prepare the four models (three without a value model: ``value_dir`` None); returns
+    (Setup, scheduler). ``reward_stats``: the value model's outputs are standardised with them (it starts from the
+    reward model and scores are normalised)."""
+    from transformers import get_scheduler
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    cfg = recipe.ppo
+    prec = precision(recipe.run.precision)
+    policy, value, reward, ref = load_models(recipe, policy_dir, rm_dir, value_dir, prec)
     shift, scale = (reward_stats.mean, reward_stats.std) if reward_stats is not None else (0.0, 1.0)
     model = PolicyAndValue(policy, value, shift, max(scale, 1e-8))
     # Fused: one kernel per parameter, no temporaries the size of the largest one (Gemma's 262k-row embedding), and
@@ -943,91 +780,17 @@ def build_setup(
     return setup, scheduler
 
 
-def prepare_frozen(model: nn.Module, accelerator: Any, zero3: bool) -> Any:
-    """A frozen model (reference, reward) on the device in the dtype it was loaded in (``ppo.frozen_precision``).
-    Only ZeRO-3 needs an engine for it, to hold its parameters partitioned; that engine is built with DeepSpeed's
-    bf16 and fp16 off, so it keeps the loaded dtype, and with the training engine's ``torch_autocast``. (TRL's ``prepare_deepspeed`` copies the training engine's config,
-    whose bf16 section casts a frozen model to bf16 whatever the recipe asked for.)"""
-    if not zero3:
-        return model.to(accelerator.device)
-    import deepspeed
-
-    hidden = model.config.get_text_config().hidden_size
-    trained = accelerator.state.deepspeed_plugin.deepspeed_config
-    config = {
-        "train_micro_batch_size_per_gpu": trained["train_micro_batch_size_per_gpu"],
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 10 * hidden,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-        },
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-    }
-    if "torch_autocast" in trained:
-        # The same gathers as the policy's engine: under autocast ZeRO-3 gathers the weights of linear layers in
-        # bf16, Gemma's tied embedding among them, so an engine without it would embed tokens differently.
-        config["torch_autocast"] = trained["torch_autocast"]
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
-
-
 def weight_dtypes(s: Setup) -> str:
     """``policy fp32, value fp32, reference fp32, reward model fp32``: each model's dtype read from its parameters
     (under ZeRO-3 from the local partitions), not from the recipe."""
-
-    def dtype(module: nn.Module | None) -> str | None:
-        if module is None:
-            return None
-        module = module.module if hasattr(module, "module") else module
-        kinds = {str(getattr(p, "ds_tensor", p).dtype).removeprefix("torch.") for p in module.parameters()}
-        return "/".join(sorted(kinds)).replace("float32", "fp32").replace("bfloat16", "bf16")
-
     unwrapped = s.unwrapped
     parts = {
-        "policy": dtype(unwrapped.policy),
-        "value": dtype(unwrapped.value),
-        "reference": dtype(s.ref) or ("the policy's base, adapter off" if s.ref is None else None),
-        "reward model": dtype(s.reward),
+        "policy": parameter_dtypes(unwrapped.policy),
+        "value": parameter_dtypes(unwrapped.value),
+        "reference": parameter_dtypes(s.ref) or ("the policy's base, adapter off" if s.ref is None else None),
+        "reward model": parameter_dtypes(s.reward),
     }
     return ", ".join(f"{k} {v}" for k, v in parts.items() if v is not None)
-
-
-def configure_deepspeed(accelerator_kwargs: dict, cfg: PPOConfig, micro_per_mini: int, bf16: bool) -> None:
-    """DeepSpeed has no dataloader to infer sizes from in our loop: give it the micro-batch size, the accumulation
-    steps (one optimizer step per minibatch) and the clipping norm. bf16 is DeepSpeed's ``torch_autocast`` over fp32
-    weights, not its ``bf16`` mode: that mode casts the engine's weights to bf16 (and, through ``zero.Init`` under
-    ZeRO-3, every model built while it is set, the frozen ones included), so the policy's log-probs would come from
-    bf16 weights and the fp32 reference's from fp32 ones, and the first update's KL would not be 0. The weights stay
-    fp32 as outside DeepSpeed; Adam steps them directly."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugin = DeepSpeedPlugin()  # reads the launcher's settings (the accelerate config's deepspeed_config)
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
-    plugin.deepspeed_config["gradient_accumulation_steps"] = micro_per_mini
-    plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
-    if bf16:
-        plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    accelerator_kwargs["deepspeed_plugin"] = plugin
-
-
-def make_accelerator(cfg: PPOConfig, sizes: BatchSizes, prec: dict) -> Any:
-    """gloo on a CPU-only machine; bf16 autocast over fp32 weights when the run computes in bf16 (accelerate's under
-    DDP, DeepSpeed's ``torch_autocast`` under DeepSpeed); DeepSpeed sized from the batch arithmetic."""
-    from accelerate import Accelerator
-
-    kwargs: dict[str, Any] = {"gradient_accumulation_steps": sizes.micro_per_mini}
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if deepspeed:
-        configure_deepspeed(kwargs, cfg, sizes.micro_per_mini, prec["bf16"])
-    if prec["use_cpu"]:
-        # On a CPU-only machine the process group is gloo; set up first (as transformers' Trainer does with
-        # use_cpu), the Accelerator below keeps the launcher's DeepSpeed settings on top of it.
-        from accelerate import PartialState
-
-        PartialState(cpu=True)
-    return Accelerator(mixed_precision="bf16" if prec["bf16"] and not deepspeed else "no", **kwargs)
 
 
 def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
@@ -1049,7 +812,7 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
     )
     prec = precision(recipe.run.precision)
     topology.check(recipe, topology.from_environment(), "the recipe")  # also when launched by hand
-    accelerator = make_accelerator(cfg, sizes, prec)
+    accelerator = make_accelerator(cfg.per_device_train_batch_size, sizes.micro_per_mini, cfg.max_grad_norm, prec)
     peers.watch()
     local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
     set_seed(local_seed)
@@ -1166,7 +929,7 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     t_train = time.perf_counter() - t1
     lr = ppo.scheduler.get_last_lr()[0]  # the rate this update's steps used
     ppo.scheduler.step()
-    metrics = gather_stats(acc, {**ro.stats, **train_stats})
+    metrics = gather_stats(acc, {**ro.stats, **train_stats}, sums=("val/num_eos_tokens",))
     metrics.update(pooled_means(acc, answer_totals(ro.generation, ppo.inputs.tokenizer, s.turn_end_id)))
     elapsed = time.perf_counter() - t0
     metrics.update(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.core.config import ConfigError
+
 
 @dataclass(frozen=True)
 class BatchSizes:
@@ -25,16 +27,17 @@ class BatchSizes:
 def batch_sizes(
     per_device: int, grad_accum: int, world: int, num_mini_batches: int, total_episodes: int, num_ppo_epochs: int
 ) -> BatchSizes:
-    """TRL's PPOConfig arithmetic, with the optimizer-step count it intends (``num_ppo_epochs x num_mini_batches``)."""
+    """TRL's PPOConfig arithmetic, with the optimizer-step count it intends (``num_ppo_epochs x num_mini_batches``).
+    Raises ConfigError when the batch does not split into minibatches and micro-batches."""
     local = per_device * grad_accum
     if local % num_mini_batches:
-        raise ValueError(
+        raise ConfigError(
             f"per_device_train_batch_size x gradient_accumulation_steps ({local}) must be divisible by "
             f"num_mini_batches ({num_mini_batches})"
         )
     local_mini = local // num_mini_batches
     if local_mini % per_device:
-        raise ValueError(
+        raise ConfigError(
             f"a minibatch of {local_mini} rollouts per process does not split into micro-batches of "
             f"per_device_train_batch_size {per_device}"
         )

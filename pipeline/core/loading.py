@@ -142,6 +142,20 @@ def without_dropout(config: Any) -> Any:
     return config
 
 
+def disable_dropout(model: Any) -> None:
+    """Every dropout module off (LoRA's included): rollout and training log-probs must be the same function. Rates
+    that a model copies from its config when it is built are zeroed before loading (``dropout_off``)."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if config is not None and getattr(config, key, None):
+            setattr(config, key, 0.0)
+
+
 def _load(cls: Any, model: ModelConfig, location: str | None, dtype: Any, dropout_off: bool, **kwargs: Any) -> Any:
     from transformers import AutoConfig
 
