@@ -614,9 +614,7 @@ def derivation(recipe: Recipe, parent: Path, manifest: dict, method: str, step: 
         manifest,
         metrics,
         step,
-        inputs={
-            "reward model": str(RunDir.of(recipe).stage("rm").final)
-        },  # its lineage is recorded beside the parent's
+        inputs={"reward model": str(RunDir.of(recipe).stage("rm").final)},  # its lineage beside the parent's
     )
 
 
