@@ -119,8 +119,8 @@ def test_the_sampler_agrees_with_the_forward_on_cuda(chain):
 
     from data_prep.gemma_format import GemmaEncoder, stop_token_ids
     from pipeline.core import ppo_math as pm
+    from pipeline.core.policy import response_logprobs
     from pipeline.core.sampling import generate, left_pad
-    from pipeline.ppo import response_logprobs
 
     out, _ = chain
     final = out / "gemma3_270m_ko" / "sft" / "final"

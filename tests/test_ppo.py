@@ -83,8 +83,8 @@ def test_optimizer_steps_are_epochs_times_minibatches(chain, tmp_path, monkeypat
 def test_rollout_logprobs_equal_training_forward_and_sampler(chain):
     from transformers import GenerationConfig
 
+    from pipeline.core.ppo_step import policy_logprobs_and_values
     from pipeline.core.sampling import left_pad, positions
-    from pipeline.ppo import policy_logprobs_and_values
 
     s, tok = ppo_setup(chain, "ppo.temperature=0.7")
     prompts = [
@@ -131,8 +131,8 @@ def test_left_padding_invariance(chain):
     default positions (every position shifted by the pad count) change its log-probs only by fp32 rounding of large
     angles (8e-6 to 2e-4 with 8000 pads, depending on the weights): an invariance check alone cannot catch the
     defect on Gemma. So the test also records the positions every backbone forward receives, and checks them."""
+    from pipeline.core.ppo_step import policy_logprobs_and_values
     from pipeline.core.sampling import positions
-    from pipeline.ppo import policy_logprobs_and_values
 
     s, tok = ppo_setup(chain)
     seen: list = []
@@ -155,7 +155,7 @@ def test_left_padding_invariance(chain):
     for lp, values in results[1:]:
         assert torch.allclose(lp, results[0][0], atol=1e-5) and torch.allclose(values, results[0][1], atol=1e-5)
     # Negative control: a forward that drops position_ids (the defect) fails the check above.
-    from pipeline.ppo import response_logprobs
+    from pipeline.core.policy import response_logprobs
 
     seen.clear()
     with torch.no_grad():

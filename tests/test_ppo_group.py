@@ -83,7 +83,7 @@ def test_lr0_ratio_is_one_and_kl_zero_without_a_value_model(chain, tmp_path):
 def _moved_policy_rollout(chain, *overrides):
     """A setup whose policy is the SFT model with noise on its weights (so its KL to the reference is > 0), and a
     rollout of it with every advantage set to 0: only a KL term can move the policy."""
-    from pipeline.ppo import rollout
+    from pipeline.core.ppo_step import rollout
 
     s, tok = ppo_setup(
         chain,
@@ -109,7 +109,7 @@ def _moved_policy_rollout(chain, *overrides):
 
 
 def _kl_after_one_update(s, ro, sizes) -> tuple[float, float]:
-    from pipeline.ppo import StepCounter, policy_logprobs_and_values, train_on_rollout
+    from pipeline.core.ppo_step import StepCounter, policy_logprobs_and_values, train_on_rollout
 
     def kl() -> float:
         lp, _, _ = policy_logprobs_and_values(s, ro.seq, ro.mask, ro.pos, ro.responses)

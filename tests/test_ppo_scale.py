@@ -158,7 +158,9 @@ def test_attention_dropout_copied_at_construction_is_off(chain, tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from pipeline.ppo import build_setup, disable_dropout, response_logprobs
+    from pipeline.core.loading import disable_dropout
+    from pipeline.core.policy import response_logprobs
+    from pipeline.ppo import build_setup
 
     run = chain / "tiny_ko"
     policy_dir = tmp_path / "sft"
@@ -202,8 +204,8 @@ def test_ppo_lora_dropout_is_refused_not_ignored():
 def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatch):
     """Catches an <eos>-ended response counting as ended: the reward model never learned to score there, and it
     escaped the missing-stop penalty."""
-    from pipeline import ppo
     from pipeline.core import ppo_math as pm
+    from pipeline.core import ppo_step
     from pipeline.core.sampling import Generation, left_pad
 
     s, tok = _setup(chain, "ppo.missing_eos_penalty=1.0", "ppo.response_length=6")
@@ -215,8 +217,8 @@ def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatc
     responses, seq_len, stopped = pm.truncate_after_stop(rows, s.stop_ids, s.pad_id)
     prompts = _prompts(tok)
     q = left_pad(prompts, s.pad_id, "cpu")
-    monkeypatch.setattr(ppo, "sample", lambda *a, **k: Generation(q, responses, seq_len, stopped, s.pad_id))
-    ro = ppo.rollout(s, prompts, 0.05)
+    monkeypatch.setattr(ppo_step, "sample", lambda *a, **k: Generation(q, responses, seq_len, stopped, s.pad_id))
+    ro = ppo_step.rollout(s, prompts, 0.05)
     assert stopped.tolist() == [True, True, False]
     assert float(ro.stats["ppo/no_stop_rate"]) == pytest.approx(2 / 3)
     assert float(ro.stats["ppo/eos_stop_rate"]) == pytest.approx(1 / 3)
@@ -231,7 +233,7 @@ def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
     """Catches the chunk size read from ``head.weight.shape[0]``, which is 0 under ZeRO-3: chunking silently turned
     off and the whole batch's (B, L, vocabulary) logits came back. tests/test_launch.py checks the same line under
     two-process ZeRO-3."""
-    from pipeline.ppo import logit_positions
+    from pipeline.core.policy import logit_positions
 
     s, _ = _setup(chain)
     policy = s.unwrapped.policy
@@ -249,7 +251,7 @@ def test_policy_and_value_gradients_are_clipped_apart(chain):
     """Catches one joint clip: a large value gradient would shrink the policy's step."""
     from accelerate import Accelerator
 
-    from pipeline.ppo import clip_each
+    from pipeline.core.policy import clip_each
 
     s, _ = _setup(chain)
     model = s.unwrapped

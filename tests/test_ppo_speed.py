@@ -46,7 +46,7 @@ def _head_rows(policy):
 def test_the_head_runs_only_on_valid_response_positions_with_the_same_numbers(chain):
     """Catches the output head applied to post-stop padding (wasted work on a 262k vocabulary), and a packing of
     the valid positions that scatters log-probs or gradients back to the wrong place."""
-    from pipeline.ppo import response_logprobs
+    from pipeline.core.policy import response_logprobs
 
     s, tok = ppo_setup(chain)
     policy = s.unwrapped.policy
@@ -75,7 +75,7 @@ def test_logits_within_the_budget_are_kept_and_past_it_recomputed_with_equal_gra
     """Catches the head always recomputed in the backward pass (a third of the training step's head work on a real
     vocabulary) or, past ``ppo.logits_memory_mb``, never recomputed (the whole micro-batch's logits held), and a
     chunked path whose gradients differ."""
-    from pipeline.ppo import logit_positions, response_logprobs
+    from pipeline.core.policy import logit_positions, response_logprobs
 
     s, tok = ppo_setup(chain)
     policy = s.unwrapped.policy
@@ -105,7 +105,7 @@ def test_logits_within_the_budget_are_kept_and_past_it_recomputed_with_equal_gra
 
 
 def _rollout(chain, *overrides):
-    from pipeline.ppo import rollout
+    from pipeline.core.ppo_step import rollout
 
     s, tok = ppo_setup(chain, *overrides)
     s.model.eval()
@@ -147,7 +147,7 @@ def test_frozen_models_in_bf16_stay_within_the_stated_tolerance(chain):
     assert s16.unwrapped.policy.dtype == s16.unwrapped.value.dtype == torch.float32  # trained models stay fp32
     assert torch.equal(fp32.responses, bf16.responses) and torch.equal(fp32.logprobs, bf16.logprobs)
     am = fp32.action_mask
-    from pipeline.ppo import ref_logprobs
+    from pipeline.core.ppo_step import ref_logprobs
 
     seq, mask, pos, resp = fp32.seq, fp32.mask, fp32.pos, fp32.responses
     r32 = ref_logprobs(s32, seq, mask, pos, resp, am)

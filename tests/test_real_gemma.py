@@ -223,8 +223,9 @@ def test_left_padding_and_the_sampler_agree_with_the_training_forward_on_the_rea
     from accelerate import Accelerator
     from transformers import AutoTokenizer, GenerationConfig
 
+    from pipeline.core.ppo_step import policy_logprobs_and_values
     from pipeline.core.sampling import left_pad, positions
-    from pipeline.ppo import build_setup, policy_logprobs_and_values
+    from pipeline.ppo import build_setup
 
     recipe, finals = chain
     tok = AutoTokenizer.from_pretrained(finals["sft"])
