@@ -34,7 +34,7 @@ LAUNCH_ARGS = \
 LAUNCH = $(PY) -m pipeline.launch $(LAUNCH_ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test test-gpu bench lint embedded
+.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test test-fast test-gpu bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -116,6 +116,9 @@ demo-real: setup  ## the same chain on a real Gemma base (Gemma 3 270M, built of
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## the inner loop: the suite without the tests marked slow (a few minutes on a CPU)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-gpu: setup  ## the GPU tier: the real Gemma 3 270M chain on CUDA in bf16, one process and ZeRO-2 (skipped without CUDA)
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)

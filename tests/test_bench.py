@@ -17,6 +17,7 @@ def test_data_bench_reports_ratio(capsys):
     assert line["ratio_stage_vs_raw"] > 0
 
 
+@pytest.mark.slow
 def test_ppo_bench_profile_splits_phases_and_head_time(tiny_dir):
     """Catches a profile whose phases are missing (labels not reached, so all time lands in ``unlabelled``) or whose
     head classification finds nothing: on the toy every phase appears, the sampler and the training step spend time
@@ -41,6 +42,7 @@ def test_ppo_bench_profile_splits_phases_and_head_time(tiny_dir):
     assert set(phase_breakdown(prof.events(), 77, ())) == {"unlabelled"}
 
 
+@pytest.mark.slow
 def test_estimator_bench_measures_the_value_models_memory_saved(tiny_dir):
     """Catches a critic-free run that still holds a value model (or its Adam moments), and a training-state count
     that misses a model: GAE's measured training state minus RLOO's is exactly the value model's weights, gradients

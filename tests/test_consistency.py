@@ -12,6 +12,9 @@ from pipeline.core.consistency import ConsistencyError, check_inputs
 from pipeline.data import main as data_main
 from tests.helpers import REPO
 
+# Every test here reads a run folder with a trained SFT checkpoint (seconds to minutes to build).
+pytestmark = pytest.mark.slow
+
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 FAST = ["sft.max_steps=4", "sft.save_steps=100", "sft.eval_steps=100", "tracking.mode=disabled"]
 

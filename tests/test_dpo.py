@@ -83,6 +83,7 @@ def _sft_model(run):
     return AutoModelForCausalLM.from_pretrained(run / "tiny_ko" / "sft" / "final")
 
 
+@pytest.mark.slow
 def test_trains_on_the_recipe_and_saves_a_derivative(trained, chain):
     """Catches a recipe section that does not reach TRL (beta, loss type, learning rate, length), a step count
     other than the epochs over the pairs, a checkpoint without its notices, lineage or stop at <end_of_turn>, and a
@@ -123,6 +124,7 @@ def test_trains_on_the_recipe_and_saves_a_derivative(trained, chain):
     assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_pairs_are_the_data_stages_ids_with_one_bos(trained):
     """Catches TRL preparing the pairs itself: from the data stage's strings it doubles <bos> (plain text) or trains
     a newline after <end_of_turn> (chat messages). The stock preparation, run on the same rows, is the negative
@@ -161,6 +163,7 @@ def test_pairs_are_the_data_stages_ids_with_one_bos(trained):
         ]
 
 
+@pytest.mark.slow
 def test_the_loss_reads_only_completion_tokens(trained):
     """Catches prompt tokens in the sequence log-probabilities the DPO loss is built from (the implicit rewards,
     TRL's logps metrics, IPO's length normalisation): TRL's collator mask on our ids and the trainer's own loss
@@ -198,6 +201,7 @@ def test_the_loss_reads_only_completion_tokens(trained):
     assert logged["logps/chosen"] != pytest.approx(with_prompt[:n].mean().item(), abs=1e-2)
 
 
+@pytest.mark.slow
 def test_reference_is_the_frozen_sft_model(trained):
     """Catches a reference that trains with the policy or is not the SFT checkpoint: after training, its weights
     are the SFT model's and TRL's reference log-probs are the SFT model's own; the policy's (the negative control)
@@ -214,6 +218,7 @@ def test_reference_is_the_frozen_sft_model(trained):
     assert not torch.allclose(_summed_logps(trainer.model, batch), expected, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_the_dpo_metrics(trained):
     """Catches a DPO stage that logs nothing to W&B, or logs outside the ``dpo/group/name`` keys."""
     out, _, _ = trained
@@ -236,6 +241,7 @@ def test_wandb_offline_run_has_the_dpo_metrics(trained):
     assert run["config"]["recipe"]["dpo"]["beta"] == chain_recipe(out).dpo.beta
 
 
+@pytest.mark.slow
 def test_finished_stage_is_skipped(trained, capsys):
     """Catches a finished DPO stage that trains again (or rewrites its checkpoint) when `make dpo` runs again."""
     from pipeline import dpo
@@ -246,6 +252,7 @@ def test_finished_stage_is_skipped(trained, capsys):
     assert "already finished" in capsys.readouterr().out and (final / "COMPLETE").read_text() == stamp
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_adapter_disabled_model_and_the_final_is_merged(chain, tmp_path):
     """Catches, under LoRA, a second model held as the reference, a reference other than the adapter-disabled SFT
     model (TRL copies an adapter it is handed into a "ref" adapter), base weights that train, and a final that is
@@ -279,6 +286,7 @@ def test_lora_reference_is_the_adapter_disabled_model_and_the_final_is_merged(ch
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_rerun_after_the_last_checkpoint_keeps_the_sft_reference(chain, tmp_path, capsys, method):
     """Catches the trained policy becoming its own reference when a stage killed after its last checkpoint (while
@@ -321,6 +329,7 @@ def test_resume_after_kill(chain, tmp_path):
     "spec, said",
     [("dpo:3", "non-finite loss (nan) at step 3"), ("dpo:3:grad", "non-finite grad_norm (nan) at step 3")],
 )
+@pytest.mark.slow
 def test_non_finite_numbers_stop_with_the_step_and_no_final(chain, tmp_path, monkeypatch, capsys, spec, said):
     """Catches a DPO run that trains on through NaN weights or gradients (TRL averages the logged loss), exits 0,
     or leaves a final checkpoint or an unmarked later one behind: it must stop at the step, name the last good
@@ -340,6 +349,7 @@ def test_non_finite_numbers_stop_with_the_step_and_no_final(chain, tmp_path, mon
     assert not (out / "tiny_ko" / "dpo" / "final").exists()
 
 
+@pytest.mark.slow
 def test_refuses_an_sft_checkpoint_from_another_data_stage(chain, tmp_path, capsys):
     """Catches DPO starting from an SFT checkpoint whose chat template differs from the data stage's (its pairs
     would be ids the model was never tuned on), or failing on it with a traceback instead of the one-line input

@@ -19,6 +19,9 @@ from pipeline.core.notices import missing_notices
 from tests.helpers import REPO
 from tests.helpers.chain import BASE, RECIPE, chain_recipe, fresh_run, ppo_metrics, ppo_setup, rule_rate
 
+# Every test here runs PPO on the tiny chain (the session's ``chain`` fixture takes minutes to build).
+pytestmark = pytest.mark.slow
+
 
 def test_lr0_invariants(chain, tmp_path):
     from pipeline import ppo

@@ -34,6 +34,7 @@ def test_batch_prompts_puts_each_prompts_samples_in_consecutive_rows_of_one_proc
     assert len({x[0] for x in batch_prompts(prompts, 3, sizes, 0, 7)}) > 2
 
 
+@pytest.mark.slow
 def test_no_value_model_is_built_trained_or_saved(chain, tmp_path):
     """Catches a critic-free run that still loads, trains or saves a value model (its memory is the point of the
     estimator), and one whose training does not move the policy. Negative control: GAE's setup has the value
@@ -63,6 +64,7 @@ def test_no_value_model_is_built_trained_or_saved(chain, tmp_path):
     AutoModelForCausalLM.from_pretrained(final)
 
 
+@pytest.mark.slow
 def test_lr0_ratio_is_one_and_kl_zero_without_a_value_model(chain, tmp_path):
     """The invariants of a no-op update hold in the critic-free loop too (a forward that differs between rollout
     and training, or a reference that is not the SFT model, breaks them)."""
@@ -121,6 +123,7 @@ def _kl_after_one_update(s, ro, sizes) -> tuple[float, float]:
     return before, kl(), stats
 
 
+@pytest.mark.slow
 def test_kl_as_a_loss_pulls_the_policy_to_the_reference(chain):
     """Catches ``kl_penalty: loss`` that never reaches the gradient (or pushes away from the reference): with
     every advantage 0 the KL term alone must bring the policy closer to the SFT model. Negative control: with the
@@ -148,6 +151,7 @@ def test_rloo_learns_the_ground_truth_property(chain, tmp_path):
     assert not (final / "value").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_only_under_its_estimator(chain, tmp_path, capsys):
     """Catches a resume across estimators: a GAE checkpoint holds a value model that an rloo run has no place for
     (accelerate would fail deep in load_state), and another group size changes which prompts each update takes.

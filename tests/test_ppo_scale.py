@@ -35,6 +35,7 @@ def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹
 # W1 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_path, capsys, fresh_accelerator_state):
     """Catches pure-bf16 AdamW (no fp32 master copy): at lr 3e-6 a bf16 weight keeps nearly every entry unchanged,
     so the policy barely trains. Also catches rollout forwards outside autocast (the first ratio or KL not exact)."""
@@ -70,6 +71,7 @@ def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_pa
 # W2 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
     """Catches a value model that outputs raw reward units while the scores are standardised: its first targets
     would be off by the reward model's mean and scale (here 3.0 and 6.7)."""
@@ -108,6 +110,7 @@ def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
     assert (unscaled[:, stop + 1] - normalised).abs().max() > 0.3
 
 
+@pytest.mark.slow
 def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, capsys):
     """Catches the stage not passing the reward statistics on (or passing them for a value model from SFT)."""
     from pipeline import ppo
@@ -124,6 +127,7 @@ def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, cap
 # E1 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_policy_own_generation_config_does_not_change_sampling(chain):
     """Catches transformers merging the model's generation defaults (min_new_tokens, repetition_penalty,
     suppress_tokens) into our config: the sampled distribution would not be the policy's."""
@@ -152,6 +156,7 @@ def test_the_policy_own_generation_config_does_not_change_sampling(chain):
 # E2 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_attention_dropout_copied_at_construction_is_off(chain, tmp_path):
     """Catches dropout zeroed on the config after the model is built: Gemma's attention copied the rate when it was
     constructed, so two training-mode forwards would differ (and no rollout log-prob would match training)."""
@@ -201,6 +206,7 @@ def test_ppo_lora_dropout_is_refused_not_ignored():
 # E3 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatch):
     """Catches an <eos>-ended response counting as ended: the reward model never learned to score there, and it
     escaped the missing-stop penalty."""
@@ -229,6 +235,7 @@ def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatc
 # E6 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
     """Catches the chunk size read from ``head.weight.shape[0]``, which is 0 under ZeRO-3: chunking silently turned
     off and the whole batch's (B, L, vocabulary) logits came back. tests/test_launch.py checks the same line under
@@ -247,6 +254,7 @@ def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
 # E7 -------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_policy_and_value_gradients_are_clipped_apart(chain):
     """Catches one joint clip: a large value gradient would shrink the policy's step."""
     from accelerate import Accelerator
@@ -281,6 +289,7 @@ def test_policy_and_value_gradients_are_clipped_apart(chain):
 # Gradient checkpointing -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(chain):
     """Catches ``ppo.gradient_checkpointing`` not reaching the policy and value models (no recompute), or changing
     the gradients."""
@@ -309,6 +318,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradients(chain)
 # Logging --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_rate_used_and_metric_names_have_one_prefix(chain, tmp_path, monkeypatch):
     """Catches the LR logged after ``scheduler.step()`` (the next update's rate) and keys like
     ``ppo/ppo/response_length``."""

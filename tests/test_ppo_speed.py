@@ -43,6 +43,7 @@ def _head_rows(policy):
     return rows, handle
 
 
+@pytest.mark.slow
 def test_the_head_runs_only_on_valid_response_positions_with_the_same_numbers(chain):
     """Catches the output head applied to post-stop padding (wasted work on a 262k vocabulary), and a packing of
     the valid positions that scatters log-probs or gradients back to the wrong place."""
@@ -71,6 +72,7 @@ def test_the_head_runs_only_on_valid_response_positions_with_the_same_numbers(ch
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(*grads))
 
 
+@pytest.mark.slow
 def test_logits_within_the_budget_are_kept_and_past_it_recomputed_with_equal_gradients(chain):
     """Catches the head always recomputed in the backward pass (a third of the training step's head work on a real
     vocabulary) or, past ``ppo.logits_memory_mb``, never recomputed (the whole micro-batch's logits held), and a
@@ -113,6 +115,7 @@ def _rollout(chain, *overrides):
     return rollout(s, _prompts(tok) * 2, 0.05), s
 
 
+@pytest.mark.slow
 def test_sampler_logprobs_stand_in_for_the_second_policy_forward(chain):
     """Catches rollout log-probs from the sampler that are not the training forward's function (temperature,
     positions, cache), which would make the first PPO ratio differ from 1; in fp32 they agree within 1e-5. The
@@ -136,6 +139,7 @@ def test_sampler_logprobs_stand_in_for_the_second_policy_forward(chain):
     assert sampled.logprobs[am].min() < -0.5  # the draws were not all near-certain tokens
 
 
+@pytest.mark.slow
 def test_frozen_models_in_bf16_stay_within_the_stated_tolerance(chain):
     """Catches ``ppo.frozen_precision: bf16`` changing more than docs/ppo.md states (reference log-probs within
     0.05 nats per token, reward-model scores within 0.05 of the fp32 ones) or not applying at all (the models still
@@ -180,6 +184,7 @@ def test_fused_adamw_steps_like_the_default_loop():
     assert (a - b).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_the_stage_builds_a_fused_optimizer(chain, method):
     s, _ = ppo_setup(chain, f"ppo.method={method}")
@@ -187,6 +192,7 @@ def test_the_stage_builds_a_fused_optimizer(chain, method):
     assert opt.defaults["fused"] is True
 
 
+@pytest.mark.slow
 def test_bf16_frozen_models_are_refused_under_zero3(chain, monkeypatch):
     """Catches ``ppo.frozen_precision: bf16`` silently ignored under ZeRO-3, whose ``zero.Init`` casts every model
     it builds to the engine's dtype (the start line would claim bf16 while the models are fp32). Control: fp32 is

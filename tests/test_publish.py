@@ -128,6 +128,7 @@ def test_exported_names_leave_out_run_files(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_is_clean_and_complete(run_copy):
     recipe = chain_recipe(run_copy)
     out = export(recipe, "sft")
@@ -148,6 +149,7 @@ def test_export_is_clean_and_complete(run_copy):
             assert root.encode() not in blob, f"{f.name} names {root}"
 
 
+@pytest.mark.slow
 def test_export_stops_at_end_of_turn_with_a_plain_generate(run_copy):
     """Bug: a derivative saved with the base's generation config never stopped at <end_of_turn>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -170,6 +172,7 @@ def test_export_stops_at_end_of_turn_with_a_plain_generate(run_copy):
     assert end_of_turn in runaway[:-1], tok.decode(runaway)
 
 
+@pytest.mark.slow
 def test_export_refuses_a_model_that_does_not_stop(run_copy):
     gen = run_copy / "tiny_ko" / "sft" / "final" / "generation_config.json"
     cfg = json.loads(gen.read_text())
@@ -180,6 +183,7 @@ def test_export_refuses_a_model_that_does_not_stop(run_copy):
     assert not (run_copy / "tiny_ko" / "publish").exists(), "nothing half-written is left"
 
 
+@pytest.mark.slow
 def test_export_refuses_a_checkpoint_without_its_notices(run_copy):
     (run_copy / "tiny_ko" / "sft" / "final" / "NOTICE").unlink()
     from pipeline.core.rundir import IncompleteError
@@ -188,6 +192,7 @@ def test_export_refuses_a_checkpoint_without_its_notices(run_copy):
         export(chain_recipe(run_copy), "sft")
 
 
+@pytest.mark.slow
 def test_export_refuses_a_local_path(run_copy):
     """The last check before anything leaves the machine: a path planted in the card is found."""
     card = run_copy / "tiny_ko" / "sft" / "final" / "README.md"
@@ -223,6 +228,7 @@ def _publish(run_copy, hub_url: str | None, *args: str, token: str | None = "hf_
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_upload_is_one_commit_of_exactly_the_export(run_copy):
     with FakeHub() as hub:
         old = {"value/model.safetensors": b"old", "README.md": b"old", "images/plot.png": b"png"}
@@ -256,6 +262,7 @@ def test_upload_is_one_commit_of_exactly_the_export(run_copy):
         assert old_card.stderr.startswith("error: upload to someone/old-card refused: Invalid metadata in README.md")
 
 
+@pytest.mark.slow
 def test_dry_run_uploads_nothing_and_no_token_is_one_line(run_copy):
     with FakeHub() as hub:
         dry = _publish(run_copy, hub.url, "--repo-id", "someone/tiny-ko", "--dry-run", token=None)
@@ -273,6 +280,7 @@ def test_dry_run_uploads_nothing_and_no_token_is_one_line(run_copy):
     assert missing.returncode == 2 and "give --repo-id" in missing.stderr
 
 
+@pytest.mark.slow
 def test_export_checks_its_own_notices(run_copy, monkeypatch):
     """The export is checked after it is written, not only its source: a card damaged while exporting (here its
     use restrictions dropped) is refused and leaves no export behind."""

@@ -18,6 +18,9 @@ from pipeline.core.notices import missing_notices
 from pipeline.data import main as data_main
 from tests.helpers import REPO
 
+# Every test here builds, trains or reads the real Gemma 3 270M chain.
+pytestmark = pytest.mark.slow
+
 RECIPE = REPO / "recipes" / "gemma3_270m_ko.yaml"
 SMALL = [
     "tracking.mode=disabled",

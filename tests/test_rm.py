@@ -16,6 +16,9 @@ from tests.helpers import REPO
 from tests.helpers.launch import kill_and_resume
 from tests.helpers.wandb_offline import read_offline_run
 
+# Every test here reads this module's chain (data, SFT and the reward model: minutes to build).
+pytestmark = pytest.mark.slow
+
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 SFT_FAST = ["sft.max_steps=150", "sft.eval_steps=1000", "sft.save_steps=1000"]
 

@@ -20,6 +20,7 @@ SECRETS = {
 }
 
 
+@pytest.mark.slow
 def test_tokens_in_the_environment_never_reach_run_files(tmp_path, monkeypatch):
     from pipeline import sft
 

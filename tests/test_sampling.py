@@ -122,6 +122,7 @@ def test_our_decoding_loop_follows_transformers_generate_on_a_padded_batch(model
     assert (torch.where(valid, no_t - sampled.logprobs, 0.0)).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_our_sampler_matches_transformers_in_distribution(chain, tokenizer):
     """The statistical version, with independent seeds, on the trained toy (the SFT model of the test chain; the
     untrained one is too flat for a few thousand samples to tell anything apart): over 3000 samples of one prompt the

@@ -18,6 +18,9 @@ from tests.helpers.checkpoints import changed_fraction
 from tests.helpers.launch import kill_and_resume
 from tests.helpers.wandb_offline import read_offline_run
 
+# Every test here trains SFT on the tiny model or reads a trained run.
+pytestmark = pytest.mark.slow
+
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 FAST = [
     "sft.logging_steps=5",

@@ -370,6 +370,7 @@ def test_the_api_key_never_reaches_the_run_record_or_the_offline_run(tmp_path, m
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_sft_stage_keeps_its_printing_records_its_run_and_logs_its_checkpoint_by_reference(tmp_path):
     """The stage as users run it (its own process: pytest's capture fixtures hide the console from wandb)."""
     import os
