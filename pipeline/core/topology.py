@@ -228,7 +228,7 @@ def check(recipe: Recipe, topo: Topology, source: str = "recipe") -> None:
             p.total_episodes,
             p.num_ppo_epochs,
         )
-    except ValueError as e:
+    except ConfigError as e:  # the batch arithmetic refused (any other error is a bug and keeps its traceback)
         err("ppo.num_mini_batches", str(e))
     if topo.zero_stage == 3:
         if recipe.ppo.method == "lora":
