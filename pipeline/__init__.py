@@ -13,9 +13,10 @@
                               (notices, provenance), a failing process stopping the others (peers), models (loading,
                               embedded, devices, policy), a training loop over processes (distributed), the Trainer
                               stages' run (trainer_stage, faults), one PPO update over prepared models (ppo_step),
-                              generating and scoring (sampling), pure math (ppo_math, batching, reward_stats,
-                              korean), a stage's inputs checked against the data stage's format (consistency), W&B
-                              and console progress (tracking, progress); it never imports a stage or a tool
+                              generating and scoring (sampling) through the output heads (heads), pure math
+                              (ppo_math, batching, reward_stats, korean), a stage's inputs checked against the data
+                              stage's format (consistency), W&B and console progress (tracking, progress); it never
+                              imports a stage or a tool
     data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
 
 Imports run one way, ``data_prep`` <- ``pipeline.core`` <- stages and tools, because each layer is the vocabulary of

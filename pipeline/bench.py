@@ -193,7 +193,7 @@ def bench_ppo(
     from data_prep.gemma_format import GemmaEncoder
     from pipeline.core.batching import batch_sizes
     from pipeline.core.config import LaunchConfig, ModelConfig, PPOConfig, Recipe, RunConfig
-    from pipeline.core.policy import vocabulary_size
+    from pipeline.core.heads import vocabulary_size
     from pipeline.core.ppo_step import StepCounter, rollout, train_on_rollout
     from pipeline.ppo import build_setup
 

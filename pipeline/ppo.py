@@ -65,11 +65,12 @@ from pipeline.core.distributed import (
 )
 from pipeline.core.errors import RunError
 from pipeline.core.faults import NonFiniteLossError
+from pipeline.core.heads import logit_positions, vocabulary_size
 from pipeline.core.korean import korean_totals
 from pipeline.core.loading import disable_dropout, load_causal_lm, load_sequence_classifier
 from pipeline.core.locations import portable
 from pipeline.core.notices import write_notices
-from pipeline.core.policy import PolicyAndValue, logit_positions, vocabulary_size
+from pipeline.core.policy import PolicyAndValue
 from pipeline.core.ppo_step import (
     Setup,
     StepCounter,
@@ -168,7 +169,13 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
         lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, g.responses)
         ref = ref_logprobs(s, seq, mask, pos, g.responses)
         kl = pm.masked_sum(lp - ref, pm.valid_mask(g.seq_len, g.responses.size(1)), 1)
-        rows_out.append((g.texts(tokenizer), score(s.reward, g, s.cfg.local_rollout_forward_batch_size).tolist(), kl))
+        rows_out.append(
+            (
+                g.texts(tokenizer),
+                score(s.reward, g, s.cfg.local_rollout_forward_batch_size, s.cfg.head_precision).tolist(),
+                kl,
+            )
+        )
     (sft_t, sft_s, _), (cur_t, cur_s, cur_kl) = rows_out
     return [
         [step, p, a, float(b), c, float(d), float(e)]
@@ -413,9 +420,9 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
     if accelerator.is_main_process:
         policy = s.unwrapped.policy
         print(
-            f"[ppo] output head: {vocabulary_size(policy)} ids; logits of up to "
-            f"{logit_positions(policy, cfg.logits_memory_mb)} response positions at a time (ppo.logits_memory_mb "
-            f"{cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
+            f"[ppo] output head: {vocabulary_size(policy)} ids, {cfg.head_precision} (ppo.head_precision); logits of "
+            f"up to {logit_positions(policy, cfg.logits_memory_mb, cfg.head_precision)} response positions at a time "
+            f"(ppo.logits_memory_mb {cfg.logits_memory_mb}); rollout log-probs from the {'sampler' if s.sampler_logprobs else 'forward'}; "
             f"weights: {weight_dtypes(s)}"
             + ("; values standardised like the scores" if value_stats else "")
             + (

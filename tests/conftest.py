@@ -23,9 +23,14 @@ def tiny_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory):
-    """A tiny run folder with data, SFT and reward model for the PPO tests (tests/helpers/chain.py)."""
-    from tests.helpers.chain import build_chain
+    """A tiny run folder with data, SFT and reward model for the PPO tests (tests/helpers/chain.py).
 
+    ``TEST_CHAIN_DIR`` (the inner loop only: CI and ``make test`` never set it) keeps the chain in that folder and
+    reuses it while its code has not changed: a chain built from other code is built again."""
+    from tests.helpers.chain import build_chain, reusable_chain
+
+    if kept := os.environ.get("TEST_CHAIN_DIR"):
+        return reusable_chain(Path(kept))
     return build_chain(tmp_path_factory.mktemp("ppo"))
 
 

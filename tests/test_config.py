@@ -62,7 +62,7 @@ def test_wrong_type_names_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'sft.packing': expected bool"):
         load_recipe(p)
     p = _write(tmp_path, {**MIN, "ppo": {"kl_estimator": "k4"}})
-    with pytest.raises(ConfigError, match=r"key 'ppo.kl_estimator': expected one of 'k1', 'k2', 'k3'"):
+    with pytest.raises(ConfigError, match=r"key 'ppo.kl_estimator': expected one of 'auto', 'k1', 'k2', 'k3'"):
         load_recipe(p)
     p = _write(tmp_path, {**MIN, "sft": {"per_device_train_batch_size": 2.5}})
     with pytest.raises(ConfigError, match=r"key 'sft.per_device_train_batch_size': expected int"):
@@ -154,11 +154,16 @@ def test_apply_override_creates_missing_sections():
         ({"ppo": {"num_generations": 0}}, "ppo.num_generations': must be at least 1"),
         # settings that would do nothing: a k1 KL loss has zero expected gradient; GAE-path settings under a group
         # estimator are never read
-        ({"ppo": {"kl_penalty": "loss"}}, "k1 as a loss has zero expected gradient"),
+        ({"ppo": {"kl_penalty": "loss", "kl_estimator": "k1"}}, "k1 as a loss has zero expected gradient"),
         ({"ppo": {"estimator": "rloo", "num_generations": 4, "gamma": 0.99}}, "ppo.gamma': 0.99 is not used by"),
         ({"ppo": {"estimator": "grpo", "num_generations": 4, "whiten_rewards": True}}, "ppo.whiten_rewards'"),
         ({"ppo": {"estimator": "grpo", "num_generations": 4, "reward_position": "after_eos"}}, "reward_position'"),
         ({"ppo": {"estimator": "rloo", "num_generations": 4, "scale_rewards": False}}, "only estimator grpo reads"),
+        # the value model's and GAE's settings under a critic-free estimator (each alone: every one is caught)
+        ({"ppo": {"estimator": "grpo", "num_generations": 4, "lam": 0.9}}, "ppo.lam': is a setting of estimator gae"),
+        ({"ppo": {"estimator": "rloo", "num_generations": 4, "vf_coef": 0.5}}, "ppo.vf_coef': is a setting of"),
+        ({"ppo": {"estimator": "grpo", "num_generations": 4, "cliprange_value": 0.1}}, "ppo.cliprange_value'"),
+        ({"ppo": {"estimator": "grpo", "num_generations": 4, "value_init": "sft"}}, "ppo.value_init': is a setting"),
         ({"rm": {"save_total_limit": 1}}, "rm.save_total_limit': must be at least 2 so a failed save keeps"),
         ({"publish": {"language": ["Korean"]}}, "key 'publish.language.0': 'Korean' is not an ISO 639"),
         ({"publish": {"repo_id": "no slash"}}, "key 'publish.repo_id'"),
@@ -187,8 +192,8 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_group_estimator_settings_that_are_read_pass(tmp_path):
-    """The negative control of the refusals above: GRPO with its own settings (k3 KL as a loss, centring only) and
-    RLOO with the KL in the reward validate."""
+    """The negative control of the refusals above: GRPO with its own settings (k3 KL as a loss, centring only),
+    RLOO with the KL in the reward, and GAE with its own value settings validate."""
     for ppo in (
         {
             "estimator": "grpo",
@@ -199,6 +204,8 @@ def test_group_estimator_settings_that_are_read_pass(tmp_path):
         },
         {"estimator": "rloo", "num_generations": 4},
         {"estimator": "gae", "kl_penalty": "loss", "kl_estimator": "k2"},
+        {"estimator": "grpo", "num_generations": 4, "kl_penalty": "loss"},  # auto: k3, weighted by the ratio
+        {"estimator": "gae", "lam": 0.9, "vf_coef": 0.5, "cliprange_value": 0.1, "value_init": "sft"},
     ):
         validate(load_recipe(_write(tmp_path, {**MIN, "ppo": ppo})), source="r.yaml")
 

@@ -390,7 +390,8 @@ class PPOConfig:
     kl_penalty: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: ``reward``, a per-token penalty ``-kl_coef * kl`` in the rewards (PPO's
     and RLOO's way); ``loss``, ``kl_coef`` times the mean per-token KL of the current policy added to the policy
-    loss (GRPO's way; OpenRLHF's ``--use_kl_loss``; use kl_estimator k3 or k2 there)."""
+    loss (GRPO's way; OpenRLHF's ``--use_kl_loss``), importance-weighted so that its gradient is that of KL(pi || ref)
+    at every minibatch (docs/ppo.md)."""
     value_init: Literal["rm", "sft"] = "rm"
     """Initialise the value model from the reward model (default) or from the SFT checkpoint (gae only)."""
     learning_rate: float = 3e-6
@@ -413,8 +414,9 @@ class PPOConfig:
     """Sampling temperature (top_k 0, top_p 1)."""
     kl_coef: float = 0.05
     """KL penalty coefficient beta (initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator (k1 in the reward; k3 or k2 as a loss)."""
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """Per-token KL(pi || ref) estimator. ``auto``: k1 in the reward, k3 as a loss. As a loss only k2 and k3 (both
+    importance-weighted, with the same gradient; k3's value is the unbiased one)."""
     kl_target: float | None = None
     """Adaptive KL controller target (None: fixed coefficient)."""
     kl_horizon: int = 10000
@@ -444,9 +446,15 @@ class PPOConfig:
     """Weights of the frozen models (the reference of a full-parameter policy, and the reward model): bf16 halves
     their memory and, on hardware with bf16 matrix units, their time; their outputs change within the tolerance
     docs/ppo.md states."""
+    head_precision: Literal["fp32", "auto"] = "fp32"
+    """The output heads (the policy's and reference's language-model head, the value and reward models' score
+    heads) under bf16 autocast: ``fp32`` computes them in fp32 from the bf16 backbone's hidden states (a bf16 head
+    rounds logits of 16-32 to steps of 0.125, log-probs by up to ~0.06 per token); ``auto`` as the context computes.
+    Without autocast both are fp32. docs/ppo.md has the measurements behind the default."""
     logits_memory_mb: int = 256
-    """Output-head logits (fp32) that one micro-batch may hold for the backward pass. Within it the logits of the
-    response tokens are kept; past it they are computed in pieces of that size and recomputed in the backward pass."""
+    """Memory the output head's (positions x vocabulary) tensors of one micro-batch may hold at their peak, forward
+    and backward (``pipeline.core.heads.LOGIT_BYTES`` per logit). Within it the response tokens' logits are kept for
+    the backward pass; past it they are computed in pieces of that size and recomputed in the backward pass."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of responses that never produce the stop token."""
     normalize_reward: bool = False
@@ -464,6 +472,13 @@ class PPOConfig:
     """Rollout batches between resumable checkpoints."""
     panel_every: int = 10
     """Rollout batches between prompt-panel tables."""
+
+    @property
+    def kl_estimator_used(self) -> str:
+        """The KL estimator the run uses (``auto`` resolved by ``kl_penalty``)."""
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if self.kl_penalty == "loss" else "k1"
 
     def check(self, err: Err) -> None:
         for name in (
@@ -521,7 +536,7 @@ class PPOConfig:
             )
         if self.estimator != "gae":
             # The group estimators' returns are undiscounted sums from the stop token, never whitened (OpenRLHF
-            # forces the same): settings of the GAE path would be silently ignored.
+            # forces the same), and there is no value model: settings of the GAE path would be silently ignored.
             for key, value, default in (
                 ("gamma", self.gamma, 1.0),
                 ("whiten_rewards", self.whiten_rewards, False),
@@ -529,6 +544,12 @@ class PPOConfig:
             ):
                 if value != default:
                     err(f"ppo.{key}", f"{value!r} is not used by estimator {self.estimator} (only {default!r} is)")
+            for key, default in (("lam", 0.95), ("vf_coef", 0.1), ("cliprange_value", 0.2), ("value_init", "rm")):
+                if getattr(self, key) != default:
+                    err(
+                        f"ppo.{key}",
+                        f"is a setting of estimator gae's value model and GAE; {self.estimator} has neither: remove it",
+                    )
             if self.estimator == "rloo" and not self.scale_rewards:
                 err("ppo.scale_rewards", "only estimator grpo reads it (rloo never divides by the group's std)")
         local = self.per_device_train_batch_size * self.gradient_accumulation_steps

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core import ppo_math as pm
-from pipeline.core.sampling import token_values
+from pipeline.core import heads
 
 
 class PolicyAndValue(nn.Module):
@@ -44,6 +43,7 @@ class PolicyAndValue(nn.Module):
         valid: torch.Tensor | None = None,
         memory_mb: float = 256,
         policy: bool = True,
+        head_precision: str = "fp32",
     ):
         """Log-probs of ``responses`` (B, L) under the policy (0 where ``valid`` is False), the value of the state
         before each response token (B, L), and (with ``entropy``) the policy's entropy at each response position
@@ -53,11 +53,21 @@ class PolicyAndValue(nn.Module):
         lp = ent = None
         if policy:
             lp, ent = response_logprobs(
-                self.policy, input_ids, attention_mask, position_ids, responses, temperature, entropy, valid, memory_mb
+                self.policy,
+                input_ids,
+                attention_mask,
+                position_ids,
+                responses,
+                temperature,
+                entropy,
+                valid,
+                memory_mb,
+                head_precision,
             )
         if self.value is None:
             return lp, None, ent
-        values = token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
+        values = heads.token_values(self.value, input_ids, attention_mask, position_ids, head_precision)
+        values = values[:, -L - 1 : -1]
         if self.value_shift or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale
         return lp, values, ent
@@ -74,17 +84,6 @@ class PolicyAndValue(nn.Module):
         self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
 
-def vocabulary_size(model: nn.Module) -> int:
-    """Rows of the output head, from the config: under ZeRO-3 the head's weight is a partitioned parameter whose
-    local shape is (0,)."""
-    return int(model.config.get_text_config().vocab_size)
-
-
-def logit_positions(model: nn.Module, memory_mb: float) -> int:
-    """Response positions whose fp32 logits fit in ``memory_mb`` (``ppo.logits_memory_mb``)."""
-    return max(1, int(memory_mb * (1 << 20)) // (4 * vocabulary_size(model)))
-
-
 def response_logprobs(
     model: nn.Module,
     input_ids,
@@ -95,23 +94,22 @@ def response_logprobs(
     entropy: bool = False,
     valid: torch.Tensor | None = None,
     memory_mb: float = 256,
+    head_precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / T)[token] of each response token, (B, L), from a causal LM; 0 where ``valid`` (B, L) is
     False (prompt, padding and post-stop positions never reach the output head).
 
-    The backbone runs once; the output head and the log-softmax run only on the valid response positions. When the
-    fp32 logits of B x L positions fit in ``memory_mb`` they are computed at once and kept for the backward pass;
-    past it they are computed in pieces of at most that size and, when gradients are needed, recomputed in the
-    backward pass (activation checkpointing of the head) instead of being kept. With Gemma's 262k vocabulary the
-    logits are the largest tensor of PPO: 8 x 48 positions hold 403 MB.
+    The backbone runs once; the output head and the log-softmax run only on the valid response positions, in
+    ``head_precision`` (``pipeline.core.heads``). When the head's tensors for B x L positions fit in ``memory_mb``
+    they are computed at once and kept for the backward pass; past it they are computed in pieces of at most that
+    size and, when gradients are needed, recomputed in the backward pass (activation checkpointing of the head)
+    instead of being kept. With Gemma's 262k vocabulary the logits are the largest tensor of PPO: 8 x 48 positions
+    hold 403 MB in fp32.
     """
     from torch.utils.checkpoint import checkpoint
 
     B, L = responses.shape
-    backbone = model.get_decoder()
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = backbone(
+    hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state[:, -L - 1 : -1]  # (B, L, H): positions predicting y_t
     if valid is None:
@@ -119,42 +117,27 @@ def response_logprobs(
     where = valid.reshape(-1).nonzero().squeeze(1)
     h, tokens = hidden.reshape(B * L, -1).index_select(0, where), responses.reshape(-1).index_select(0, where)
 
-    # Without soft-capping the head is linear, so the temperature divides the (N, H) hidden states instead of the
-    # (N, vocabulary) logits: one pass over the largest tensor less, forward and backward.
-    linear = not cap and getattr(head, "bias", None) is None
-
-    def scaled_logits(x: torch.Tensor) -> torch.Tensor:
-        """logits / T in fp32, (N, vocabulary)."""
-        if linear:
-            return head(x / temperature).float()
-        logits = head(x).float()
-        return (torch.tanh(logits / cap) * cap if cap else logits) / temperature
-
-    def chunk_logprobs(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        return pm.token_logprobs(scaled_logits(x), tok)
-
-    def chunk_entropy(scaled: torch.Tensor) -> torch.Tensor:
-        return pm.entropy_from_logits(scaled.detach().unsqueeze(0), 1.0).squeeze(0)
+    def piece_logprobs(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        return heads.token_logprobs(model, x, tok, temperature, head_precision)
 
     # The number of pieces (and whether they are recomputed) depends only on (B, L), the same on every process:
     # under ZeRO-3 each head call gathers the head's weight collectively, so every process must call it equally
     # often. The valid positions are spread evenly over the pieces (a piece may be empty).
-    pieces = -(-(B * L) // logit_positions(model, memory_mb))
+    pieces = -(-(B * L) // heads.logit_positions(model, memory_mb, head_precision))
     recompute = torch.is_grad_enabled() and pieces > 1
     lps, ents = [], []
     for x, tok in zip(h.tensor_split(pieces), tokens.tensor_split(pieces)):
-        if recompute:  # nothing of the piece is kept, so the entropy needs its own head call
-            lps.append(checkpoint(chunk_logprobs, x, tok, use_reentrant=False))
-            if entropy:
-                with torch.no_grad():
-                    ents.append(chunk_entropy(scaled_logits(x)))
-        else:  # one head call for both
-            scaled = scaled_logits(x)
-            lps.append(pm.token_logprobs(scaled, tok))
-            if entropy:
-                ents.append(chunk_entropy(scaled))
+        if not torch.is_grad_enabled():  # the rollout: one head call for both (the same numbers as with gradients)
+            z = heads.scaled_logits(model, x, temperature, head_precision)
+            lp, ent = heads.logprobs_and_entropy(z, tok, entropy)
+            lps.append(lp)
+            ents.append(ent)
+            continue
+        lps.append(checkpoint(piece_logprobs, x, tok, use_reentrant=False) if recompute else piece_logprobs(x, tok))
+        if entropy:  # a head call of its own, without gradients (the loss never needs the entropy's)
+            ents.append(heads.entropy(heads.scaled_logits(model, x.detach(), temperature, head_precision)))
     flat = torch.zeros(B * L, dtype=torch.float32, device=responses.device)
-    lp = flat.index_put((where,), torch.cat(lps) if lps else flat[:0]).reshape(B, L)
+    lp = flat.index_put((where,), torch.cat(lps).float() if lps else flat[:0]).reshape(B, L)
     ent = flat.index_put((where,), torch.cat(ents) if ents else flat[:0]).reshape(B, L) if entropy else None
     return lp, ent
 

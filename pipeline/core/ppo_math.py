@@ -11,54 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 INVALID_LOGPROB = 1.0  # fill value of log-probs at invalid positions (TRL's convention; never averaged)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Log-probabilities and entropy
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """log softmax(logits)[token] with a hand-written backward: ``g * (onehot(token) - softmax(logits))`` in one
-    allocation. Autograd's composition (gather, logsumexp) makes about six full passes over the (N, vocabulary)
-    logits in the backward pass, a zero-filled gather gradient among them; on a 262k vocabulary that is a quarter
-    of the head's training time. No maintained library offers this on the CPU (fused linear cross-entropy kernels
-    are GPU-only Triton)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, tokens, lse)
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        logits, tokens, lse = ctx.saved_tensors
-        out = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, in the one (N, V) allocation
-        out.mul_(-grad.unsqueeze(-1))
-        out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        return out, None
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] for (N, V) float32 logits and (N,) tokens -> (N,), differentiable in ``logits``
-    (the temperature is applied by the caller)."""
-    return _TokenLogprob.apply(logits, tokens)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per position, (B, L, V) -> (B, L), row by row:
-    ``logsumexp(l) - sum(softmax(l) * l)``."""
-    out = []
-    for row in logits:
-        scaled = row.float() / temperature
-        p = torch.softmax(scaled, dim=-1)
-        out.append(torch.logsumexp(scaled, dim=-1) - (p * scaled).sum(-1))
-    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,9 +106,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate from sampled tokens (Schulman, "Approximating KL divergence"):
+    """Per-token KL(pi || ref) estimate from tokens sampled from pi (Schulman, "Approximating KL divergence"):
     k1 = logp - logp_ref (unbiased, can be negative); k2 = (logp_ref - logp)^2 / 2; k3 = (r - 1) - log r with
-    r = p_ref / p (unbiased, >= 0)."""
+    r = p_ref / p (unbiased, >= 0). A value to log or to put in the rewards: as a loss see :func:`kl_loss`."""
     log_r = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_r
@@ -163,6 +117,39 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     if estimator == "k3":
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+LOG_RATIO_LIMIT = 20.0  # exp(20) = 4.9e8: the largest p_ref / p_old the logged k3 value takes (never a gradient)
+
+
+def kl_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(pi || ref) as a loss on tokens sampled from pi_old (the rollout), (B, L) each: returns
+    ``(loss, value)``, the term to differentiate and its value, an estimate of KL(pi || ref) to log.
+
+    Each token is weighted by the importance ratio rho = pi / pi_old, so the expected gradient is that of
+    KL(pi || ref) at every minibatch, not only the first (after it the samples are off-policy):
+
+    - ``k2``: ``stopgrad(rho) * (log pi - log ref)^2 / 2``, gradient ``rho * (log pi - log ref) * grad log pi``;
+    - ``k3``: ``rho * k3``, the same gradient (``grad(rho k3) = rho (-log r) grad log pi``) and a value that is an
+      unbiased, non-negative estimate of KL(pi || ref). It is computed as ``p_ref / p_old - rho (1 + log r)``: the
+      first term has no gradient and its exponent is limited to ``LOG_RATIO_LIMIT`` (the value only).
+
+    k3 without the ratio, the usual GRPO loss, has the expected gradient of KL(ref || pi), the other direction
+    (tests/test_ppo_math.py computes both on a categorical distribution); k1 as a loss has zero expected gradient on
+    policy. Neither is offered. Nothing is clamped on the gradient's path."""
+    log_rho = logprobs - old_logprobs
+    rho = torch.exp(log_rho)
+    log_r = ref_logprobs - logprobs
+    if estimator == "k2":
+        k2 = 0.5 * log_r**2
+        return rho.detach() * k2, (rho * k2).detach()
+    if estimator == "k3":
+        constant = torch.exp((ref_logprobs - old_logprobs).clamp(max=LOG_RATIO_LIMIT))
+        loss = constant - rho * (1.0 + log_r)
+        return loss, loss.detach()
+    raise ValueError(f"KL estimator {estimator!r} cannot be a loss (k2 or k3)")
 
 
 def score_index(sequence_length: torch.Tensor, L: int, position: str) -> torch.Tensor:
@@ -292,30 +279,44 @@ def advantages(
     )
 
 
+NO_SIGNAL_STD = 1e-6
+"""A group whose scores have a smaller (unbiased) standard deviation carries no signal: its advantages are 0, and the
+metric ``objective/zero_std_groups`` counts it (one threshold for both)."""
+
+
+def group_std(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B / k,) the unbiased standard deviation of each group's scores (groups: ``k`` consecutive rows)."""
+    return scores.view(-1, k).std(1, unbiased=True)
+
+
 def group_advantages(scores: torch.Tensor, k: int, estimator: str, scale: bool = True) -> torch.Tensor:
     """Critic-free sequence advantages (B,) from the scores (B,) of ``k`` samples per prompt, each prompt's samples in
     consecutive rows (rows ``i*k`` to ``i*k + k - 1``).
 
     - ``rloo`` (Ahmadian et al. 2024; TRL ``RLOOTrainer``, OpenRLHF ``rloo``): ``r - (sum_group(r) - r) / (k - 1)``,
       each sample's baseline the mean of the other ``k - 1``;
-    - ``grpo`` (Shao et al. 2024; OpenRLHF ``group_norm``): ``(r - mean_group(r)) / (std_group(r) + 1e-9)`` with the
+    - ``grpo`` (Shao et al. 2024; OpenRLHF ``group_norm``): ``(r - mean_group(r)) / std_group(r)`` with the
       unbiased std; ``scale=False`` keeps the centring only (Dr. GRPO, OpenRLHF ``dr_grpo``).
 
+    A group whose std is below ``NO_SIGNAL_STD`` gets advantage 0 under every estimator (dividing its rounding noise
+    by its std would give it O(1) advantages).
     With one sample per prompt every advantage would be 0 and training a silent no-op (OpenRLHF PR #1250): refused."""
     if k < 2:
         raise ValueError(f"a group estimator needs at least 2 samples per prompt (ppo.num_generations), got {k}")
     if scores.dim() != 1 or scores.numel() % k:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {k}")
     groups = scores.view(-1, k)
+    std = group_std(scores, k).unsqueeze(1)
+    signal = std >= NO_SIGNAL_STD
     if estimator == "rloo":
-        baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)
-        return (groups - baseline).reshape(-1)
-    if estimator == "grpo":
-        centred = groups - groups.mean(1, keepdim=True)
+        out = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    elif estimator == "grpo":
+        out = groups - groups.mean(1, keepdim=True)
         if scale:
-            centred = centred / (groups.std(1, unbiased=True, keepdim=True) + 1e-9)
-        return centred.reshape(-1)
-    raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo)")
+            out = out / torch.where(signal, std, torch.ones_like(std))
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo)")
+    return torch.where(signal, out, torch.zeros_like(out)).reshape(-1)
 
 
 def group_token_advantages(

@@ -92,6 +92,7 @@ def sample(s: Setup, queries: torch.Tensor, greedy: bool = False, model: nn.Modu
         max_new_tokens=s.cfg.response_length,
         temperature=None if greedy else s.cfg.temperature,
         chunk=s.cfg.local_rollout_forward_batch_size,
+        head_precision=s.cfg.head_precision,
     )
     if model is not None:
         module = model.module if hasattr(model, "module") else model  # a DeepSpeed inference engine's model
@@ -108,7 +109,15 @@ def policy_logprobs_and_values(s: Setup, seq, mask, pos, responses, entropy: boo
     for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
         v = None if valid is None else valid[a:b]
         lp, values, ent = s.model(
-            seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, entropy, v, s.cfg.logits_memory_mb
+            seq[a:b],
+            mask[a:b],
+            pos[a:b],
+            responses[a:b],
+            s.cfg.temperature,
+            entropy,
+            v,
+            s.cfg.logits_memory_mb,
+            head_precision=s.cfg.head_precision,
         )
         lps.append(lp)
         vals.append(values)
@@ -121,7 +130,17 @@ def rollout_values(s: Setup, seq, mask, pos, responses) -> torch.Tensor:
     """The value model alone (the log-probs came from the sampler); (B, L)."""
     out = []
     for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
-        out.append(s.model(seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature, policy=False)[1].float())
+        out.append(
+            s.model(
+                seq[a:b],
+                mask[a:b],
+                pos[a:b],
+                responses[a:b],
+                s.cfg.temperature,
+                policy=False,
+                head_precision=s.cfg.head_precision,
+            )[1].float()
+        )
     return torch.cat(out)
 
 
@@ -130,7 +149,11 @@ def ref_logprobs(s: Setup, seq, mask, pos, responses, valid=None) -> torch.Tenso
     out = []
     for a, b in chunks(seq.size(0), s.cfg.local_rollout_forward_batch_size):
         args = (seq[a:b], mask[a:b], pos[a:b], responses[a:b], s.cfg.temperature)
-        kwargs = {"valid": None if valid is None else valid[a:b], "memory_mb": s.cfg.logits_memory_mb}
+        kwargs = {
+            "valid": None if valid is None else valid[a:b],
+            "memory_mb": s.cfg.logits_memory_mb,
+            "head_precision": s.cfg.head_precision,
+        }
         if s.ref is None:  # LoRA: the reference is the same base with the adapter disabled
             policy = s.unwrapped.policy
             with policy.disable_adapter():
@@ -210,7 +233,7 @@ def score_responses(s: Setup, g: Generation) -> tuple[torch.Tensor, torch.Tensor
     on <eos> is read at a token the reward model never learned to score, so it counts as not ended (the missing-stop
     penalty applies), like one cut at the length limit."""
     with record_function("ppo/reward"):
-        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size)
+        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size, s.cfg.head_precision)
     ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
     scores = pm.final_scores(
         raw_scores,
@@ -238,7 +261,7 @@ def estimate_advantages(s: Setup, logprobs, ref_lp, values, scores, seq_len, kl_
             scores,
             seq_len,
             kl_coef=kl_coef if kl_in_reward else 0.0,
-            kl_estimator=cfg.kl_estimator,
+            kl_estimator=cfg.kl_estimator_used,
             reward_position=cfg.reward_position,
             whiten_rewards=cfg.whiten_rewards,
             gamma=cfg.gamma,
@@ -253,7 +276,7 @@ def estimate_advantages(s: Setup, logprobs, ref_lp, values, scores, seq_len, kl_
         estimator=cfg.estimator,
         scale=cfg.scale_rewards,
         kl_coef=kl_coef,
-        kl_estimator=cfg.kl_estimator,
+        kl_estimator=cfg.kl_estimator_used,
         kl_in_reward=kl_in_reward,
     )
 
@@ -281,9 +304,9 @@ def rollout_stats(s: Setup, g: Generation, adv: pm.Advantages, entropy, scored, 
     if s.critic:
         stats["val/explained_variance"] = torch.tensor(pm.explained_variance(adv.values, adv.returns, adv.value_mask))
     else:  # how much of the batch carries a score signal: a group whose samples all score alike gets none
-        group_std = scores.view(-1, s.cfg.num_generations).std(1)
+        group_std = pm.group_std(scores.float(), s.cfg.num_generations)
         stats["objective/score_std_in_group"] = group_std.mean()
-        stats["objective/zero_std_groups"] = (group_std < 1e-6).float().mean()
+        stats["objective/zero_std_groups"] = (group_std < pm.NO_SIGNAL_STD).float().mean()
     return stats
 
 
@@ -310,8 +333,8 @@ def train_on_rollout(
 ) -> dict:
     """Step 8: ``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout batch (PPO update ``update``,
     counted from 1). With ``ppo.kl_penalty: loss`` the policy loss gains ``kl_coef`` times the per-token KL of the
-    current policy to the reference (clamped to 10 per token, as OpenRLHF's estimate), averaged like the policy
-    loss; ``kl_coef`` is the controller's value this update."""
+    current policy to the reference (``ppo_math.kl_loss``: importance-weighted, its gradient that of KL(pi || ref)),
+    averaged like the policy loss; ``kl_coef`` is the controller's value this update."""
     cfg = s.cfg
     where = f"update {update}"
     poison_if_asked(s.stage, update, s.unwrapped)
@@ -380,16 +403,17 @@ def ppo_loss(
         cfg.temperature,
         valid=am,
         memory_mb=cfg.logits_memory_mb,
+        head_precision=cfg.head_precision,
     )
     pg, pg_clipped, ratio = pm.clipped_policy_loss(new_lp, ro.logprobs[mb], ro.advantages[mb], am, cfg.cliprange)
     loss = pm.masked_sum(pg, am) / n_pg
     if vpred is not None:
         vf, vf_clipped = pm.clipped_value_loss(vpred.float(), ro.values[mb], ro.returns[mb], vm, cfg.cliprange_value)
         loss = loss + cfg.vf_coef * pm.masked_sum(vf, vm) / n_vf
-    if kl_loss_coef:
-        ref_lp = torch.where(am, ro.ref_logprobs[mb], new_lp.detach())
-        kl_tok = pm.kl_estimate(new_lp, ref_lp, cfg.kl_estimator).clamp(-10.0, 10.0)
-        kl_tok = torch.where(am, kl_tok, 0.0)
+    if kl_loss_coef:  # importance-weighted, so its gradient is that of KL(pi || ref) at every minibatch
+        lp = new_lp.detach()
+        old_lp = torch.where(am, ro.logprobs[mb], lp)  # masked positions: a zero log-ratio, nothing to leak
+        kl_tok, kl_value = pm.kl_loss(new_lp, old_lp, torch.where(am, ro.ref_logprobs[mb], lp), cfg.kl_estimator_used)
         loss = loss + kl_loss_coef * pm.masked_sum(kl_tok, am) / n_pg
     with torch.no_grad():
         log_ratio = torch.where(am, new_lp - ro.logprobs[mb], torch.zeros_like(new_lp))
@@ -402,7 +426,7 @@ def ppo_loss(
         if vpred is not None:
             stats.update(vf_loss=pm.masked_mean(vf, vm), vf_clipfrac=pm.masked_mean(vf_clipped.float(), vm))
         if kl_loss_coef:
-            stats["kl_loss"] = pm.masked_mean(kl_tok, am)
+            stats["kl_loss"] = pm.masked_mean(kl_value, am)
     return loss, stats
 
 

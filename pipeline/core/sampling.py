@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core import heads
 from pipeline.core import ppo_math as pm
 from pipeline.core.faults import NonFiniteLossError
 
@@ -43,15 +44,6 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def chunks(n: int, size: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(n)`` in pieces of at most ``size`` rows."""
     return [(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """A sequence classifier's one-output head applied at every position, (B, T): per-token values or rewards."""
-    backbone = getattr(seq_cls, seq_cls.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return seq_cls.score(hidden).squeeze(-1).float()
 
 
 @dataclass
@@ -127,6 +119,7 @@ def generate(
     temperature: float | None = None,
     chunk: int = 64,
     synced_gpus: bool | None = None,
+    head_precision: str = "fp32",
 ) -> Generation:
     """Responses of ``model`` to the left-padded ``queries`` (B, C), ``chunk`` rows at a time: plain temperature
     sampling (no top-k, no top-p, nothing else) or, with ``temperature=None``, greedy; stopping at ``stop_ids``
@@ -142,7 +135,9 @@ def generate(
     whose cumulative probability (in float64) exceeds a uniform draw. It is the distribution transformers draws
     from with ``torch.multinomial`` (tests/test_sampling.py compares the two statistically) at a fraction of the
     cost: on a 262k vocabulary ``multinomial`` takes 72 ms per step for 8 rows on 2 CPU cores, the cumulative sum
-    and search 3 ms (``exponential_`` for the Gumbel-max trick alone takes 62 ms).
+    and search 3 ms (``exponential_`` for the Gumbel-max trick alone takes 62 ms). The output head runs in
+    ``head_precision`` (``pipeline.core.heads``), soft-capped where the model caps. A chosen token whose log-prob is
+    not finite (NaN or inf logits: the weights hold NaN or inf) stops generation, greedy or sampled, by name.
     """
     was_training = model.training
     model.eval()
@@ -150,7 +145,11 @@ def generate(
     parts = []
     try:
         for a, b in chunks(queries.size(0), chunk):
-            parts.append(_decode(model, queries[a:b], pad_id, list(stop_ids), max_new_tokens, temperature, synced))
+            parts.append(
+                _decode(
+                    model, queries[a:b], pad_id, list(stop_ids), max_new_tokens, temperature, synced, head_precision
+                )
+            )
     finally:
         if was_training:
             model.train()
@@ -171,6 +170,7 @@ def _decode(
     max_new_tokens: int,
     temperature: float | None,
     synced: bool,
+    head_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: a prefill forward over the prompts, then one forward per token over a key/value cache allocated
     once for prompt + response. Returns (responses, log-probs, entropies), each (B, max_new_tokens); a row that
@@ -179,8 +179,8 @@ def _decode(
 
     B, C = q.shape
     total = C + max_new_tokens
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cache = StaticCache(config=config, max_cache_len=total)
+    decoder = model.get_decoder()
+    cache = StaticCache(config=heads.text_config(model), max_cache_len=total)
     prompt_mask = (q != pad_id).long()
     attention = torch.zeros(B, total, dtype=torch.long, device=q.device)  # the whole width: future columns are 0
     attention[:, :C] = prompt_mask
@@ -190,57 +190,64 @@ def _decode(
     entropy = torch.zeros(B, max_new_tokens, device=q.device)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=q.device)
     done = torch.zeros(B, dtype=torch.bool, device=q.device)
-    logits = model(
-        input_ids=q,
-        attention_mask=attention,
-        position_ids=positions(prompt_mask),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
+
+    def next_logits(input_ids, position_ids) -> torch.Tensor:
+        """(B, V) fp32 logits / T (soft-capped where the model caps) after the last given token."""
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+        return heads.scaled_logits(model, hidden, temperature or 1.0, head_precision)
+
+    scaled = next_logits(q, positions(prompt_mask))
     for t in range(max_new_tokens):
-        scaled = logits.float() if temperature is None else logits.float() / temperature
         logp = torch.log_softmax(scaled, dim=-1)
-        p = logp.exp()
         if temperature is None:
             token = scaled.argmax(-1)
-        else:  # inverse transform sampling on the float64 cumulative distribution (see generate's docstring)
-            cdf = p.double().cumsum(-1)
-            if not bool(torch.isfinite(cdf[:, -1]).all()):
-                raise NonFiniteLossError(
-                    f"non-finite logits at response token {t + 1}: the model's weights hold NaN or inf"
-                )
-            u = torch.rand(B, 1, dtype=torch.float64, device=q.device) * cdf[:, -1:]
-            token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
+        else:
+            token = draw(logp, torch.rand(B, 1, dtype=torch.float64, device=q.device))
+        chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
+        if not bool(torch.isfinite(chosen[~done]).all()):
+            how = "greedy decoding" if temperature is None else "sampling"
+            raise NonFiniteLossError(
+                f"non-finite logits at response token {t + 1} ({how}): the model's weights hold NaN or inf"
+            )
         token = token.masked_fill(done, pad_id)
         responses[:, t] = token
-        logprobs[:, t] = logp.gather(1, token.unsqueeze(1)).squeeze(1)
-        entropy[:, t] = -(p * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
+        logprobs[:, t] = chosen
+        entropy[:, t] = -(logp.exp() * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
         done |= torch.isin(token, stops)
         if t + 1 == max_new_tokens or (bool(done.all()) and not synced):
             break
         attention[:, C + t] = 1
-        logits = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=attention,
-            position_ids=next_position + t,
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
+        scaled = next_logits(token.unsqueeze(1), next_position + t)
     return responses, logprobs, entropy
 
 
+def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) ids drawn from (B, V) log-probabilities by inverse transform sampling with (B, 1) float64 uniforms ``u``
+    in [0, 1): the first id whose cumulative probability (in float64) exceeds ``u`` times the total. Never an id of
+    probability 0: where ``u`` times the total rounds up to the total itself, the last id of positive probability
+    (not the vocabulary's last id, which may have probability 0)."""
+    cdf = logp.exp().double().cumsum(-1)
+    total = cdf[:, -1:]
+    token = torch.searchsorted(cdf, u * total, right=True)
+    last_positive = torch.searchsorted(cdf, total.contiguous(), right=False)  # the first id where the cdf reaches its total
+    return torch.minimum(token, last_positive).squeeze(1)
+
+
 @torch.no_grad()
-def score_at(reward_model: nn.Module, seq, mask, pos, index: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def score_at(
+    reward_model: nn.Module, seq, mask, pos, index: torch.Tensor, chunk: int = 64, head_precision: str = "fp32"
+) -> torch.Tensor:
     """(B,) the reward model's score read at ``index`` of each row (for a Generation: its stop token)."""
     out = []
     for a, b in chunks(seq.size(0), chunk):
-        per_token = token_values(reward_model, seq[a:b], mask[a:b], pos[a:b])
+        per_token = heads.token_values(reward_model, seq[a:b], mask[a:b], pos[a:b], head_precision)
         out.append(per_token.gather(1, index[a:b].unsqueeze(1)).squeeze(1))
     return torch.cat(out)
 
 
-def score(reward_model: nn.Module, g: Generation, chunk: int = 64) -> torch.Tensor:
+def score(reward_model: nn.Module, g: Generation, chunk: int = 64, head_precision: str = "fp32") -> torch.Tensor:
     """(B,) the reward model's score of each generated response, read at its stop token (at its last token when it
     never stopped), where the reward model was trained to read it."""
-    return score_at(reward_model, *g.inputs(), g.stop_index, chunk)
+    return score_at(reward_model, *g.inputs(), g.stop_index, chunk, head_precision)

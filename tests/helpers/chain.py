@@ -32,6 +32,45 @@ def build_chain(out):
     return out
 
 
+# What the chain is built from: a kept chain (TEST_CHAIN_DIR) is reused only while these are unchanged.
+CHAIN_SOURCES = (
+    "recipes/tiny_ko.yaml",
+    "tests/helpers/chain.py",
+    "pipeline/data.py",
+    "pipeline/sft.py",
+    "pipeline/rm.py",
+    "pipeline/core/trainer_stage.py",
+    "pipeline/core/loading.py",
+    "pipeline/core/embedded.py",
+    "data_prep",
+)
+
+
+def chain_key() -> str:
+    """A digest of the chain's sources (``CHAIN_SOURCES``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in CHAIN_SOURCES:
+        path = REPO / name
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reusable_chain(root):
+    """The chain under ``root/<key>``, built there first unless a complete chain of the same sources is there (a
+    marker written last says it is complete; paths recorded inside the checkpoints stay true)."""
+    done = root / chain_key()
+    marker = done / ".complete"
+    if not marker.exists():
+        shutil.rmtree(done, ignore_errors=True)
+        done.mkdir(parents=True)
+        build_chain(done)
+        marker.touch()
+    return done
+
+
 def fresh_run(chain, tmp_path):
     """A run folder with the chain's data, SFT and RM (so each test's PPO starts from scratch)."""
     for part in ("data", "sft/final", "rm/final"):
