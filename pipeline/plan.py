@@ -217,7 +217,9 @@ def ppo_shape(recipe: Recipe, a: Arch, local_batch: int) -> Shape:
         trained=(policy, classifier) if critic else (policy,),
         frozen=(base or a.parameters(), classifier),  # the LoRA base is the reference; else a reference copy
         activations=(2 if critic else 1) * activation_bytes(a, tokens, p.gradient_checkpointing) + kv_cache,
-        logits=max(rollout_rows * a.vocab_size * 4, (1 << 22) * 4),  # a generation step; the chunked training head
+        # A sampling step (per row and id: fp32 logits, log-probs and probabilities, the float64 cumulative sum) or
+        # the training head, bounded by ppo.logits_memory_mb (pipeline.core.heads.LOGIT_BYTES)
+        logits=max(rollout_rows * a.vocab_size * 20, p.logits_memory_mb << 20),
     )
 
 

@@ -172,7 +172,7 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
         rows_out.append(
             (
                 g.texts(tokenizer),
-                score(s.reward, g, s.cfg.local_rollout_forward_batch_size, s.cfg.head_precision).tolist(),
+                score(s.reward, g, s.cfg.local_rollout_forward_batch_size).tolist(),
                 kl,
             )
         )

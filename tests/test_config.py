@@ -210,6 +210,15 @@ def test_group_estimator_settings_that_are_read_pass(tmp_path):
         validate(load_recipe(_write(tmp_path, {**MIN, "ppo": ppo})), source="r.yaml")
 
 
+def test_kl_estimator_auto_is_k1_in_the_reward_and_k3_as_a_loss():
+    """Catches ``auto`` resolving to k1 as a loss (zero expected gradient) or to k3 in the reward; an explicit choice
+    stands."""
+    cfg = load_recipe(RECIPE).ppo
+    assert cfg.kl_estimator == "auto" and cfg.kl_estimator_used == "k1"
+    assert load_recipe(RECIPE, ["ppo.kl_penalty=loss"]).ppo.kl_estimator_used == "k3"
+    assert load_recipe(RECIPE, ["ppo.kl_penalty=loss", "ppo.kl_estimator=k2"]).ppo.kl_estimator_used == "k2"
+
+
 def test_precision_is_a_checked_recipe_key():
     """Catches an unknown precision silently meaning fp32."""
     assert load_recipe(RECIPE, ["run.precision=bf16"]).run.precision == "bf16"

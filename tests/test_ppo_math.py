@@ -1,9 +1,7 @@
-"""PPO math against hand-computed numbers (the cases T1-T7, T9, T10 and T12 of docs/ppo.md, "References"), plus the
+"""PPO math against hand-computed numbers (the cases T1-T7, T9-T11 and T17 of docs/ppo.md, "References"), plus the
 edge cases they call out (empty and single-element whitening, NaN in masked slots)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -398,3 +396,107 @@ def test_t11_group_token_advantages_with_the_kl_as_a_loss():
     close(a.advantages, [[2 / 3] * 3, [-2 / 3, -2 / 3, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     assert not a.non_score.any()
     assert not torch.allclose(a.advantages, _group_case(True).advantages)
+
+
+def test_a_group_without_signal_gets_no_advantage_and_is_the_group_the_metric_counts():
+    """Catches two thresholds for "no signal in this group": the advantage dividing rounding noise by its std (an
+    O(1) advantage from scores that differ by 1e-8) while ``objective/zero_std_groups`` calls the group signal-free.
+    Negative control: the old rule, ``centred / (std + 1e-9)``, gives that group advantages of order 1."""
+    from pipeline.core.ppo_math import NO_SIGNAL_STD, group_std
+
+    scores = torch.tensor([1.0, 1.0 + 1e-8, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5], dtype=torch.float64)
+    std = group_std(scores, 4)
+    assert std[0] < NO_SIGNAL_STD <= std[1]  # the metric counts group 0, not group 1
+    for estimator, scale in (("grpo", True), ("grpo", False), ("rloo", True)):
+        got = group_advantages(scores, 4, estimator, scale)
+        assert got[:4].tolist() == [0.0] * 4 and got[4:].abs().max() > 0.4
+    groups = scores.view(-1, 4)
+    old = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-9)
+    assert old[0].abs().max() > 0.4
+
+
+# T17: the KL as a loss, by exact expectation over a categorical distribution -------------------------------------
+def _categorical(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g, dtype=D)
+
+
+def _expected_gradient(loss_fn, theta, old_logp, ref_logp):
+    """d/d theta of E_{y ~ pi_old}[loss_fn(log pi_theta(y), log pi_old(y), log ref(y))], summed exactly over the
+    categories (the samples' distribution pi_old is fixed: it is the rollout's)."""
+    theta = theta.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    per_token = loss_fn(logp, old_logp, ref_logp)
+    (grad,) = torch.autograd.grad((old_logp.exp() * per_token).sum(), theta)
+    return grad
+
+
+def _kl_gradients(theta, ref_logp):
+    """The exact gradients of KL(pi_theta || ref) and of KL(ref || pi_theta) in theta."""
+    out = []
+    for reverse in (False, True):
+        x = theta.clone().requires_grad_(True)
+        logp = torch.log_softmax(x, -1)
+        kl = (logp.exp() * (logp - ref_logp)).sum() if not reverse else (ref_logp.exp() * (ref_logp - logp)).sum()
+        out.append(torch.autograd.grad(kl, x)[0])
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+@pytest.mark.parametrize("off_policy", [False, True], ids=["first minibatch", "later minibatch"])
+def test_t17_kl_loss_has_the_gradient_of_kl_pi_ref(estimator, off_policy):
+    """Catches a KL loss that pulls along the other KL (k3 without the ratio: the gradient of KL(ref || pi)), or
+    along neither once the samples are off-policy (k2 without the ratio at a later minibatch). Expected gradients are
+    exact sums over six categories; the ratio-weighted loss equals the gradient of KL(pi || ref) to 1e-12, on policy
+    and off. Negative controls: the unweighted k3 matches KL(ref || pi) exactly and misses KL(pi || ref) by more than
+    0.05; the unweighted k2 off policy misses it by more than 0.01."""
+    from pipeline.core.ppo_math import kl_loss
+
+    theta, ref_logp = _categorical(0), torch.log_softmax(_categorical(1), -1)
+    old_theta = theta + (0.7 * _categorical(2) if off_policy else 0.0)
+    old_logp = torch.log_softmax(old_theta, -1)
+    forward, reverse = _kl_gradients(theta, ref_logp)
+    got = _expected_gradient(lambda lp, old, ref: kl_loss(lp, old, ref, estimator)[0], theta, old_logp, ref_logp)
+    assert torch.allclose(got, forward, atol=1e-12), (got, forward)
+    assert (forward - reverse).abs().max() > 0.05  # the two directions are told apart on this distribution
+
+    plain_k3 = _expected_gradient(lambda lp, old, ref: kl_estimate(lp, ref, "k3"), theta, old_logp, ref_logp)
+    if not off_policy:
+        assert torch.allclose(plain_k3, reverse, atol=1e-12)  # DeepSeekMath's k3 loss: KL(ref || pi)
+    assert (plain_k3 - forward).abs().max() > 0.05
+    plain_k2 = _expected_gradient(lambda lp, old, ref: kl_estimate(lp, ref, "k2"), theta, old_logp, ref_logp)
+    if off_policy:
+        assert (plain_k2 - forward).abs().max() > 0.01
+    else:
+        assert torch.allclose(plain_k2, forward, atol=1e-12)  # k2 on policy: the right gradient
+
+
+def test_t17_kl_loss_value_is_an_unbiased_kl_and_no_gradient_is_clamped_away():
+    """Catches a logged KL that is not KL(pi || ref) (the ratio-weighted k3's expectation over pi_old is exactly
+    KL(pi_theta || ref)) and a clamp on the gradient's path: a token whose log-ratio is 30 (k3 = e^30) keeps its
+    gradient, rho * (log pi - log ref). Negative control: the old per-token clamp at 10 gives that token zero
+    gradient."""
+    from pipeline.core.ppo_math import kl_loss
+
+    theta, ref_logp = _categorical(0), torch.log_softmax(_categorical(1), -1)
+    old_logp = torch.log_softmax(theta + 0.7 * _categorical(2), -1)
+    logp = torch.log_softmax(theta, -1)
+    _, value = kl_loss(logp, old_logp, ref_logp, "k3")
+    exact = (logp.exp() * (logp - ref_logp)).sum()
+    assert float((old_logp.exp() * value).sum()) == pytest.approx(float(exact), abs=1e-12)
+
+    lp = torch.tensor([-30.0], dtype=D, requires_grad=True)  # the policy left a token the reference likes
+    ref, old = torch.tensor([0.0], dtype=D), torch.tensor([-30.0], dtype=D)
+    (ours,) = torch.autograd.grad(kl_loss(lp, old, ref, "k3")[0].sum(), lp)
+    assert float(ours) == pytest.approx(-30.0)  # rho (log pi - log ref) with rho = 1
+    (clamped,) = torch.autograd.grad(kl_estimate(lp, ref, "k3").clamp(-10.0, 10.0).sum(), lp)
+    assert float(clamped) == 0.0
+
+
+def test_t17_k1_and_unknown_estimators_are_not_a_loss():
+    """Catches a KL loss that silently accepts k1 (zero expected gradient on policy)."""
+    from pipeline.core.ppo_math import kl_loss
+
+    x = torch.zeros(2, dtype=D)
+    with pytest.raises(ValueError, match="cannot be a loss"):
+        kl_loss(x, x, x, "k1")

@@ -1,6 +1,7 @@
-"""The output heads PPO reads, in the precision ``ppo.head_precision`` asks for: the language-model head as
-log-probabilities of given tokens (for the loss) and as the sampler's distribution, and a sequence classifier's
-one-output head at every position (values, rewards); and what the head's (positions x vocabulary) tensors cost.
+"""The output heads PPO reads: the language-model head as log-probabilities of given tokens (for the loss) and as the
+sampler's distribution, in the precision ``ppo.head_precision`` asks for, and a sequence classifier's one-output
+head at every position (values, rewards), always in fp32; and what the head's (positions x vocabulary) tensors
+cost.
 
     lp = token_logprobs(model, hidden, tokens, temperature, "fp32")      # (N,), differentiable
     z = scaled_logits(model, hidden, temperature, "fp32")                # (N, V) fp32, for sampling and entropy
@@ -176,19 +177,23 @@ temporaries of ``row_stats`` and the soft-cap's backward, two of ``_ROWS`` rows.
 allocator's peak against it."""
 
 
+_POSITION_BYTES = 64  # per position, the (N,) vectors beside the logits: tokens, log-sum-exp, log-probs, gradients
+
+
 def logit_positions(model: nn.Module, memory_mb: float, precision: str) -> int:
-    """Response positions whose head tensors (``LOGIT_BYTES`` per logit, and the row-wise temporaries) fit in
-    ``memory_mb`` (``ppo.logits_memory_mb``); at least 1."""
+    """Response positions whose head tensors (``LOGIT_BYTES`` per logit, a few (N,) vectors, and the row-wise
+    temporaries) fit in ``memory_mb`` (``ppo.logits_memory_mb``); at least 1."""
     vocabulary = vocabulary_size(model)
     free = int(memory_mb * (1 << 20)) - 2 * _ROWS * 4 * vocabulary
-    return max(1, free // (LOGIT_BYTES[precision] * vocabulary))
+    return max(1, free // (LOGIT_BYTES[precision] * vocabulary + _POSITION_BYTES))
 
 
-def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids, precision: str = "fp32") -> torch.Tensor:
+def token_values(seq_cls: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
     """A sequence classifier's one-output head applied at every position, (B, T) fp32: per-token values or rewards.
-    The head runs in ``precision`` (fp32: the score of a bf16 forward is not rounded to bf16)."""
+    The head always runs in fp32 (it costs H multiply-adds per position; in bf16 a reward of 45 would be rounded to
+    steps of 0.25)."""
     backbone = getattr(seq_cls, seq_cls.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return head_output(seq_cls.score, hidden, precision).squeeze(-1).float()
+    return head_output(seq_cls.score, hidden, "fp32").squeeze(-1).float()

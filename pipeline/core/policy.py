@@ -66,8 +66,7 @@ class PolicyAndValue(nn.Module):
             )
         if self.value is None:
             return lp, None, ent
-        values = heads.token_values(self.value, input_ids, attention_mask, position_ids, head_precision)
-        values = values[:, -L - 1 : -1]
+        values = heads.token_values(self.value, input_ids, attention_mask, position_ids)[:, -L - 1 : -1]
         if self.value_shift or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale
         return lp, values, ent
@@ -104,7 +103,7 @@ def response_logprobs(
     they are computed at once and kept for the backward pass; past it they are computed in pieces of at most that
     size and, when gradients are needed, recomputed in the backward pass (activation checkpointing of the head)
     instead of being kept. With Gemma's 262k vocabulary the logits are the largest tensor of PPO: 8 x 48 positions
-    hold 403 MB in fp32.
+    hold 403 MB in fp32, and the head's forward and backward twice that at their peak (``heads.LOGIT_BYTES``).
     """
     from torch.utils.checkpoint import checkpoint
 

@@ -233,7 +233,7 @@ def score_responses(s: Setup, g: Generation) -> tuple[torch.Tensor, torch.Tensor
     on <eos> is read at a token the reward model never learned to score, so it counts as not ended (the missing-stop
     penalty applies), like one cut at the length limit."""
     with record_function("ppo/reward"):
-        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size, s.cfg.head_precision)
+        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size)
     ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
     scores = pm.final_scores(
         raw_scores,

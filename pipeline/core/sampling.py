@@ -228,26 +228,24 @@ def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     in [0, 1): the first id whose cumulative probability (in float64) exceeds ``u`` times the total. Never an id of
     probability 0: where ``u`` times the total rounds up to the total itself, the last id of positive probability
     (not the vocabulary's last id, which may have probability 0)."""
-    cdf = logp.exp().double().cumsum(-1)
+    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
     total = cdf[:, -1:]
     token = torch.searchsorted(cdf, u * total, right=True)
-    last_positive = torch.searchsorted(cdf, total.contiguous(), right=False)  # the first id where the cdf reaches its total
+    last_positive = torch.searchsorted(cdf, total.contiguous(), right=False)  # where the cdf reaches its total
     return torch.minimum(token, last_positive).squeeze(1)
 
 
 @torch.no_grad()
-def score_at(
-    reward_model: nn.Module, seq, mask, pos, index: torch.Tensor, chunk: int = 64, head_precision: str = "fp32"
-) -> torch.Tensor:
+def score_at(reward_model: nn.Module, seq, mask, pos, index: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """(B,) the reward model's score read at ``index`` of each row (for a Generation: its stop token)."""
     out = []
     for a, b in chunks(seq.size(0), chunk):
-        per_token = heads.token_values(reward_model, seq[a:b], mask[a:b], pos[a:b], head_precision)
+        per_token = heads.token_values(reward_model, seq[a:b], mask[a:b], pos[a:b])
         out.append(per_token.gather(1, index[a:b].unsqueeze(1)).squeeze(1))
     return torch.cat(out)
 
 
-def score(reward_model: nn.Module, g: Generation, chunk: int = 64, head_precision: str = "fp32") -> torch.Tensor:
+def score(reward_model: nn.Module, g: Generation, chunk: int = 64) -> torch.Tensor:
     """(B,) the reward model's score of each generated response, read at its stop token (at its last token when it
     never stopped), where the reward model was trained to read it."""
-    return score_at(reward_model, *g.inputs(), g.stop_index, chunk, head_precision)
+    return score_at(reward_model, *g.inputs(), g.stop_index, chunk)
