@@ -328,6 +328,8 @@ def profile_peer(script: str, argv: list[str], profiler: bool) -> None:
     import torch
     from torch.profiler import ProfilerActivity, record_function, schedule
 
+    from pipeline.core.heads import vocabulary_size
+
     spec = importlib.util.spec_from_file_location("peer_bench", script)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
@@ -378,7 +380,7 @@ def profile_peer(script: str, argv: list[str], profiler: bool) -> None:
     original_train = trainer_module.PPOTrainer.train
 
     def train(self, *a, **k):
-        vocab["n"] = int(self.model.policy.config.vocab_size)
+        vocab["n"] = vocabulary_size(self.model.policy)
         started[0] = time.perf_counter()
         return original_train(self, *a, **k)
 

@@ -309,22 +309,45 @@ def test_kl_limit_stops(chain, tmp_path, capsys):
 
 
 def test_reward_model_gate(chain, tmp_path, capsys):
-    """Catches PPO starting from a reward model below ``rm.min_accuracy`` (and the override not working). The
-    reward model here is untrained (learning rate 0), so the gate must close: the test cannot pass vacuously."""
-    from pipeline import ppo, rm
+    """Catches PPO starting from a reward model below ``rm.min_accuracy``, a gate that refuses one at or above it
+    (``<=`` for ``<``, or a gate that always closes: accuracy 1.0 must pass), a gate that reads another number than
+    the stored held-out accuracy, and an override that does not work. The accuracy is written into the reward
+    model's ``reward_stats.json`` (mean and std kept), so both sides of the gate are tested whatever accuracy the
+    chain's reward model reached. Negative control: ``ppo.ignore_rm_gate: true`` turns the refusal into a warning
+    and the run completes."""
+    import dataclasses
+
+    from pipeline import ppo
+    from pipeline.core.reward_stats import RewardStats
 
     out = fresh_run(chain, tmp_path)
-    shutil.rmtree(out / "tiny_ko" / "rm" / "final")
-    rm.run(chain_recipe(out, "rm.learning_rate=0", "rm.max_steps=2", "rm.eval_steps=2", "rm.save_steps=2"))
-    acc = json.loads((out / "tiny_ko" / "rm" / "final" / "reward_stats.json").read_text())["accuracy"]
-    assert acc < 0.9
-    args = ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, "rm.min_accuracy=0.9", "ppo.total_episodes=32"]
+    rm_dir = out / "tiny_ko" / "rm" / "final"
+    stored = RewardStats.read(rm_dir)
+
+    def with_accuracy(accuracy: float) -> None:
+        dataclasses.replace(stored, accuracy=accuracy).write(rm_dir)
+
+    base = ["--recipe", str(RECIPE), f"run.output_dir={out}", *BASE, "ppo.total_episodes=32", "ppo.panel_every=0"]
+    final = out / "tiny_ko" / "ppo" / "final"
+    # At the threshold the gate opens (it refuses only below), here at 0.75 and at 1.0.
+    with_accuracy(0.75)
+    assert ppo.read_inputs(chain_recipe(out, "rm.min_accuracy=0.75")).rm_accuracy == 0.75
+    with_accuracy(1.0)
     capsys.readouterr()
+    assert ppo.main([*base, "rm.min_accuracy=1.0"]) == 0 and (final / "COMPLETE").exists()
+    assert "rm.min_accuracy" not in capsys.readouterr().err
+    shutil.rmtree(out / "tiny_ko" / "ppo")
+    # Below it PPO refuses to start, saying why, and writes no policy.
+    with_accuracy(0.75)
+    args = [*base, "rm.min_accuracy=0.76"]
     assert ppo.main(args) == 2
-    assert "below rm.min_accuracy 0.9" in capsys.readouterr().err
-    assert not (out / "tiny_ko" / "ppo" / "final").exists()
-    assert ppo.main([*args, "ppo.ignore_rm_gate=true", "ppo.panel_every=0"]) == 0
-    assert "ppo.ignore_rm_gate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "held-out pairwise accuracy 0.750, below rm.min_accuracy 0.76" in err and "Traceback" not in err, err
+    assert not final.exists()
+    # Negative control: the override starts it anyway, with the reason as a warning.
+    assert ppo.main([*args, "ppo.ignore_rm_gate=true"]) == 0 and (final / "COMPLETE").exists()
+    err = capsys.readouterr().err
+    assert "warning (ppo.ignore_rm_gate): " in err and "below rm.min_accuracy 0.76" in err, err
 
 
 def test_lora_policy_exports_merged(chain, tmp_path):

@@ -34,11 +34,24 @@ def test_batch_prompts_puts_each_prompts_samples_in_consecutive_rows_of_one_proc
     assert len({x[0] for x in batch_prompts(prompts, 3, sizes, 0, 7)}) > 2
 
 
+def _largest_weight_change(a, b) -> float:
+    """The largest absolute difference between the weights two checkpoint folders store under the same names."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
 @pytest.mark.slow
 def test_no_value_model_is_built_trained_or_saved(chain, tmp_path):
     """Catches a critic-free run that still loads, trains or saves a value model (its memory is the point of the
-    estimator), and one whose training does not move the policy. Negative control: GAE's setup has the value
-    model's parameters in its optimizer."""
+    estimator), and one whose training does not move the policy: the saved weights must differ from the SFT
+    model's by at least the learning rate (Adam's first step moves every weight with a gradient by about the
+    learning rate; 8 steps here, the first 4 at 1e-4). A no-op update (learning rate 0, a step never taken) or the
+    SFT weights saved instead of the trained ones leave them equal. Negative controls: GAE's setup has the value
+    model's parameters in its optimizer; ``ppo.learning_rate=0`` saves the SFT weights exactly (largest change 0,
+    run by hand: the policy/approxkl_avg > 0 this replaces held there too)."""
     from pipeline import ppo
 
     s, _ = ppo_setup(chain, *RLOO)
@@ -57,11 +70,55 @@ def test_no_value_model_is_built_trained_or_saved(chain, tmp_path):
     assert [m["update"] for m in metrics] == [1, 2]
     for m in metrics:
         assert "loss/value_avg" not in m and "value/grad_norm" not in m and "val/explained_variance" not in m
-        assert 0.0 <= m["objective/zero_std_groups"] <= 1.0 and m["objective/score_std_in_group"] >= 0.0
-    assert metrics[-1]["policy/approxkl_avg"] > 0  # the policy moved
+        # Their values are recomputed from a rollout in test_group_metrics_are_the_consecutive_groups_unbiased_std.
+        assert "objective/zero_std_groups" in m and "objective/score_std_in_group" in m
+    moved = _largest_weight_change(final, out / "tiny_ko" / "sft" / "final")
+    assert moved >= 1e-4, moved  # the policy moved: measured 6.0e-4 (4 steps at 1e-4, 4 at 5e-5); 0 at lr 0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)
+
+
+@pytest.mark.slow
+def test_group_metrics_are_the_consecutive_groups_unbiased_std(chain):
+    """Catches ``objective/score_std_in_group`` and ``objective/zero_std_groups`` computed over strided groups
+    (``scores.view(k, -1)``: rows i, i + B/k, ... of different prompts) or with the biased std (ddof 0): both are
+    recomputed by hand from a rollout's scores, each prompt's 4 samples in consecutive rows, with the unbiased std;
+    the groups counted as carrying no signal must be those whose advantages are 0. The scores are clipped to
+    +-0.05 so that some groups score alike (std exactly 0) and others do not. Negative controls: the strided groups
+    and the biased std give other numbers for the same rollout (asserted below)."""
+    import datasets
+
+    from pipeline.core.ppo_step import rollout, score_responses
+
+    k = 4
+    s, _ = ppo_setup(chain, *RLOO, "ppo.reward_clip=0.05")
+    prompts = datasets.Dataset.from_parquet(str(chain / "tiny_ko" / "data" / "prompts" / "train.parquet"))
+    rows = [p for p in prompts["prompt_ids"][:8] for _ in range(k)]  # 8 prompts, each in 4 consecutive rows
+    s.model.eval()
+    torch.manual_seed(0)
+    ro = rollout(s, rows, 0.0)  # kl_coef 0: each token's advantage is its sample's group advantage
+    scores = score_responses(s, ro.generation)[2].double().tolist()  # the reward model's forward is deterministic
+
+    def by_hand(groups: list[list[float]], ddof: int) -> tuple[float, float]:
+        stds = []
+        for g in groups:
+            mean = sum(g) / len(g)
+            stds.append((sum((x - mean) ** 2 for x in g) / (len(g) - ddof)) ** 0.5)
+        return sum(stds) / len(stds), sum(sd < pm.NO_SIGNAL_STD for sd in stds) / len(stds)
+
+    consecutive = [scores[i : i + k] for i in range(0, len(scores), k)]
+    std_in_group, zero_std = by_hand(consecutive, ddof=1)
+    assert 0 < zero_std < 1, consecutive  # some groups carry no signal and some do: both counts are tested
+    assert float(ro.stats["objective/score_std_in_group"]) == pytest.approx(std_in_group, rel=1e-5)
+    assert float(ro.stats["objective/zero_std_groups"]) == zero_std
+    # The advantages agree: a group counted as carrying no signal has advantage 0 on every sample.
+    no_signal = (ro.advantages[:, 0].view(-1, k) == 0).all(1).tolist()
+    assert no_signal == [max(g) == min(g) for g in consecutive], (consecutive, ro.advantages[:, 0])
+    # Negative controls: strided groups and the biased std give other numbers for this rollout.
+    strided = [scores[i :: len(scores) // k] for i in range(len(scores) // k)]
+    assert by_hand(strided, ddof=1) != pytest.approx((std_in_group, zero_std), rel=1e-3)
+    assert by_hand(consecutive, ddof=0)[0] != pytest.approx(std_in_group, rel=1e-3)
 
 
 @pytest.mark.slow
@@ -110,32 +167,54 @@ def _moved_policy_rollout(chain, *overrides):
     return s, ro, sizes
 
 
-def _kl_after_one_update(s, ro, sizes) -> tuple[float, float]:
-    from pipeline.core.ppo_step import StepCounter, policy_logprobs_and_values, train_on_rollout
+def _exact_kl(s, ro) -> tuple[float, torch.Tensor]:
+    """KL(pi || ref) at each response position, exact over the whole vocabulary (not a sampled estimate), of the
+    policy and the reference teacher-forced on the rollout's sequences at the PPO temperature: the mean over the
+    rollout's response tokens, and the policy's (B, L) log-probs of the response tokens from the same forward."""
+    L, T = ro.responses.size(1), s.cfg.temperature
+    policy = s.unwrapped.policy
+    was_training = policy.training
+    policy.eval()
 
-    def kl() -> float:
-        lp, _, _ = policy_logprobs_and_values(s, ro.seq, ro.mask, ro.pos, ro.responses)
-        return float(pm.masked_mean(pm.kl_estimate(lp, ro.ref_logprobs, "k3"), ro.action_mask))
+    @torch.no_grad()
+    def log_softmax(model) -> torch.Tensor:  # (B, L, V)
+        logits = model(input_ids=ro.seq, attention_mask=ro.mask, position_ids=ro.pos).logits
+        return torch.log_softmax(logits[:, -L - 1 : -1].float() / T, -1)
 
-    before = kl()
+    logp, logq = log_softmax(policy), log_softmax(s.ref)
+    policy.train(was_training)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, L)
+    return float(pm.masked_mean(kl, ro.action_mask)), logp.gather(-1, ro.responses.unsqueeze(-1)).squeeze(-1)
+
+
+def _exact_kl_after_one_update(s, ro, sizes) -> tuple[float, float, dict]:
+    """The exact KL (``_exact_kl``) before and after one optimizer step on the rollout, and the update's stats."""
+    from pipeline.core.ppo_step import StepCounter, train_on_rollout
+
+    before, sampled = _exact_kl(s, ro)
+    # Before the step these are the distributions the tokens were sampled from (a slice one position off is not).
+    assert torch.allclose(sampled[ro.action_mask], ro.logprobs[ro.action_mask], atol=1e-4)
     s.model.train()
     stats = train_on_rollout(s, ro, sizes, torch.Generator().manual_seed(0), StepCounter(), 1, kl_coef=0.5)
-    return before, kl(), stats
+    return before, _exact_kl(s, ro)[0], stats
 
 
 @pytest.mark.slow
 def test_kl_as_a_loss_pulls_the_policy_to_the_reference(chain):
-    """Catches ``kl_penalty: loss`` that never reaches the gradient (or pushes away from the reference): with
-    every advantage 0 the KL term alone must bring the policy closer to the SFT model. Negative control: with the
-    KL in the reward (the rollout's advantages already hold it, here zeroed) the same update leaves the KL as it
-    was."""
+    """Catches ``kl_penalty: loss`` that never reaches the gradient (the term detached, or its coefficient
+    dropped) or that pushes the policy away from the reference (its sign flipped): with every advantage 0 the KL
+    term alone must lower the exact KL(pi || ref) over the whole vocabulary on the rollout's sequences (measured
+    0.061 -> 0.051 at learning rate 1e-3 and kl_coef 0.5). The logged ``loss/kl_avg`` of the one minibatch, where
+    the importance ratio is 1, is the rollout's k3 estimate. Negative control: with the KL in the reward (the
+    rollout's advantages already hold it, here zeroed) the same update leaves the exact KL as it was."""
     s, ro, sizes = _moved_policy_rollout(chain, "ppo.kl_penalty=loss", "ppo.kl_estimator=k3")
-    before, after, stats = _kl_after_one_update(s, ro, sizes)
-    assert before > 1e-3 and after < 0.9 * before, (before, after)
-    assert stats["loss/kl_avg"] == pytest.approx(before, rel=1e-3)  # the loss's KL is the rollout's at step one
+    k3 = float(pm.masked_mean(pm.kl_estimate(ro.logprobs, ro.ref_logprobs, "k3"), ro.action_mask))
+    before, after, stats = _exact_kl_after_one_update(s, ro, sizes)
+    assert before > 1e-2 and after < 0.9 * before, (before, after)
+    assert float(stats["loss/kl_avg"]) == pytest.approx(k3, rel=1e-3)  # the loss's KL is the rollout's at step one
     s, ro, sizes = _moved_policy_rollout(chain, "ppo.kl_penalty=reward", "ppo.kl_estimator=k3")
-    before, after, stats = _kl_after_one_update(s, ro, sizes)
-    assert after == pytest.approx(before, rel=1e-6) and "loss/kl_avg" not in stats
+    before, after, stats = _exact_kl_after_one_update(s, ro, sizes)
+    assert before > 1e-2 and after == pytest.approx(before, rel=1e-6) and "loss/kl_avg" not in stats
 
 
 @pytest.mark.slow
