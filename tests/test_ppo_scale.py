@@ -36,36 +36,68 @@ def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹
 
 
 @pytest.mark.slow
-def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(chain, tmp_path, capsys, fresh_accelerator_state):
+def test_bf16_trains_fp32_master_weights_with_a_first_ratio_of_one(
+    chain, tmp_path, capsys, monkeypatch, fresh_accelerator_state
+):
     """Catches pure-bf16 AdamW (no fp32 master copy): at lr 3e-6 a bf16 weight keeps nearly every entry unchanged,
-    so the policy barely trains. Also catches rollout forwards outside autocast (the first ratio or KL not exact)."""
+    so the policy barely trains. Also catches rollout forwards outside autocast (the first ratio or KL not exact).
+    Besides the start line, the stage's own objects are checked: its accelerator computes in bf16 (a head call
+    under its autocast gives bf16) while every weight its optimizer steps is fp32. Negative control: the stage
+    itself with its models loaded in bf16 (what it did before the fix: its own AdamW then steps bf16 weights), same
+    recipe and seed, steps bf16 weights, saves them in bf16 and changes 2% of the entries (the fixed run: all but
+    0.04%), failing each check."""
+    from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
     from pipeline import ppo
+    from pipeline.core import devices
 
-    out = _fresh(chain, tmp_path)
     args = ["run.precision=bf16", "ppo.learning_rate=3e-6", "ppo.total_episodes=64", "ppo.panel_every=0"]
-    final = ppo.run(_recipe(out, *args, "ppo.num_ppo_epochs=1"))
+    sft = load_file(chain / "tiny_ko" / "sft" / "final" / "model.safetensors")
+    built = []  # the Setup each run of the stage builds (recorded, not changed)
+    build_setup = ppo.build_setup
+
+    def recording(*args, **kwargs):
+        setup, scheduler = build_setup(*args, **kwargs)
+        built.append(setup)
+        return setup, scheduler
+
+    monkeypatch.setattr(ppo, "build_setup", recording)
+
+    def train(out):
+        """The stage's two updates from the SFT model; the saved weights."""
+        AcceleratorState._reset_state(reset_partial_state=True)  # a stage normally runs in a process of its own
+        final = ppo.run(_recipe(_fresh(chain, out), *args, "ppo.num_ppo_epochs=1"))
+        return load_file(final / "model.safetensors")
+
+    def stepped_dtypes(s):
+        """The dtypes of the weights the stage's optimizer steps."""
+        inner = s.optimizer.optimizer if hasattr(s.optimizer, "optimizer") else s.optimizer
+        return {p.dtype for group in inner.param_groups for p in group["params"]}
+
+    def trained_fraction(got):
+        """The share of entries the run changed (the start rounded to the saved dtype)."""
+        return _changed_fraction({k: v.to(got[k].dtype) for k, v in sft.items()}, got)
+
+    got = train(tmp_path / "fixed")
     assert "; bf16;" in capsys.readouterr().out
-    first = _metrics(out)[0]
+    first = _metrics(tmp_path / "fixed")[0]
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # rollout and training forwards: one function
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy and reference under the same autocast
-    sft = load_file(out / "tiny_ko" / "sft" / "final" / "model.safetensors")
-    got = load_file(final / "model.safetensors")
     assert {v.dtype for v in got.values()} == {torch.float32}
-    trained = _changed_fraction(sft, got)
-    assert trained > 0.9, trained
-    # Negative control: the same two Adam steps on bf16 weights (what was trained before) leave most entries as
-    # they were, far below the bound above.
-    torch.manual_seed(0)
-    w = {k: v.to(torch.bfloat16).clone().requires_grad_() for k, v in sft.items()}
-    opt = torch.optim.AdamW(list(w.values()), lr=3e-6, eps=1e-5, weight_decay=0.0)
-    for _ in range(2):
-        for v in w.values():
-            v.grad = torch.randn_like(v)
-        opt.step()
-    pure = {k: v.detach().float() for k, v in w.items()}
-    assert _changed_fraction({k: v.to(torch.bfloat16).float() for k, v in sft.items()}, pure) < 0.5
+    assert trained_fraction(got) > 0.9, trained_fraction(got)
+    s = built[-1]
+    assert s.accelerator.mixed_precision == "bf16" and s.bf16
+    policy = s.unwrapped.policy
+    with s.autocast():  # the context every rollout forward runs in
+        assert policy.get_output_embeddings()(torch.ones(1, policy.config.hidden_size)).dtype == torch.bfloat16
+    assert stepped_dtypes(s) == {torch.float32}  # fp32 master weights
+    # Negative control: the same run with the stage's models loaded in bf16.
+    monkeypatch.setattr(ppo, "precision", lambda setting: {**devices.precision(setting), "dtype": torch.bfloat16})
+    pure = train(tmp_path / "pure_bf16")
+    assert stepped_dtypes(built[-1]) == {torch.bfloat16}
+    assert {v.dtype for v in pure.values()} == {torch.bfloat16}
+    assert trained_fraction(pure) < 0.5, trained_fraction(pure)
 
 
 # W2 -------------------------------------------------------------------------------------------------------------
@@ -111,17 +143,83 @@ def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
 
 
 @pytest.mark.slow
-def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, capsys):
-    """Catches the stage not passing the reward statistics on (or passing them for a value model from SFT)."""
-    from pipeline import ppo
+def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, capsys, monkeypatch):
+    """Catches the stage not passing the reward statistics on (a value model from the reward model outputting raw
+    reward units, 3.0 and 6.7 off, while the scores are standardised), or passing them for a value model from SFT.
+    Checks the values of the model the stage builds (``ppo.setup``), not only its start line: from the reward model,
+    the value at a stop token equals (score - mean) / std of the reward model's own Hugging Face forward there; from
+    SFT, every value equals the value model's plain head output. Tolerance 1e-4 (fp32 forwards of the same weights
+    through different code; they agree exactly here, and standardising moves a value by |v (1 - 1/std) + mean/std|,
+    0.45 for v = 0). Negative controls: the stage with the statistics dropped, or passed to the SFT value model,
+    misses by more than 0.3 (measured 3.9 and 0.71); with them dropped the start line still claims standardisation,
+    so the line alone would not catch it."""
+    from accelerate.state import AcceleratorState
 
+    from pipeline import ppo
+    from pipeline.core.reward_stats import RewardStats
+    from pipeline.core.sampling import left_pad, positions
+
+    stats = RewardStats.read(chain / "tiny_ko" / "rm" / "final")
+    assert abs(stats.mean) > 1 and stats.std > 2  # the effect below is large for this reward model
     out = _fresh(chain, tmp_path)
-    args = ["ppo.total_episodes=32", "ppo.panel_every=0", "ppo.normalize_reward=true", "ppo.learning_rate=0"]
-    ppo.run(_recipe(out, *args))
+    inputs = ppo.read_inputs(_recipe(out))
+    build_setup = ppo.build_setup
+    keep = object()
+
+    def stage(*overrides, stats_passed=keep):
+        """The PPO models the stage builds with ``ppo.normalize_reward``; ``stats_passed`` replaces the reward
+        statistics the stage hands to build_setup (the broken variants)."""
+
+        def with_stats(*args, **kwargs):
+            return build_setup(*args[:7], **{**kwargs, "reward_stats": stats_passed})
+
+        if stats_passed is not keep:
+            monkeypatch.setattr(ppo, "build_setup", with_stats)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            return ppo.setup(_recipe(out, "ppo.normalize_reward=true", *overrides), inputs).s
+        finally:
+            monkeypatch.setattr(ppo, "build_setup", build_setup)
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    s = stage()
+    tok = inputs.tokenizer
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    q = left_pad(_prompts(tok), s.pad_id, "cpu")
+    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [eot]
+    r = torch.tensor([resp + [s.pad_id] * 3] * q.size(0))
+    seq = torch.cat([q, r], 1)
+    mask = (seq != s.pad_id).long()
+    pos = positions(mask)
+    stop = len(resp) - 1  # values[:, stop + 1]: the value of the state at the stop token
+
+    def values(s):
+        with torch.no_grad():
+            return s.model(seq, mask, pos, r, 1.0)[1]
+
+    with torch.no_grad():  # the reward model's score at its last non-pad token (the stop token), Hugging Face's way
+        raw = s.reward(input_ids=seq, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
+    normalised = (raw - stats.mean) / stats.std
     assert "values standardised like the scores" in capsys.readouterr().out
-    shutil.rmtree(out / "tiny_ko" / "ppo")
-    ppo.run(_recipe(out, *args, "ppo.value_init=sft"))
+    assert (values(s)[:, stop + 1] - normalised).abs().max() < 1e-4
+    # Negative control: the stage not passing the statistics on. Its line still says standardised.
+    dropped = stage(stats_passed=None)
+    assert "values standardised like the scores" in capsys.readouterr().out
+    assert (values(dropped)[:, stop + 1] - normalised).abs().max() > 0.3
+
+    # From SFT: the value model's own head, unscaled, at every position.
+    def plain(s):
+        v = s.unwrapped.value
+        with torch.no_grad():
+            hidden = v.model(input_ids=seq, attention_mask=mask, position_ids=pos).last_hidden_state
+            return v.score(hidden).squeeze(-1)[:, -r.size(1) - 1 : -1]
+
+    s = stage("ppo.value_init=sft")
     assert "values standardised" not in capsys.readouterr().out
+    assert (values(s) - plain(s)).abs().max() < 1e-4
+    # Negative control: the statistics passed to the SFT value model.
+    scaled = stage("ppo.value_init=sft", stats_passed=stats)
+    assert (values(scaled) - plain(scaled)).abs().max() > 0.3
 
 
 # E1 -------------------------------------------------------------------------------------------------------------
@@ -236,19 +334,71 @@ def test_a_response_ended_by_eos_gets_the_missing_stop_penalty(chain, monkeypatc
 
 
 @pytest.mark.slow
-def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain):
-    """Catches the chunk size read from ``head.weight.shape[0]``, which is 0 under ZeRO-3: chunking silently turned
-    off and the whole batch's (B, L, vocabulary) logits came back. tests/test_launch.py checks the same line under
+def test_logit_chunks_are_sized_from_the_config_not_the_partitioned_head(chain, monkeypatch):
+    """Catches the chunk size read from the head's weight shape, which is (0,) on a ZeRO-3 process outside a gather:
+    chunking silently turned off and the whole batch's (B, L, vocabulary) logits computed at once. The head here is
+    partitioned as ZeRO-3 holds it (an empty local weight, the full one only inside the head's forward). At a
+    ``logits_memory_mb`` that the batch's fp32 logits exceed, the partitioned head must be called in the same
+    pieces as the whole head, each piece's fp32 logits within the budget, with the whole head's log-probs.
+    Negative control: the old reading (``max(1, head.weight.shape[0])``) put back in place of the config's
+    vocabulary: one call takes every position, past the budget. tests/test_launch.py checks the same line under
     two-process ZeRO-3."""
-    from pipeline.core.policy import logit_positions
+    from pipeline.core import heads
+    from pipeline.core.policy import response_logprobs
+    from pipeline.core.sampling import left_pad, positions
 
-    s, _ = _setup(chain)
+    s, tok = _setup(chain)
     policy = s.unwrapped.policy
     vocab = policy.config.vocab_size
-    expected = (16 << 20) // (4 * vocab)
-    policy.lm_head.weight = torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
-    assert logit_positions(policy, 16) == expected
-    assert (16 << 20) // max(1, 4 * policy.lm_head.weight.shape[0]) > 1000 * expected  # the old reading
+    q = left_pad(_prompts(tok), s.pad_id, "cpu")
+    resp = torch.randint(10, 200, (q.size(0), 16), generator=torch.Generator().manual_seed(0))
+    seq = torch.cat([q, resp], 1)
+    mask = (seq != s.pad_id).long()
+    pos = positions(mask)
+    # The smallest budget (in KB) whose pieces hold 3 positions; the batch's fp32 logits do not fit in it.
+    budget = next(kb / 1024 for kb in range(1, 4096) if heads.logit_positions(policy, kb / 1024, "fp32") >= 3)
+    assert resp.numel() * 4 * vocab > budget * (1 << 20)
+
+    head = policy.get_output_embeddings()
+    full, local = head.weight, torch.nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
+    rows: list[int] = []
+    partitioned = False
+
+    def gather(module, args):
+        module.weight = full
+
+    def release(module, args, output):
+        rows.append(args[0].shape[0])
+        module.weight = local if partitioned else full
+
+    def head_calls(partition: bool) -> tuple[list[int], torch.Tensor]:
+        """Positions per head call, and the log-probs, of one pass over the whole or the partitioned head."""
+        nonlocal partitioned
+        partitioned = partition
+        head.weight = local if partition else full
+        rows.clear()
+        with torch.no_grad():
+            lp, _ = response_logprobs(policy, seq, mask, pos, resp, 1.0, memory_mb=budget)
+        return list(rows), lp
+
+    hooks = [head.register_forward_pre_hook(gather), head.register_forward_hook(release)]
+    try:
+        whole, whole_lp = head_calls(False)
+        assert sum(whole) == resp.numel() and len(whole) > 1
+        calls, lp = head_calls(True)
+        assert calls == whole
+        assert max(calls) * 4 * vocab <= budget * (1 << 20), calls  # every call's fp32 logits fit
+        assert torch.allclose(lp, whole_lp, atol=1e-6)  # the partitioned head computes the whole head's numbers
+        # Negative control: the rows read from the local weight (0 here), as the head's size was read before.
+        monkeypatch.setattr(heads, "vocabulary_size", lambda m: max(1, m.get_output_embeddings().weight.shape[0]))
+        assert head_calls(False)[0] == whole  # unpartitioned, the old reading sized the pieces right
+        broken, _ = head_calls(True)
+        assert broken == [resp.numel()] != whole
+        assert max(broken) * 4 * vocab > budget * (1 << 20)
+    finally:
+        for h in hooks:
+            h.remove()
+        head.weight = full
 
 
 # E7 -------------------------------------------------------------------------------------------------------------
