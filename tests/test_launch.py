@@ -175,8 +175,15 @@ def test_ppo_two_processes(data_root, config, kind):
     _engine_ran(data_root / run / "ppo" / "checkpoints" / "checkpoint-3", config)
     # The log-prob chunks are sized from the config's vocabulary, also where ZeRO-3 partitions the head (E6).
     vocab = json.loads((base / "sft" / "final" / "config.json").read_text())["vocab_size"]
-    rows = (recipe.ppo.logits_memory_mb << 20) // (4 * vocab)
-    assert f"[ppo] output head: {vocab} ids; logits of up to {rows} response positions at a time" in out, out[-4000:]
+    from types import SimpleNamespace
+
+    from pipeline.core.heads import logit_positions
+
+    stub = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))  # the config alone: no partitioned weight
+    rows = logit_positions(stub, recipe.ppo.logits_memory_mb, "fp32")
+    assert (
+        f"[ppo] output head: {vocab} ids, fp32 (ppo.head_precision); logits of up to {rows} response positions" in out
+    )
     lineage = json.loads((final / "lineage.json").read_text())
     assert lineage["metrics"]["updates"] == 4 and lineage["metrics"]["optimizer_steps_this_session"] == 16
     from transformers import AutoModelForCausalLM

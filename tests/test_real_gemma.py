@@ -262,3 +262,73 @@ def test_left_padding_and_the_sampler_agree_with_the_training_forward_on_the_rea
     assert q[1, 0] == PAD and torch.allclose(lp_alone, rollout_lp[1:], atol=1e-4)
     assert torch.allclose(values_alone, values[1:], atol=1e-4)
     assert stop_token_ids(tok) == [EOT, EOS]
+
+
+REAL_TOL = 2e-4  # measured max |difference| 4.5e-5 (padded forward) and 1.0e-5 (unpadded), float32, on the CPU
+
+
+@pytest.fixture(scope="module")
+def base_model(base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "T0.7"])
+def test_our_decoding_loop_equals_the_full_forward_on_the_real_model(base_model, temperature):
+    """Our ``generate`` (not transformers') on the real Gemma 3 270M base (sliding-window and full-attention layers,
+    a 262k-row tied head, real weights whose distributions are peaked): two prompts of 6 and 25 tokens, left-padded
+    into one batch, 12 new tokens greedy and at T=0.7. Catches a decoding loop whose per-step logits are not the
+    model's on the real architecture: a StaticCache or attention mask wrong under left padding, response positions
+    that ignore the padding, the temperature applied twice or not at all. The log-probs ``generate`` records must
+    equal (a) ``response_logprobs`` over the padded prompt + response (what PPO trains on) and (b) transformers'
+    forward of each row alone, without padding, within ``REAL_TOL``; greedy tokens must be the argmax of (b).
+    Measured: (a) 4.5e-5, (b) 1.0e-5. Negative controls beyond 100 x ``REAL_TOL``: (a) with the response positions
+    counted from the padded column (a loop starting the response at position C instead of the prompt's length:
+    measured 2.2 greedy, 2.9 at T=0.7), and at T=0.7 (b) without the temperature (1.4). Prompts longer than the
+    512-token sliding window are left to the tiny models of tests/test_decoding.py: here one costs about four times
+    as much, and on a 514-token prompt, measured, widening the window changed the log-probs by 8e-5 only, so it
+    could not show a loop that ignores the window. About 3 s per case after a 5 s load (2 CPU cores)."""
+    from pipeline.core import ppo_math as pm
+    from pipeline.core.policy import response_logprobs
+    from pipeline.core.sampling import generate, left_pad
+
+    tok, model = base_model
+    assert model.dtype == torch.float32
+    texts = ["The capital of France is", "사과는 무엇인가요? 사과는 빨갛고 둥근 과일이며, 가을에 많이 나고"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    assert [len(p) for p in prompts] == [6, 25]
+    q = left_pad(prompts, PAD, "cpu")
+    L, T = 12, temperature or 1.0
+    torch.manual_seed(0)
+    g = generate(model, q, pad_id=PAD, stop_ids=[EOT, EOS], max_new_tokens=L, temperature=temperature)
+    ids, mask, pos = g.inputs()
+    valid = pm.valid_mask(g.seq_len, L)
+
+    def padded(position_ids) -> float:
+        with torch.no_grad():
+            lp, _ = response_logprobs(model, ids, mask, position_ids, g.responses, T, valid=valid)
+        return (lp - g.logprobs).abs().max().item()
+
+    d_padded = padded(pos)
+    assert d_padded < REAL_TOL, d_padded  # (a)
+    no_temperature = []
+    for i, p in enumerate(prompts):
+        n = int(g.seq_len[i]) + 1
+        resp = g.responses[i, :n]
+        with torch.no_grad():  # the head only where the response is predicted: 262k logits per position
+            logits = model(input_ids=torch.tensor([p + resp.tolist()]), logits_to_keep=n + 1).logits[0, :-1].float()
+        lp = torch.log_softmax(logits / T, -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        d = (lp - g.logprobs[i, :n]).abs().max().item()
+        assert d < REAL_TOL, (i, d)  # (b)
+        if temperature is None:
+            assert torch.equal(logits.argmax(-1), resp), i
+        else:
+            plain = torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+            no_temperature.append((plain - g.logprobs[i, :n]).abs().max().item())
+    if no_temperature:
+        assert max(no_temperature) > 100 * REAL_TOL, no_temperature
+    C = q.size(1)
+    gap = pos.clone()
+    gap[:, C:] = torch.arange(C, C + L)
+    assert padded(gap) > 100 * REAL_TOL

@@ -232,7 +232,9 @@ def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     token = torch.searchsorted(cdf, u * total, right=True)
     last_positive = torch.searchsorted(cdf, total.contiguous(), right=False)  # where the cdf reaches its total
-    return torch.minimum(token, last_positive).squeeze(1)
+    # NaN log-probs put both searches past the end: the clamp keeps the id in range, so that the caller's finiteness
+    # check, not an out-of-range gather, reports them
+    return torch.minimum(token, last_positive).clamp_(max=logp.size(-1) - 1).squeeze(1)
 
 
 @torch.no_grad()
