@@ -195,7 +195,8 @@ def test_full_sft_trained_the_tied_embedding_and_the_reward_is_read_at_end_of_tu
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.core.sampling import positions, token_values
+    from pipeline.core.heads import token_values
+    from pipeline.core.sampling import positions
 
     _, finals = chain
     before, after = load_file(base_dir / "model.safetensors"), load_file(finals["sft"] / "model.safetensors")
