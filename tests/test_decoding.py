@@ -101,7 +101,7 @@ def _unpadded_logprobs(model, prompts, g, temperature: float) -> list[torch.Tens
 CASES = [("gemma2", "eager"), ("gemma3", "eager"), ("gemma3", "sdpa")]
 
 
-@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "T0.7"])
+@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "sampled"])
 @pytest.mark.parametrize(("kind", "attn"), CASES, ids=[f"{k}-{a}" for k, a in CASES])
 def test_our_decoding_loop_equals_the_full_forward_on_sliding_window_and_soft_capped_models(kind, attn, temperature):
     """Catches a decoding loop whose per-step logits differ from the model's: a StaticCache whose sliding-window

@@ -275,7 +275,7 @@ def base_model(base_dir):
     return AutoTokenizer.from_pretrained(base_dir), AutoModelForCausalLM.from_pretrained(base_dir).eval()
 
 
-@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "T0.7"])
+@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "sampled"])
 def test_our_decoding_loop_equals_the_full_forward_on_the_real_model(base_model, temperature):
     """Our ``generate`` (not transformers') on the real Gemma 3 270M base (sliding-window and full-attention layers,
     a 262k-row tied head, real weights whose distributions are peaked): two prompts of 6 and 25 tokens, left-padded

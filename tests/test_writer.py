@@ -125,7 +125,9 @@ def test_two_data_stages_at_once_write_once_and_survive_a_killed_writer(tmp_path
     reused = [o for o in outs if "is up to date (same inputs, settings and tokenizer): reusing it" in o]
     assert len(wrote) == 1 and len(reused) == 1, outs
     assert "[data] waiting for process" in reused[0] and "which is writing" in reused[0]
-    assert "taking over the lock" in wrote[0]
+    # Whoever judged the dead writer's lock stale took it over; the other may then have created its own lock in the
+    # gap and written without saying so (both may say it too): one of them says it.
+    assert any("taking over the lock" in o for o in outs), outs
     assert sorted(p.name for p in run.iterdir()) == ["data"]  # no staging folder, no lock, one data folder
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     # the same manifest a lone data stage writes (counts, inputs, fingerprint)
