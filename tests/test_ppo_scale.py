@@ -32,6 +32,21 @@ def _prompts(tok, texts=("사과는 무엇인가요?", "3 더하기 4는?", "녹
     ]
 
 
+def _fixed_response(tok, pad_id):
+    """The prompts above, left-padded, each answered "사과는 좋습니다.<end_of_turn>" and 3 pads: ``(queries, responses,
+    ids, attention mask, position ids, index of the stop token in the response)``."""
+    from pipeline.core.sampling import left_pad, positions
+
+    q = left_pad(_prompts(tok), pad_id, "cpu")
+    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [
+        tok.convert_tokens_to_ids("<end_of_turn>")
+    ]
+    r = torch.tensor([resp + [pad_id] * 3] * q.size(0))
+    seq = torch.cat([q, r], 1)
+    mask = (seq != pad_id).long()
+    return q, r, seq, mask, positions(mask), len(resp) - 1
+
+
 # W1 -------------------------------------------------------------------------------------------------------------
 
 
@@ -108,20 +123,13 @@ def test_value_model_from_the_reward_model_is_on_the_normalised_scale(chain):
     """Catches a value model that outputs raw reward units while the scores are standardised: its first targets
     would be off by the reward model's mean and scale (here 3.0 and 6.7)."""
     from pipeline.core.reward_stats import RewardStats
-    from pipeline.core.sampling import left_pad, positions, score_at
+    from pipeline.core.sampling import score_at
     from pipeline.ppo import build_setup
 
     stats = RewardStats.read(chain / "tiny_ko" / "rm" / "final")
     assert abs(stats.mean) > 1 and stats.std > 2  # the effect below is large for this reward model
     s, tok = _setup(chain)
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    q = left_pad(_prompts(tok), s.pad_id, "cpu")
-    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [eot]
-    r = torch.tensor([resp + [s.pad_id] * 3] * q.size(0))
-    seq = torch.cat([q, r], 1)
-    mask = (seq != s.pad_id).long()
-    pos = positions(mask)
-    stop = len(resp) - 1
+    q, r, seq, mask, pos, stop = _fixed_response(tok, s.pad_id)
     raw = score_at(s.reward, seq, mask, pos, torch.full((q.size(0),), q.size(1) + stop))
     normalised = (raw - stats.mean) / stats.std
 
@@ -157,7 +165,6 @@ def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, cap
 
     from pipeline import ppo
     from pipeline.core.reward_stats import RewardStats
-    from pipeline.core.sampling import left_pad, positions
 
     stats = RewardStats.read(chain / "tiny_ko" / "rm" / "final")
     assert abs(stats.mean) > 1 and stats.std > 2  # the effect below is large for this reward model
@@ -184,14 +191,7 @@ def test_the_stage_standardises_values_only_when_scores_are(chain, tmp_path, cap
 
     s = stage()
     tok = inputs.tokenizer
-    eot = tok.convert_tokens_to_ids("<end_of_turn>")
-    q = left_pad(_prompts(tok), s.pad_id, "cpu")
-    resp = tok("사과는 좋습니다.", add_special_tokens=False)["input_ids"] + [eot]
-    r = torch.tensor([resp + [s.pad_id] * 3] * q.size(0))
-    seq = torch.cat([q, r], 1)
-    mask = (seq != s.pad_id).long()
-    pos = positions(mask)
-    stop = len(resp) - 1  # values[:, stop + 1]: the value of the state at the stop token
+    _, r, seq, mask, pos, stop = _fixed_response(tok, s.pad_id)  # values[:, stop + 1]: the state at the stop token
 
     def values(s):
         with torch.no_grad():

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-HEAD_PRECISIONS = ("fp32", "auto")
-_ROWS = 16  # rows per temporary in the soft-cap's backward: 16 MB on a 262k vocabulary
+_ROWS = 16  # rows per row-wise temporary (row_stats, the soft-cap's backward): 16 MB on a 262k vocabulary
 
 
 def text_config(model: nn.Module) -> Any:

@@ -136,7 +136,7 @@ def response_logprobs(
         if entropy:  # a head call of its own, without gradients (the loss never needs the entropy's)
             ents.append(heads.entropy(heads.scaled_logits(model, x.detach(), temperature, head_precision)))
     flat = torch.zeros(B * L, dtype=torch.float32, device=responses.device)
-    lp = flat.index_put((where,), torch.cat(lps).float() if lps else flat[:0]).reshape(B, L)
+    lp = flat.index_put((where,), torch.cat(lps) if lps else flat[:0]).reshape(B, L)
     ent = flat.index_put((where,), torch.cat(ents) if ents else flat[:0]).reshape(B, L) if entropy else None
     return lp, ent
 

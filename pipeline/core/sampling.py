@@ -201,10 +201,11 @@ def _decode(
     scaled = next_logits(q, positions(prompt_mask))
     for t in range(max_new_tokens):
         logp = torch.log_softmax(scaled, dim=-1)
+        p = logp.exp()
         if temperature is None:
             token = scaled.argmax(-1)
         else:
-            token = draw(logp, torch.rand(B, 1, dtype=torch.float64, device=q.device))
+            token = draw(p, torch.rand(B, 1, dtype=torch.float64, device=q.device))
         chosen = logp.gather(1, token.unsqueeze(1)).squeeze(1)
         if not bool(torch.isfinite(chosen[~done]).all()):
             how = "greedy decoding" if temperature is None else "sampling"
@@ -214,7 +215,7 @@ def _decode(
         token = token.masked_fill(done, pad_id)
         responses[:, t] = token
         logprobs[:, t] = chosen
-        entropy[:, t] = -(logp.exp() * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
+        entropy[:, t] = -(p * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf of a masked id counts 0
         done |= torch.isin(token, stops)
         if t + 1 == max_new_tokens or (bool(done.all()) and not synced):
             break
@@ -223,18 +224,18 @@ def _decode(
     return responses, logprobs, entropy
 
 
-def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(B,) ids drawn from (B, V) log-probabilities by inverse transform sampling with (B, 1) float64 uniforms ``u``
+def draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) ids drawn from (B, V) probabilities by inverse transform sampling with (B, 1) float64 uniforms ``u``
     in [0, 1): the first id whose cumulative probability (in float64) exceeds ``u`` times the total. Never an id of
     probability 0: where ``u`` times the total rounds up to the total itself, the last id of positive probability
     (not the vocabulary's last id, which may have probability 0)."""
-    cdf = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
+    cdf = torch.cumsum(p, -1, dtype=torch.float64)
     total = cdf[:, -1:]
     token = torch.searchsorted(cdf, u * total, right=True)
     last_positive = torch.searchsorted(cdf, total.contiguous(), right=False)  # where the cdf reaches its total
-    # NaN log-probs put both searches past the end: the clamp keeps the id in range, so that the caller's finiteness
+    # NaN probabilities put both searches past the end: the clamp keeps the id in range, so that the caller's finiteness
     # check, not an out-of-range gather, reports them
-    return torch.minimum(token, last_positive).clamp_(max=logp.size(-1) - 1).squeeze(1)
+    return torch.minimum(token, last_positive).clamp_(max=p.size(-1) - 1).squeeze(1)
 
 
 @torch.no_grad()
