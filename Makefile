@@ -2,6 +2,7 @@
 #
 #   make demo                                    the embedded tiny default, on a CPU
 #   make demo-real                               the same chain on a real Gemma 3 270M base, on a CPU
+#   make demo-rlvr                               GRPO on a Python reward function (no reward model) on that base
 #   make test                                    the test suite
 #   make data RECIPE=recipes/gemma2b_ko.yaml     format a recipe's datasets into runs/<run>/data/
 #   make publish REPO_ID=user/name               the final model, cleaned and checked, to the Hugging Face Hub
@@ -34,7 +35,7 @@ LAUNCH_ARGS = \
 LAUNCH = $(PY) -m pipeline.launch $(LAUNCH_ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real test test-fast test-gpu bench lint embedded
+.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real demo-rlvr test test-fast test-gpu bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -74,13 +75,23 @@ embedded: setup  ## build the embedded tiny model and tokenizer into build/embed
 data: setup  ## check RECIPE against the launch, format its datasets into runs/<run>/data/ (reused when unchanged)
 	$(PY) -m pipeline.data --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
+# A stage's upstream stages follow the recipe (`make plan` lists them): PPO with ppo.init_from runs no SFT, with
+# ppo.reward_model: none no reward model. $(call upstream,STAGE) makes them first, in order (each skips when
+# finished); the goals named before STAGE on the command line are made by this make already.
+define upstream
+	@needs=$$($(PY) -m pipeline.plan --needs $(1) --goals "$(MAKECMDGOALS)" --recipe $(RECIPE) $(LAUNCH_ARGS) \
+		$(OVERRIDES)) && { [ -z "$$needs" ] || $(MAKE) --no-print-directory $$needs; }
+endef
+
 sft: data  ## supervised fine-tuning -> runs/<run>/sft/final/ (resumes when interrupted, skips when finished)
 	$(LAUNCH) sft --recipe $(RECIPE) $(OVERRIDES)
 
-rm: sft  ## reward model from the SFT checkpoint -> runs/<run>/rm/final/ (held-out accuracy, PPO gate)
+rm: setup  ## reward model from the SFT checkpoint (or rm.init_from / ppo.init_from) -> runs/<run>/rm/final/ (PPO gate)
+	$(call upstream,rm)
 	$(LAUNCH) rm --recipe $(RECIPE) $(OVERRIDES)
 
-ppo: rm  ## PPO against the reward model -> runs/<run>/ppo/final/ (resumes when interrupted, skips when finished)
+ppo: setup  ## PPO against the reward model and/or reward functions -> runs/<run>/ppo/final/ (resumes, skips when finished)
+	$(call upstream,ppo)
 	$(LAUNCH) ppo --recipe $(RECIPE) $(OVERRIDES)
 
 GPU_GIB ?= 80
@@ -88,10 +99,12 @@ GPU_GIB ?= 80
 plan: setup  ## print the resolved plan (stages, batch sizes, steps, per-GPU memory) without running or downloading
 	$(PY) -m pipeline.plan --recipe $(RECIPE) --gpu-gib $(GPU_GIB) $(LAUNCH_ARGS) $(OVERRIDES)
 
-dpo: sft  ## DPO on the preference pairs from the SFT checkpoint -> runs/<run>/dpo/final/ (no reward model, no PPO)
+dpo: setup  ## DPO on the preference pairs from the SFT checkpoint (or dpo.init_from) -> runs/<run>/dpo/final/
+	$(call upstream,dpo)
 	$(LAUNCH) dpo --recipe $(RECIPE) $(OVERRIDES)
 
-report: ppo  ## runs/<run>/report.md and report.json: every model trained (SFT, PPO, DPO when it ran) on held-out prompts
+report: setup  ## runs/<run>/report.md and report.json: every model trained (SFT, PPO, DPO when it ran) on held-out prompts
+	$(call upstream,report)
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
@@ -113,6 +126,18 @@ demo-real: setup  ## the same chain on a real Gemma base (Gemma 3 270M, built of
 	$(LAUNCH) rm --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(LAUNCH) ppo --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(PY) -m pipeline.report --recipe $(REAL_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
+
+RLVR_RECIPE := recipes/gemma3_270m_ko_rlvr.yaml
+ARITH_RECIPE := recipes/gemma3_270m_ko_arith.yaml
+demo-rlvr: setup  ## verifiable rewards on the real Gemma 3 270M: GRPO on a Python rule from the real demo's SFT, no reward model
+	$(PY) -m pipeline.data --recipe $(REAL_RECIPE) $(LAUNCH_ARGS)
+	$(LAUNCH) sft --recipe $(REAL_RECIPE)
+	$(PY) -m pipeline.data --recipe $(RLVR_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
+	$(LAUNCH) ppo --recipe $(RLVR_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe $(RLVR_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
+	$(PY) -m pipeline.data --recipe $(ARITH_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
+	$(LAUNCH) ppo --recipe $(ARITH_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.report --recipe $(ARITH_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -84,6 +84,8 @@ def read_records(
                     except FormatError as e:
                         raise DataError(f"{where}: {e}") from None
                 record = _CONVERT[stage](fmt, row)
+                if stage == "prompts" and spec.columns:  # a renamed column is read under its recipe name only
+                    record.columns = {k: v for k, v in record.columns.items() if k not in spec.columns.values()}
                 encoder.check_turns(_record_turns(stage, record))
             except FormatError as e:
                 rejects.invalid(stage, where, str(e))
@@ -122,6 +124,10 @@ def _columns(stage: str, records: list[tuple[str, Any]]) -> dict[str, list]:
     else:
         cols["roles"] = [[r for r, _ in rec] for _, rec in records]
         cols["contents"] = [[c for _, c in rec] for _, rec in records]
+    if stage == "prompts":  # the rows' other columns, for reward functions (one JSON object per row: any schema)
+        cols["columns"] = [
+            json.dumps(getattr(rec, "columns", {}), ensure_ascii=False, default=str) for _, rec in records
+        ]
     return cols
 
 

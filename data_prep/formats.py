@@ -233,8 +233,31 @@ def preference_pair(fmt: str, row: dict[str, Any]) -> Pair:
     return Pair(prompt, chosen, rejected, margin)
 
 
-def prompt_turns(fmt: str, row: dict[str, Any]) -> list[Turn]:
-    """A prompt row -> turns ending on a user turn (the generation prompt is added when encoding)."""
+class PromptTurns(list):
+    """A prompt's turns (a list of ``Turn``) with the row's other columns (``columns``): what reward functions
+    receive beside the prompt, e.g. a math set's ``answer``."""
+
+    columns: dict[str, Any]
+
+
+# The fields each prompt format reads; every other column of a row is kept with its prompt.
+PROMPT_FIELDS = {
+    "prompt": ("prompt", "system"),
+    "prompt_messages": ("prompt", "system"),
+    "messages": ("messages",),
+    "alpaca": ("instruction", "input", "output", "system"),
+}
+
+
+def prompt_turns(fmt: str, row: dict[str, Any]) -> PromptTurns:
+    """A prompt row -> turns ending on a user turn (the generation prompt is added when encoding), carrying the row's
+    other columns."""
+    turns = PromptTurns(_prompt_turns(fmt, row))
+    turns.columns = {k: v for k, v in row.items() if k not in PROMPT_FIELDS[fmt]}
+    return turns
+
+
+def _prompt_turns(fmt: str, row: dict[str, Any]) -> list[Turn]:
     if fmt in ("prompt", "prompt_messages"):  # a string or a message list, row by row
         if isinstance(row.get("prompt"), list):
             messages = _list(row, "prompt")

@@ -3,7 +3,8 @@
     pipeline/                 what a user runs, one module each (``python -m pipeline.<name>``)
       data sft rm ppo dpo     the stages, chained through the run directory: each reads only what an earlier stage
       report                  wrote there, through ``pipeline.core.rundir``; no stage imports another (dpo, like
-                              ppo, starts from the SFT checkpoint; report compares every model the run trained)
+                              ppo, starts from the SFT checkpoint or a model the recipe names; report compares every
+                              model the run trained with the one it started from)
       launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
       bench publish           benchmark (bench drives the PPO stage's loop: the one tool that imports a stage),
                               publish a finished model to the Hugging Face Hub; no tool imports another
@@ -11,9 +12,11 @@
                               (topology), the two kinds of failure a command reports (errors), the run directory
                               (rundir, atomic, checkpoint) and its one writer (writer), what a checkpoint carries
                               (notices, provenance), a failing process stopping the others (peers), models (loading,
-                              embedded, devices, policy), a training loop over processes (distributed), the Trainer
+                              embedded, devices, policy), where a stage starts and what it needs first (starts), a
+                              training loop over processes (distributed), the Trainer
                               stages' run (trainer_stage, faults), one PPO update over prepared models (ppo_step),
-                              generating and scoring (sampling) through the output heads (heads), pure math
+                              generating and scoring (sampling) through the output heads (heads), Python reward
+                              functions (rewards), pure math
                               (ppo_math, batching, reward_stats, korean), a stage's inputs checked against the data
                               stage's format (consistency), W&B and console progress (tracking, progress); it never
                               imports a stage or a tool

@@ -12,7 +12,7 @@ tokenizer reuses the finished output.
 Output (``runs/<run>/data/``):
     sft/{train,eval}.parquet         input_ids, assistant_masks, source
     preference/{train,eval}.parquet  prompt_ids, chosen_ids, rejected_ids, margin, messages, chosen, rejected, source
-    prompts/{train,eval}.parquet     prompt_ids, messages, source
+    prompts/{train,eval}.parquet     prompt_ids, messages, columns (the rows' other columns, JSON), source
     tokenizer/                       the tokenizer every later stage uses (Gemma chat template installed)
     manifest.json, recipe.yaml, rejects.jsonl, COMPLETE
 """
@@ -146,7 +146,7 @@ def run(recipe: Recipe, launch: Topology | None = None) -> Path:
     datasets.disable_progress_bars()  # the stage prints its own progress, one line per split
     run_dir = RunDir.of(recipe)
     data_dir = run_dir.data
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.tokenizer_model())  # the start model's when a stage starts from one
     fp = fingerprint(recipe, tokenizer_fingerprint(tokenizer))
     timeout = recipe.launch.wait_minutes * 60
     if launch is not None and launch.machine_rank > 0:

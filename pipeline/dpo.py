@@ -4,7 +4,7 @@
     accelerate launch ... -m pipeline.dpo --recipe recipes/tiny_ko.yaml [key.sub=value ...]
 
 Reads the data stage's preference pairs (prompt ids ending with the generation prompt; each response ending with
-``<end_of_turn>``) and the SFT checkpoint; trains the policy against a frozen reference (the SFT model: a second copy
+``<end_of_turn>``) and the SFT checkpoint (or ``dpo.init_from``: a hub id or a local folder, and then no SFT runs); trains the policy against a frozen reference (the SFT model: a second copy
 for full fine-tuning, the adapter-disabled model under LoRA); evaluates on the held-out pairs (TRL's reward accuracy
 and margin: the implicit reward ``beta * log(pi / ref)`` of the chosen answer above the rejected one); writes the
 notice-carrying ``runs/<run>/dpo/final``. Resumes from its last complete checkpoint like SFT and the reward model.
@@ -18,11 +18,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
+from pipeline.core.checkpoint import finished_or_announce
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.loading import load_causal_lm
-from pipeline.core.rundir import RunDir
+from pipeline.core.starts import policy_start
 from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "dpo"
@@ -64,9 +64,10 @@ def run(recipe: Recipe) -> Path:
     if (done_final := finished_or_announce(recipe, STAGE)) is not None:
         return done_final
 
-    # 2. Inputs: the SFT checkpoint, the data stage's pairs and tokenizer.
-    parent = require_checkpoint(RunDir.of(recipe).stage("sft").final, "the SFT checkpoint (run `make sft` first)")
-    data, tokenizer = read_inputs(recipe, parent)
+    # 2. Inputs: the start (the SFT checkpoint, or dpo.init_from), the data stage's pairs and tokenizer.
+    start = policy_start(recipe, STAGE)
+    parent = start.location
+    data, tokenizer = read_inputs(recipe, parent, start.what, start.foreign)
     train_path, eval_path = data.split("preference", "train"), data.split("preference", "eval")
     if train_path is None:
         raise ConfigError("the recipe has no preference data (data.preference.train)")
@@ -82,6 +83,7 @@ def run(recipe: Recipe) -> Path:
         data_section="preference",
         tokenizer=tokenizer,
         parent=parent,
+        base_model=start.card_base(recipe),
         arguments=DPOConfig,
         evaluate=eval_ds is not None,
         started=started,
@@ -124,7 +126,7 @@ def run(recipe: Recipe) -> Path:
         trainer,
         metrics,
         load_base=partial(load_causal_lm, recipe.model, str(parent), dtype=run.prec["dtype"]),
-        lineage={"sft": parent},
+        lineage=start.lineage(),
     )
 
 

@@ -32,6 +32,7 @@ from pipeline.core.embedded import EMBEDDED_MODELS, GGUFSpec
 from pipeline.core.errors import EXIT_INPUT
 from pipeline.core.locations import EMBEDDED_PREFIX, resolve_path
 from pipeline.core.rundir import MODEL_CONFIG, RunDir, is_complete, read_manifest
+from pipeline.core.starts import STAGES, needs
 from pipeline.core.topology import Topology
 
 # Architectures of public Gemma checkpoints (from their config.json), so that hub recipes plan offline.
@@ -215,7 +216,8 @@ def ppo_shape(recipe: Recipe, a: Arch, local_batch: int) -> Shape:
     kv_cache = rollout_rows * seq * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 2 * 2
     return Shape(
         trained=(policy, classifier) if critic else (policy,),
-        frozen=(base or a.parameters(), classifier),  # the LoRA base is the reference; else a reference copy
+        # The LoRA base is the reference (else a reference copy), and the reward model unless there is none.
+        frozen=(base or a.parameters(), classifier) if p.uses_reward_model else (base or a.parameters(),),
         activations=(2 if critic else 1) * activation_bytes(a, tokens, p.gradient_checkpointing) + kv_cache,
         # A sampling step (per row and id: fp32 logits, log-probs and probabilities, the float64 cumulative sum) or
         # the training head, bounded by ppo.logits_memory_mb (pipeline.core.heads.LOGIT_BYTES)
@@ -310,11 +312,18 @@ def plan(recipe: Recipe, launch: Topology, gpu_gib: float = 80.0) -> tuple[str, 
     lines.append(
         f"[ppo] prompts: {', '.join(x.path for x in d.prompts.train) or '(none)'}; method {p.method}; estimator "
         + (
-            f"gae, value from {p.value_init}"
+            f"gae, value from {'rm' if p.value_from == 'rm' else ('ppo.init_from' if p.init_from else 'sft')}"
             if critic
             else f"{p.estimator}, {p.num_generations} samples per prompt, no value model"
         )
     )
+    scoring = (
+        ["the reward model" + (f" x {p.reward_model_weight:g}" if p.reward_functions else "")]
+        if p.uses_reward_model
+        else []
+    )
+    scoring += [f"{f.function} x {f.weight:g}" for f in p.reward_functions]
+    lines.append(f"  starts from {p.init_from or 'the SFT checkpoint'}; score: {' + '.join(scoring)}")
     lines.append(
         f"  {sizes.num_updates} updates of {sizes.batch} rollouts ({sizes.local_batch} per process"
         + (
@@ -329,8 +338,13 @@ def plan(recipe: Recipe, launch: Topology, gpu_gib: float = 80.0) -> tuple[str, 
     o = recipe.dpo
     lines.append(
         f"[dpo] data: {', '.join(x.path for x in d.preference.train) or '(none)'} (pairs: a chosen and a rejected row "
-        f"each); method {o.method}; beta {o.beta}, {o.loss_type} loss; reference: "
-        + ("a frozen copy of the SFT model" if o.method == "full" else "the adapter-disabled base (no copy)")
+        f"each); method {o.method}; beta {o.beta}, {o.loss_type} loss; starts from "
+        f"{o.init_from or 'the SFT checkpoint'}; reference: "
+        + (
+            f"a frozen copy of the {'start model' if o.init_from else 'SFT model'}"
+            if o.method == "full"
+            else "the adapter-disabled base (no copy)"
+        )
     )
     lines.append(
         "  "
@@ -339,6 +353,7 @@ def plan(recipe: Recipe, launch: Topology, gpu_gib: float = 80.0) -> tuple[str, 
         )
     )
     memory(dpo_shape(recipe, a))
+    lines += [""] + [f"make {x} runs: {' -> '.join([*needs(recipe, x), x])}" for x in ("sft", "rm", "ppo", "dpo")]
     lines += [
         "",
         "fits"
@@ -353,9 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(ap)
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (GiB)")
+    ap.add_argument(
+        "--needs",
+        choices=STAGES,
+        metavar="STAGE",
+        help="print only the stages STAGE needs first under the recipe, in order (what `make STAGE` runs first)",
+    )
+    ap.add_argument(
+        "--goals", default="", help="with --needs: make's goals; those before STAGE are already being made"
+    )
     a = ap.parse_intermixed_args(argv)
     try:
         recipe = recipe_from(a)
+        if a.needs:
+            goals = a.goals.split()
+            before = goals[: goals.index(a.needs)] if a.needs in goals else []
+            made = {x for g in before if g in STAGES for x in [g, *needs(recipe, g)]}  # made by then, in order
+            print(" ".join(x for x in needs(recipe, a.needs) if x not in made))
+            return 0
         text, fits = plan(recipe, launch_of(recipe, a), a.gpu_gib)
     except ConfigError as e:
         print_error(e)

@@ -26,7 +26,6 @@ One update (numbered as in the code below; docs/ppo.md has the formulas and thei
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -68,13 +67,14 @@ from pipeline.core.faults import NonFiniteLossError
 from pipeline.core.heads import logit_positions, vocabulary_size
 from pipeline.core.korean import korean_totals
 from pipeline.core.loading import disable_dropout, load_causal_lm, load_sequence_classifier
-from pipeline.core.locations import portable
+from pipeline.core.locations import REPO_ROOT, portable
 from pipeline.core.notices import write_notices
 from pipeline.core.policy import PolicyAndValue
 from pipeline.core.ppo_step import (
     Setup,
     StepCounter,
     policy_logprobs_and_values,
+    raw_and_combined,
     ref_logprobs,
     rollout,
     sample,
@@ -83,6 +83,7 @@ from pipeline.core.ppo_step import (
 from pipeline.core.progress import eta
 from pipeline.core.provenance import Derivation, stage_derivation
 from pipeline.core.reward_stats import RewardStats, check_gate
+from pipeline.core.rewards import PromptRows, RewardFunction, default_name, load_all
 from pipeline.core.rundir import (
     ADAPTER,
     VALUE,
@@ -96,7 +97,8 @@ from pipeline.core.rundir import (
     lineage_metrics,
     lineage_recipe,
 )
-from pipeline.core.sampling import Generation, left_pad, score
+from pipeline.core.sampling import Generation, left_pad
+from pipeline.core.starts import Start, policy_start
 
 STAGE = "ppo"
 
@@ -120,21 +122,26 @@ def answer_totals(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, 
     return korean_totals(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
 
 
-def batch_prompts(
-    prompts: list[list[int]], update: int, sizes: BatchSizes, rank: int, seed: int, k: int = 1
-) -> list[list[int]]:
-    """The prompts of rollout batch ``update`` for process ``rank``: a fixed function of the update index (seeded
-    reshuffle every pass over the data), so a resumed run takes exactly the batches the killed run would have. With
-    ``k`` generations per prompt, each prompt fills ``k`` consecutive rows (its group, on one process)."""
-    n = len(prompts)
+def batch_rows(n: int, update: int, sizes: BatchSizes, rank: int, seed: int, k: int = 1) -> list[int]:
+    """The indices (among ``n`` prompts) of rollout batch ``update`` for process ``rank``: a fixed function of the
+    update index (seeded reshuffle every pass over the data), so a resumed run takes exactly the batches the killed
+    run would have. With ``k`` generations per prompt, each prompt fills ``k`` consecutive rows (its group, on one
+    process)."""
     per_rank, per_batch = sizes.local_batch // k, sizes.batch // k
     out = []
     for j in range(rank * per_rank, (rank + 1) * per_rank):
         g = update * per_batch + j
         epoch, i = divmod(g, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        out.extend([prompts[perm[i]]] * k)
+        out.extend([perm[i]] * k)
     return out
+
+
+def batch_prompts(
+    prompts: list[list[int]], update: int, sizes: BatchSizes, rank: int, seed: int, k: int = 1
+) -> list[list[int]]:
+    """The prompts of rollout batch ``update`` for process ``rank`` (``batch_rows``)."""
+    return [prompts[i] for i in batch_rows(len(prompts), update, sizes, rank, seed, k)]
 
 
 class Progress:
@@ -152,8 +159,11 @@ class Progress:
         self.update, self.episode, self.history = state["update"], state["episode"], state["history"]
 
 
-def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], step: int) -> list[list[Any]]:
-    """Greedy answers of the SFT model (reference) and the current policy to fixed prompts, with scores and KL."""
+def panel_rows(
+    s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], step: int, rows: PromptRows | None = None
+) -> list[list[Any]]:
+    """Greedy answers of the start model (reference) and the current policy to fixed prompts, with scores (the reward
+    model's raw score, or the reward functions' sum without one) and KL."""
     if not prompts:
         return []
     queries = left_pad([p for _, p in prompts], s.pad_id, s.accelerator.device)
@@ -169,13 +179,7 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
         lp, _, _ = policy_logprobs_and_values(s, seq, mask, pos, g.responses)
         ref = ref_logprobs(s, seq, mask, pos, g.responses)
         kl = pm.masked_sum(lp - ref, pm.valid_mask(g.seq_len, g.responses.size(1)), 1)
-        rows_out.append(
-            (
-                g.texts(tokenizer),
-                score(s.reward, g, s.cfg.local_rollout_forward_batch_size).tolist(),
-                kl,
-            )
-        )
+        rows_out.append((g.texts(tokenizer), raw_and_combined(s, g, rows)[0].tolist(), kl))
     (sft_t, sft_s, _), (cur_t, cur_s, cur_kl) = rows_out
     return [
         [step, p, a, float(b), c, float(d), float(e)]
@@ -188,33 +192,52 @@ def panel_rows(s: Setup, tokenizer: Any, prompts: list[tuple[str, list[int]]], s
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def derivation(recipe: Recipe, parent: Path, manifest: dict, method: str, step: int | None, metrics: dict):
+def derivation(
+    recipe: Recipe,
+    start: Start,
+    manifest: dict,
+    method: str,
+    step: int | None,
+    metrics: dict,
+    parent: str | None = None,
+):
+    """The derivation of a PPO checkpoint (``parent``: for the value model, the reward model it started from)."""
+    inputs = {}
+    if recipe.ppo.uses_reward_model:
+        inputs["reward model"] = str(RunDir.of(recipe).stage("rm").final)  # its lineage beside the parent's
+    for f in recipe.ppo.reward_functions:
+        inputs[f"reward function {f.name or default_name(f.function)}"] = f"{f.function} (weight {f.weight:g})"
     return stage_derivation(
         recipe,
         STAGE,
         method,
-        parent,
+        parent or start.location,
         [s.path for s in recipe.data.prompts.train],
         manifest,
         metrics,
         step,
-        inputs={"reward model": str(RunDir.of(recipe).stage("rm").final)},  # its lineage beside the parent's
+        inputs=inputs,
+        base_model=start.card_base(recipe),
     )
 
 
 @dataclass
 class Inputs:
-    """What PPO starts from: the SFT and reward-model checkpoints (complete, with notices, past the gate), the data
-    stage's prompts and tokenizer, and the panel's prompts."""
+    """What PPO starts from: the policy's start (the SFT checkpoint or ``ppo.init_from``) and the reward model
+    (complete, with notices, past the gate; None under ``ppo.reward_model: none``), the reward functions, the data
+    stage's prompts (ids, and the texts and columns reward functions read) and tokenizer, and the panel's prompts."""
 
-    sft: Path
-    rm: Path
-    rm_accuracy: float
-    reward_stats: RewardStats
+    start: Start
+    rm: Path | None
+    rm_accuracy: float | None
+    reward_stats: RewardStats | None
+    reward_functions: list[RewardFunction]
     data: DataOutput
     tokenizer: Any
     prompts: list[list[int]]
+    rows: PromptRows
     panel: list[tuple[str, list[int]]]
+    panel_rows: PromptRows
 
 
 def _warn(message: str) -> None:
@@ -226,23 +249,44 @@ def read_inputs(recipe: Recipe) -> Inputs:
     from transformers import AutoTokenizer
 
     run_dir = RunDir.of(recipe)
-    sft_dir = require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint (run `make sft` first)")
-    rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model (run `make rm` first)")
-    rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, recipe.ppo.ignore_rm_gate, warn=_warn)
+    start = policy_start(recipe, STAGE)
+    rm_dir = rm_accuracy = stats = None
+    checked = {start.what: start.location}
+    if recipe.ppo.uses_reward_model:
+        rm_dir = require_checkpoint(run_dir.stage("rm").final, "the reward model (run `make rm` first)")
+        rm_accuracy = check_gate(rm_dir, recipe.rm.min_accuracy, recipe.ppo.ignore_rm_gate, warn=_warn)
+        stats = RewardStats.read(rm_dir)
+        checked["the reward model"] = rm_dir
+    functions = load_all(recipe.ppo.reward_functions, REPO_ROOT)
     data = data_output(run_dir)
-    check_inputs(data.path, {"the SFT checkpoint": sft_dir, "the reward model": rm_dir})
+    check_inputs(data.path, checked, foreign=(start.what,) if start.foreign else ())
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     datasets.disable_progress_bars()
     train_path = data.split("prompts", "train")
     if train_path is None:
         raise ConfigError("the recipe has no PPO prompts (data.prompts.train)")
-    prompts = list(datasets.Dataset.from_parquet(str(train_path))["prompt_ids"])
-    panel_source = datasets.Dataset.from_parquet(str(data.split("prompts", "eval") or train_path))
-    panel = [
-        (json.loads(m)[-1]["content"], ids)
-        for m, ids in zip(panel_source["messages"][:4], panel_source["prompt_ids"][:4])
-    ]
-    return Inputs(sft_dir, rm_dir, rm_accuracy, RewardStats.read(rm_dir), data, tokenizer, prompts, panel)
+    train = datasets.Dataset.from_parquet(str(train_path))
+    panel_path = data.split("prompts", "eval") or train_path
+    panel_source = datasets.Dataset.from_parquet(str(panel_path))
+    panel_source = panel_source.select(range(min(4, len(panel_source))))
+    rows, panel_rows_ = (
+        PromptRows.read(ds["messages"], ds["columns"] if "columns" in ds.column_names else None, str(path))
+        for ds, path in ((train, train_path), (panel_source, panel_path))
+    )
+    panel = list(zip(panel_rows_.prompts, panel_source["prompt_ids"]))
+    return Inputs(
+        start,
+        rm_dir,
+        rm_accuracy,
+        stats,
+        functions,
+        data,
+        tokenizer,
+        list(train["prompt_ids"]),
+        rows,
+        panel,
+        panel_rows_,
+    )
 
 
 @dataclass
@@ -268,10 +312,12 @@ class PPORun:
         return self.s.accelerator
 
 
-def load_models(recipe: Recipe, policy_dir: Path, rm_dir: Path, value_dir: Path | None, prec: dict) -> tuple:
+def load_models(
+    recipe: Recipe, policy_dir: Path | str, rm_dir: Path | None, value_dir: Path | str | None, prec: dict
+) -> tuple:
     """(policy, value, reward, reference), dropout off in all four, the reward model and the reference frozen. Under
     ``ppo.method: lora`` the policy is wrapped in LoRA and the reference is None (the same base with the adapter
-    disabled, no second copy); without ``value_dir`` the value is None."""
+    disabled, no second copy); without ``value_dir`` the value is None, without ``rm_dir`` the reward model."""
     cfg = recipe.ppo
     load = {"dtype": prec["dtype"], "dropout_off": True}
     frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
@@ -279,7 +325,7 @@ def load_models(recipe: Recipe, policy_dir: Path, rm_dir: Path, value_dir: Path 
     # Critic-free estimators (rloo, grpo) build no value model at all: its weights, gradients and Adam moments are
     # the memory they save.
     value = load_sequence_classifier(recipe.model, str(value_dir), **load) if value_dir is not None else None
-    reward = load_sequence_classifier(recipe.model, str(rm_dir), **frozen)
+    reward = load_sequence_classifier(recipe.model, str(rm_dir), **frozen) if rm_dir is not None else None
     if cfg.gradient_checkpointing:
         for m in (policy, value):  # non-reentrant: also right for a LoRA policy whose inputs need no grad
             if m is not None:
@@ -313,16 +359,17 @@ def load_models(recipe: Recipe, policy_dir: Path, rm_dir: Path, value_dir: Path 
 def build_setup(
     recipe: Recipe,
     accelerator: Any,
-    policy_dir: Path,
-    rm_dir: Path,
-    value_dir: Path | None,
+    policy_dir: Path | str,
+    rm_dir: Path | None,
+    value_dir: Path | str | None,
     tokenizer: Any,
     total_updates: int,
     reward_stats: RewardStats | None = None,
+    reward_functions: list[RewardFunction] | None = None,
 ):
-    """Load, freeze, wrap and prepare the four models (three without a value model: ``value_dir`` None); returns
-    (Setup, scheduler). ``reward_stats``: the value model's outputs are standardised with them (it starts from the
-    reward model and scores are normalised)."""
+    """Load, freeze, wrap and prepare the four models (without a value model: ``value_dir`` None; without a reward
+    model: ``rm_dir`` None); returns (Setup, scheduler). ``reward_stats``: the value model's outputs are standardised
+    with them (it starts from the reward model and scores are normalised)."""
     from transformers import get_scheduler
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -345,7 +392,7 @@ def build_setup(
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=max(total_updates, 1))
     model, optimizer = accelerator.prepare(model, optimizer)
     zero3 = is_deepspeed_zero3_enabled()
-    reward = prepare_frozen(reward, accelerator, zero3)
+    reward = prepare_frozen(reward, accelerator, zero3) if reward is not None else None
     ref = prepare_frozen(ref, accelerator, zero3) if ref is not None else None
     setup = Setup(
         accelerator=accelerator,
@@ -359,6 +406,8 @@ def build_setup(
         stage=STAGE,
         zero3=zero3,
         bf16=prec["bf16"],
+        reward_functions=list(reward_functions or []),
+        tokenizer=tokenizer,
     )
     return setup, scheduler
 
@@ -371,7 +420,7 @@ def weight_dtypes(s: Setup) -> str:
         "policy": parameter_dtypes(unwrapped.policy),
         "value": parameter_dtypes(unwrapped.value),
         "reference": parameter_dtypes(s.ref) or ("the policy's base, adapter off" if s.ref is None else None),
-        "reward model": parameter_dtypes(s.reward),
+        "reward model": parameter_dtypes(s.reward) if s.reward is not None else None,
     }
     return ", ".join(f"{k} {v}" for k, v in parts.items() if v is not None)
 
@@ -399,12 +448,15 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
     peers.watch()
     local_seed = recipe.run.seed + accelerator.process_index * 100003  # a different sampling stream per process
     set_seed(local_seed)
-    tracker = Tracker(recipe, STAGE, accelerator.is_main_process, {"rm_accuracy": inputs.rm_accuracy})
+    summary = {"rm_accuracy": inputs.rm_accuracy} if inputs.rm_accuracy is not None else {}
+    tracker = Tracker(recipe, STAGE, accelerator.is_main_process, summary)
     if accelerator.is_main_process:
+        scoring = [] if inputs.rm_accuracy is None else [f"reward model accuracy {inputs.rm_accuracy:.3f}"]
+        scoring += [f"reward function {f.name} ({f.path}, weight {f.weight:g})" for f in inputs.reward_functions]
         print(
             f"[ppo] {describe_processes(accelerator.state)}; {'bf16' if prec['bf16'] else 'fp32'}; "
             f"{sizes.num_updates} updates of {sizes.batch} rollouts, {sizes.optimizer_steps_per_update} optimizer "
-            f"steps each; reward model accuracy {inputs.rm_accuracy:.3f}",
+            f"steps each; from {inputs.start.written}; " + "; ".join(scoring),
             flush=True,
         )
     if sizes.local_batch % cfg.num_generations:
@@ -412,10 +464,18 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             f"ppo.num_generations {cfg.num_generations} does not divide the {sizes.local_batch} rollouts per process"
         )
     critic = cfg.estimator == "gae"
-    value_dir = (inputs.rm if cfg.value_init == "rm" else inputs.sft) if critic else None
-    value_stats = inputs.reward_stats if critic and cfg.value_init == "rm" and cfg.normalize_reward else None
+    value_dir = (inputs.rm if cfg.value_from == "rm" else inputs.start.location) if critic else None
+    value_stats = inputs.reward_stats if critic and cfg.value_from == "rm" and cfg.normalize_reward else None
     s, scheduler = build_setup(
-        recipe, accelerator, inputs.sft, inputs.rm, value_dir, inputs.tokenizer, sizes.num_updates, value_stats
+        recipe,
+        accelerator,
+        inputs.start.location,
+        inputs.rm,
+        value_dir,
+        inputs.tokenizer,
+        sizes.num_updates,
+        value_stats,
+        inputs.reward_functions,
     )
     if accelerator.is_main_process:
         policy = s.unwrapped.policy
@@ -432,7 +492,8 @@ def setup(recipe: Recipe, inputs: Inputs) -> PPORun:
             ),
             flush=True,
         )
-    s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std
+    if inputs.reward_stats is not None:
+        s.reward_mean, s.reward_std = inputs.reward_stats.mean, inputs.reward_stats.std
     kl_ctl = (
         pm.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.kl_target
@@ -482,7 +543,9 @@ def save_checkpoint(ppo: PPORun) -> None:
         last = ppo.progress.history[-1] if ppo.progress.history else {}
         mark_intermediate(
             ckpt,
-            derivation(ppo.recipe, ppo.inputs.sft, ppo.inputs.data.manifest.raw, ppo.recipe.ppo.method, update, last),
+            derivation(
+                ppo.recipe, ppo.inputs.start, ppo.inputs.data.manifest.raw, ppo.recipe.ppo.method, update, last
+            ),
         )
         for old in checkpoints(ppo.stage.checkpoints)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -494,12 +557,18 @@ def one_update(ppo: PPORun) -> dict[str, float]:
     s, acc, update = ppo.s, ppo.accelerator, ppo.progress.update
     t0 = time.perf_counter()
     # 1-7. Rollout.
-    batch = batch_prompts(
-        ppo.inputs.prompts, update, ppo.sizes, acc.process_index, ppo.recipe.run.seed, ppo.recipe.ppo.num_generations
+    index = batch_rows(
+        len(ppo.inputs.prompts),
+        update,
+        ppo.sizes,
+        acc.process_index,
+        ppo.recipe.run.seed,
+        ppo.recipe.ppo.num_generations,
     )
+    batch, rows = [ppo.inputs.prompts[i] for i in index], ppo.inputs.rows.take(index)
     s.model.eval()
     with s.autocast():  # bf16 compute for every rollout forward (the reference and reward models' included)
-        ro = rollout(s, batch, ppo.kl_ctl.value, update + 1)
+        ro = rollout(s, batch, ppo.kl_ctl.value, update + 1, rows)
     # 8. PPO epochs over minibatches.
     s.model.train()
     disable_dropout(s.unwrapped)
@@ -573,7 +642,7 @@ def show_panel(ppo: PPORun) -> None:
     """The prompt panel: the SFT model's and the current policy's greedy answers, to W&B and the console."""
     ppo.s.model.eval()
     with ppo.s.autocast():
-        rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update)
+        rows = panel_rows(ppo.s, ppo.inputs.tokenizer, ppo.inputs.panel, ppo.progress.update, ppo.inputs.panel_rows)
     columns = ["update", "prompt", "sft_answer", "sft_score", "answer", "score", "kl"]
     ppo.tracker.table(f"{STAGE}/panel", columns, rows, step=ppo.progress.update)
     if ppo.accelerator.is_main_process:
@@ -618,9 +687,11 @@ def _write_value_notices(derived: Derivation, tmp: Path) -> None:
     write_notices(tmp / VALUE, derived)  # the value model is loadable on its own: it carries its own notices
 
 
-def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
-    """The PPO model card's account of all three stages, and how to run the model with the right stop token."""
-    sft_m, rm_m = lineage_metrics(sft_dir), lineage_metrics(rm_dir)
+def chain_summary(recipe, start: Start, rm_dir: Path | None, metrics: dict) -> str:
+    """The PPO model card's account of the stages (SFT or the start model, the reward model or functions, PPO), and
+    how to run the model with the right stop token."""
+    sft_m = lineage_metrics(start.local) if start.ours and start.local is not None else {}
+    rm_m = lineage_metrics(rm_dir) if rm_dir is not None else {}
 
     def f(v):
         return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
@@ -631,21 +702,34 @@ def chain_summary(recipe, sft_dir: Path, rm_dir: Path, metrics: dict) -> str:
     data = recipe.data
     p = recipe.ppo
     ppo = "PPO" if p.estimator == "gae" else f"PPO ({p.estimator}, {p.num_generations} samples per prompt)"
+    if start.role == "sft":
+        first = (
+            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
+            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |"
+        )
+    else:
+        first = f"| start model (`ppo.init_from`) | `{portable(start.written, recipe.run_dir)}` | as given |"
+    scoring = []
+    if rm_dir is not None:
+        scoring.append(
+            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
+            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |"
+        )
+    for fn in p.reward_functions:
+        scoring.append(f"| reward function | `{fn.function}` | weight {fn.weight:g} |")
     return "\n".join(
         [
             "## How this model was made",
             "",
             "| stage | data | result |",
             "|---|---|---|",
-            f"| SFT | {paths(data.sft.train)} | eval loss {f(sft_m.get('eval/loss'))}, token "
-            f"accuracy {f(sft_m.get('eval/mean_token_accuracy'))} |",
-            f"| reward model | {paths(data.preference.train)} | held-out pairwise accuracy "
-            f"{f(rm_m.get('eval/accuracy'))}, margin {f(rm_m.get('eval/margin'))} |",
+            first,
+            *scoring,
             f"| {ppo} | {paths(data.prompts.train)} | {metrics['updates']} updates; score "
             f"{f(metrics['score_first'])} -> {f(metrics['score_last'])}; KL to the SFT model "
             f"{f(metrics['kl_last_10'])} nats per response (last 10 updates) |",
             "",
-            "`make report` adds the SFT-vs-PPO evaluation on held-out prompts below.",
+            "`make report` adds the before-and-after evaluation on held-out prompts below.",
             "",
             "## Inference",
             "",
@@ -679,15 +763,16 @@ def save(ppo: PPORun, seconds: float) -> Path:
     }
     manifest = inputs.data.manifest.raw
     d = derivation(
-        ppo.recipe, inputs.sft, manifest, "lora-merged" if cfg.method == "lora" else "full", None, final_metrics
+        ppo.recipe, inputs.start, manifest, "lora-merged" if cfg.method == "lora" else "full", None, final_metrics
     )
-    d.extra_sections.append(chain_summary(ppo.recipe, inputs.sft, inputs.rm, final_metrics))
+    d.extra_sections.append(chain_summary(ppo.recipe, inputs.start, inputs.rm, final_metrics))
     state_dict = ppo.accelerator.get_state_dict(ppo.s.model)  # gathered from every ZeRO-3 shard
     value_notices = None
     if ppo.s.critic:
-        value_parent = inputs.rm if cfg.value_init == "rm" else inputs.sft
+        value_parent = str(inputs.rm) if cfg.value_from == "rm" else None  # None: the policy's start
         value_notices = partial(
-            _write_value_notices, derivation(ppo.recipe, value_parent, manifest, "full", None, final_metrics)
+            _write_value_notices,
+            derivation(ppo.recipe, inputs.start, manifest, "full", None, final_metrics, parent=value_parent),
         )
     return save_final(
         ppo.stage.final,
@@ -709,7 +794,7 @@ def run(recipe: Recipe) -> Path:
     train(ppo)
     seconds = time.perf_counter() - t_start
     final = save(ppo, seconds)
-    ppo.tracker.log_lineage(final, {"sft": ppo.inputs.sft, "rm": ppo.inputs.rm})
+    ppo.tracker.log_lineage(final, {**ppo.inputs.start.lineage(), **({"rm": ppo.inputs.rm} if ppo.inputs.rm else {})})
     ppo.tracker.finish()
     if ppo.accelerator.is_main_process:
         print(f"[ppo] saved {final} ({ppo.progress.update} updates, {seconds:.0f}s)", flush=True)

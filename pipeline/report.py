@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, USER, GemmaEncoder, stop_token_ids
+from pipeline.core import starts
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.korean import korean_metrics
 from pipeline.core.loading import load_causal_lm, load_sequence_classifier
+from pipeline.core.locations import resolve_path
 from pipeline.core.notices import replace_card_section
 from pipeline.core.reward_stats import RewardStats
 from pipeline.core.rundir import (
@@ -43,6 +45,7 @@ from pipeline.core.rundir import (
     IncompleteError,
     RunDir,
     data_output,
+    is_complete,
     lineage_metrics,
     lineage_recipe,
     read_marker,
@@ -132,6 +135,7 @@ class Report:
     rm: RewardModelFacts | None = None  # None: the run has no reward model
     ppo: PPOFacts | None = None  # None: PPO did not run
     dpo: DPOFacts | None = None  # None: DPO did not run
+    start: str = "SFT"  # the first column's name: SFT, or the start model's (ppo.init_from, dpo.init_from)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,14 +149,14 @@ def run(recipe: Recipe, launch: Topology | None = None) -> dict[str, Any]:
     run_dir = RunDir.of(recipe)
     timeout = recipe.launch.wait_minutes * 60
     if launch is not None and launch.machine_rank > 0:
-        return written_by_machine_0(run_dir, timeout)
+        return written_by_machine_0(recipe, run_dir, timeout)
     with writer_lock(run_dir.root / REPORT_LOCK, str(run_dir.report_md), timeout, _say):
         return write_report(recipe, run_dir)
 
 
-def written_by_machine_0(run_dir: RunDir, timeout: float) -> dict[str, Any]:
+def written_by_machine_0(recipe: Recipe, run_dir: RunDir, timeout: float) -> dict[str, Any]:
     """Wait for machine 0's report.json on the checkpoints this machine sees, and return it."""
-    wanted = models_identity(compared_models(run_dir))
+    wanted = models_identity(compared_models(recipe, run_dir))
 
     def written() -> bool:
         try:
@@ -177,8 +181,8 @@ def write_report(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     eval_path = data.split("prompts", "eval")
     if eval_path is None:
         raise ConfigError(NO_HELDOUT.format(path=data.path))
-    finals = compared_models(run_dir)
-    rm_dir = reward_model(run_dir, finals)
+    finals = compared_models(recipe, run_dir)
+    rm_dir = reward_model(recipe, run_dir, finals)
     datasets.disable_progress_bars()
     held = datasets.Dataset.from_parquet(str(eval_path))
     prompts = list(held["prompt_ids"])
@@ -199,18 +203,19 @@ def write_report(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
         heldout_prompts=len(prompts),
         heldout_overlap=overlap,
         heldout_overlap_any=overlap_any,
-        stage_seconds=stage_seconds(run_dir, data, finals, rm_dir),
+        stage_seconds=stage_seconds(recipe, run_dir, data, finals, rm_dir),
         models_compared=models_identity(finals),
         rm=RewardModelFacts(reward_model_accuracy(rm_dir)) if rm_dir is not None else None,
         ppo=ppo_facts(recipe, run_dir, finals["ppo"]) if "ppo" in finals else None,
         dpo=dpo_facts(recipe, finals["dpo"]) if "dpo" in finals else None,
+        start=f"start ({recipe.start_model})" if recipe.start_model else "SFT",
     )
 
     # 5. Render: the plots, each later model's card section, report.md
     run_dir.report_images.mkdir(parents=True, exist_ok=True)
     images = plots(run_dir, run_dir.report_images, report)
     for name, final in finals.items():
-        if name != "sft":
+        if name in ("ppo", "dpo"):  # this run's models (a compared checkpoint of another run keeps its card)
             replace_card_section(final, CARD_SECTION, card_section(report, name))
     run_dir.report_md.write_text(markdown(recipe, run_dir, report, texts, images), encoding="utf-8")
 
@@ -227,36 +232,49 @@ def _say(line: str) -> None:
     print(f"[report] {line}", flush=True)
 
 
-def compared_models(run_dir: RunDir) -> dict[str, Path]:
-    """The finished checkpoint of each model the report compares, in ``METHODS`` order: the SFT model, and each later
-    stage (PPO, DPO) whose final checkpoint is in the run folder. A final that is there but unfinished, or without
-    its notices, is an error rather than a column silently left out; with neither PPO nor DPO there is nothing to
-    compare the SFT model with."""
-    finals = {"sft": require_checkpoint(run_dir.stage("sft").final, "the SFT checkpoint")}
+def compared_models(recipe: Recipe, run_dir: RunDir) -> dict[str, Path | str]:
+    """The checkpoint of each model the report compares: first the one the run's preference stages started from
+    (key ``sft``: the SFT checkpoint, or the start model of ``ppo.init_from``/``dpo.init_from``), then each later stage
+    (PPO, DPO) whose final checkpoint is in the run folder, then the checkpoints of ``report.compare`` that exist
+    (one that does not is skipped, and said). A final that is there but unfinished, or without its notices, is an
+    error rather than a column silently left out; with neither PPO nor DPO there is nothing to compare the start
+    with."""
+    start = starts.policy_start(recipe, "ppo" if recipe.ppo.init_from or not recipe.dpo.init_from else "dpo")
+    finals: dict[str, Path | str] = {"sft": start.location}
     for name, label in METHODS.items():
         if name != "sft" and run_dir.stage(name).final.exists():
             finals[name] = require_checkpoint(run_dir.stage(name).final, f"the {label} checkpoint")
     if len(finals) == 1:
         raise IncompleteError(
-            f"nothing to compare the SFT model with: neither {run_dir.stage('ppo').final} nor "
+            f"nothing to compare {start.what} with: neither {run_dir.stage('ppo').final} nor "
             f"{run_dir.stage('dpo').final} exists; run `make ppo` or `make dpo` first"
         )
+    for label, path in recipe.report.compare.items():
+        folder = resolve_path(path)
+        if folder.exists():
+            finals[label] = require_checkpoint(folder, f"report.compare.{label}")
+        else:
+            _say(f"report.compare.{label}: {path} does not exist; left out of the comparison (train it to include it)")
     return finals
 
 
-def reward_model(run_dir: RunDir, finals: dict[str, Path]) -> Path | None:
-    """The reward model, required when PPO ran (it is what PPO optimised); otherwise used when it is there, else
-    None (a DPO-only run needs none: the rule does not read it)."""
+def reward_model(recipe: Recipe, run_dir: RunDir, finals: dict[str, Path | str]) -> Path | None:
+    """The reward model, required when PPO ran with one (it is what PPO optimised); otherwise used when it is there,
+    else None (a DPO-only run, or PPO on reward functions alone: the rule does not read it)."""
     final = run_dir.stage("rm").final
-    if "ppo" in finals or final.exists():
+    if ("ppo" in finals and recipe.ppo.uses_reward_model) or final.exists():
         return require_checkpoint(final, "the reward model")
     return None
 
 
-def models_identity(finals: dict[str, Path]) -> dict[str, str]:
+def models_identity(finals: dict[str, Path | str]) -> dict[str, str]:
     """Which checkpoints a report compared: each final's completion time, from its marker (a retrained stage has a
-    new one). A machine other than machine 0 waits for a report.json that names the checkpoints it sees."""
-    return {name: str(read_marker(final).get("finished_at")) for name, final in finals.items()}
+    new one; a start model this pipeline did not write: its location). A machine other than machine 0 waits for a
+    report.json that names the checkpoints it sees."""
+    return {
+        name: str(read_marker(final).get("finished_at")) if is_complete(final) else str(final)
+        for name, final in finals.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,7 +294,7 @@ def measure_models(
     turn): the same prompts, settings and seed for every model, so the columns differ only by the model."""
     device, dtype = sampling_device()
     _say(
-        f"comparing {', '.join(METHODS[m] for m in finals)}; sampling and scoring on {device} "
+        f"comparing {', '.join(METHODS.get(m, m) for m in finals)}; sampling and scoring on {device} "
         f"({str(dtype).removeprefix('torch.')})"
     )
     generations = {name: sample_answers(d, tokenizer, prompts, recipe, recipe.run.seed) for name, d in finals.items()}
@@ -498,9 +516,14 @@ def trained_with(final: Path, section: str, current: Any) -> dict:
     return lineage_recipe(final, section) or asdict(current)
 
 
-def stage_seconds(run_dir: RunDir, data: DataOutput, finals: dict[str, Path], rm_dir: Path | None) -> dict:
-    """Seconds per stage: the data stage's, each Trainer stage's last session (its lineage), PPO's updates summed."""
-    seconds = {"data": data.manifest.seconds, "sft": lineage_metrics(finals["sft"]).get("seconds_this_session")}
+def stage_seconds(
+    recipe: Recipe, run_dir: RunDir, data: DataOutput, finals: dict[str, Path | str], rm_dir: Path | None
+) -> dict:
+    """Seconds per stage of this run: the data stage's, each Trainer stage's last session (its lineage), PPO's
+    updates summed (a start model's training is not this run's)."""
+    seconds = {"data": data.manifest.seconds}
+    if not recipe.start_model:
+        seconds["sft"] = lineage_metrics(finals["sft"]).get("seconds_this_session")
     if rm_dir is not None:
         seconds["rm"] = lineage_metrics(rm_dir).get("seconds_this_session")
     if "ppo" in finals:
@@ -607,7 +630,7 @@ def rate_rows(report: Report) -> list[tuple[str, list[float | None]]]:
 
 def method_label(report: Report, method: str) -> str:
     """A model's column name: PPO's names the estimator that ran (and its samples per prompt when critic-free)."""
-    label = METHODS[method]
+    label = report.start if method == "sft" else METHODS.get(method, method)
     if method != "ppo" or report.ppo is None:
         return label
     est = report.ppo.estimator
@@ -648,7 +671,7 @@ def card_section(report: Report, method: str = "ppo") -> str:
         [
             "; ".join(facts) + ".",
             "",
-            f"| measure | SFT | {METHODS[method]} | change |",
+            f"| measure | {report.start} | {METHODS[method]} | change |",
             "|---|---|---|---|",
             *rows,
             "",

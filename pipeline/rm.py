@@ -4,7 +4,7 @@
     accelerate launch --config_file configs/accelerate/single.yaml -m pipeline.rm --recipe recipes/tiny_ko.yaml
 
 The model is ``AutoModelForSequenceClassification(num_labels=1)`` initialised from ``runs/<run>/sft/final`` (or
-``rm.init_from``). Each pair is ``prompt + response`` where the response ends with ``<end_of_turn>``, the token PPO
+``rm.init_from``, or else ``ppo.init_from``: the model PPO starts from). Each pair is ``prompt + response`` where the response ends with ``<end_of_turn>``, the token PPO
 rollouts stop on; batches are right-padded with a pad distinct from eos, so the classifier reads the score at that
 final ``<end_of_turn>`` (never at the newline that follows it in rendered text). Loss: Bradley-Terry, optionally
 with the per-pair ``margin`` column and a reward-centering term. After training the held-out pairs are scored:
@@ -25,23 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN
-from pipeline.core.checkpoint import finished_or_announce, require_checkpoint
+from pipeline.core.checkpoint import finished_or_announce
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.loading import load_sequence_classifier
-from pipeline.core.locations import resolve_path
 from pipeline.core.reward_stats import RewardStats, pair_metrics
-from pipeline.core.rundir import MODEL_CONFIG, RunDir
+from pipeline.core.rundir import MODEL_CONFIG
+from pipeline.core.starts import rm_start
 from pipeline.core.trainer_stage import loss_metrics, open_run, read_inputs, with_lora
 
 STAGE = "rm"
 SHOWN = ("loss", "accuracy", "margin", "learning_rate", "grad_norm")  # on the console line
-
-
-def init_checkpoint(recipe: Recipe) -> Path:
-    if recipe.rm.init_from:
-        return require_checkpoint(resolve_path(recipe.rm.init_from), "the reward model's rm.init_from checkpoint")
-    return require_checkpoint(RunDir.of(recipe).stage("sft").final, "the SFT checkpoint (run `make sft` first)")
 
 
 def pairs_dataset(path: Path, use_margin: bool):
@@ -122,9 +116,10 @@ def run(recipe: Recipe) -> Path:
     if (done_final := finished_or_announce(recipe, STAGE)) is not None:
         return done_final
 
-    # 2. Inputs: the SFT checkpoint, the data stage's pairs and tokenizer.
-    parent = init_checkpoint(recipe)
-    data, tokenizer = read_inputs(recipe, parent)
+    # 2. Inputs: the start (rm.init_from, ppo.init_from or the SFT checkpoint), the data stage's pairs and tokenizer.
+    start = rm_start(recipe)
+    parent = start.location
+    data, tokenizer = read_inputs(recipe, parent, start.what, start.foreign)
     r = recipe.rm
     train_path, eval_path = data.split("preference", "train"), data.split("preference", "eval")
     if train_path is None:
@@ -142,6 +137,7 @@ def run(recipe: Recipe) -> Path:
         data_section="preference",
         tokenizer=tokenizer,
         parent=parent,
+        base_model=start.card_base(recipe),
         arguments=RewardConfig,
         evaluate=True,
         started=started,
@@ -199,13 +195,12 @@ def run(recipe: Recipe) -> Path:
     reward_stats = RewardStats(
         mean=stats["reward_mean"], std=stats["reward_std"], accuracy=stats["accuracy"], pairs=n, scored_at=END_OF_TURN
     )
-    from_sft = Path(parent).resolve() == RunDir.of(recipe).stage("sft").final.resolve()
     return run.finish(
         trainer,
         metrics,
         load_base=partial(load_sequence_classifier, recipe.model, str(parent), dtype=run.prec["dtype"]),
         extra=partial(write_reward_stats, reward_stats),
-        lineage={"sft" if from_sft else "rm-init": parent},  # rm.init_from: not this run's SFT
+        lineage={("sft" if start.role == "sft" else "rm-init"): p for p in start.lineage().values()},
         summary=f"held-out accuracy {stats['accuracy']:.3f}",
     )
 

@@ -88,7 +88,7 @@ def run(recipe: Recipe) -> Path:
     full_done = run.done and s.method == "full"
     model = load_causal_lm(recipe.model, str(run.resume) if full_done else None, dtype=run.prec["dtype"])
     stop_at_end_of_turn(model.generation_config, tokenizer)  # every checkpoint it writes stops where turns end
-    model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", run.resume, run.done)
+    model, peft_config = with_lora(model, s.method, s.lora, "CAUSAL_LM", run.resume, run.done, tokenizer=tokenizer)
     enc = GemmaEncoder(tokenizer)
     panel = [
         (p, enc.encode([{"role": "user", "content": p}], add_generation_prompt=True).input_ids) for p in s.prompt_panel

@@ -231,6 +231,75 @@ def test_critic_free_ppo_two_processes(data_root, config, kind, estimator):
     AutoModelForCausalLM.from_pretrained(final)
 
 
+RECORDER = """
+import json, os
+
+def record(prompts, responses, ended, **columns):
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.environ["REWARD_LOG"], "a") as f:
+        f.write(json.dumps({"rank": rank, "prompts": prompts, "responses": len(responses)}, ensure_ascii=False) + "\\n")
+    if os.environ.get("REWARD_FAIL_RANK") == str(rank):
+        raise ValueError("the checker broke")
+    return [float(len(r) % 2) for r in responses]
+"""
+
+
+@pytest.mark.slow
+def test_reward_functions_under_ddp_each_process_scores_its_own_rows(data_root, tmp_path):
+    """``ppo.reward_model: none`` with a reward function on 2 processes: each process calls it on exactly its own
+    rollout rows (the prompts ``batch_rows`` gives its rank), and no reward model is trained or loaded. Catches rows
+    scored twice or by the wrong process (a gather before scoring), and a function failing on one process hanging
+    the other instead of stopping both in one line."""
+    import datasets
+
+    from pipeline.core.batching import batch_sizes
+    from pipeline.core.rewards import PromptRows
+    from pipeline.ppo import batch_rows
+
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    log = tmp_path / "calls.jsonl"
+    run = "launch_reward_functions"
+    shutil.copytree(data_root / "tiny_ko" / "data", data_root / run / "data")
+    sft_dir = data_root / "tiny_ko" / "sft" / "final"
+    if not sft_dir.exists():
+        _ppo_inputs(data_root, "unused")
+    shutil.copytree(sft_dir, data_root / run / "sft" / "final")
+    overrides = [
+        "ppo.estimator=rloo",
+        "ppo.num_generations=4",
+        "ppo.reward_model=none",
+        "ppo.normalize_reward=false",
+        f"ppo.reward_functions=[{{function: '{tmp_path}/recorder.py:record'}}]",
+        "ppo.total_episodes=32",
+        *[x for x in PPO_SIZES if "rm" not in x.split("=")[0]],
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REWARD_LOG": str(log)}
+    cmd = launch_command("ppo", "ddp", f"run.output_dir={data_root}", f"run.name={run}", "tracking.mode=disabled")
+    res = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert not (data_root / run / "rm").exists() and "reward model" not in res.stdout.split("weights:")[-1]
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    train = datasets.Dataset.from_parquet(str(data_root / run / "data" / "prompts" / "train.parquet"))
+    texts = PromptRows.read(train["messages"], train["columns"], "train").prompts
+    sizes = batch_sizes(4, 2, 2, 2, 32, 2)
+    for update in range(2):
+        for rank in (0, 1):
+            expected = [texts[i] for i in batch_rows(len(texts), update, sizes, rank, 42, 4)]
+            got = [c["prompts"] for c in calls if c["rank"] == rank and c["responses"] == 8][update]
+            assert got == expected, (update, rank)
+    # 2 updates x 2 processes of 8 rows (2 prompts x 4 samples), then the panel's 4 prompts answered by the start
+    # and by the policy, on each process
+    assert sorted(c["responses"] for c in calls) == [4] * 4 + [8] * 4, [c["responses"] for c in calls]
+
+    shutil.rmtree(data_root / run / "ppo")
+    env["REWARD_FAIL_RANK"] = "1"
+    res = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "reward function record (" in res.stderr and "raised ValueError: the checker broke" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert not (data_root / run / "ppo" / "final").exists()
+
+
 @pytest.mark.slow
 def test_a_stage_failing_on_two_processes_exits_with_its_code_in_one_line(data_root):
     from pipeline.core.faults import FAULT_ENV

@@ -149,3 +149,22 @@ def test_dpo_plans_a_reference_copy_for_full_and_none_under_lora():
     text, _ = plan(lora)
     assert "[dpo]" in text and "method lora" in text and "reference: the adapter-disabled base (no copy)" in text
     assert "reference: a frozen copy of the SFT model" in plan(full)[0]
+
+
+def test_ppo_on_reward_functions_plans_without_the_reward_model_and_names_its_chain():
+    """Catches the plan charging a reward-model-free PPO for a reward model it never loads, and `make plan` hiding
+    which stages `make ppo` runs when PPO starts from another model (``ppo.init_from``)."""
+    functions = [
+        "ppo.reward_model=none",
+        "ppo.normalize_reward=false",
+        "ppo.reward_functions=[{function: 'data_prep.tiny_ko.rules:polite_reward'}]",
+    ]
+    rm, a = _gemma2b("ppo.estimator=grpo", "ppo.num_generations=4")
+    free, _ = _gemma2b("ppo.estimator=grpo", "ppo.num_generations=4", "ppo.init_from=google/gemma-2b-it", *functions)
+    with_rm, without = per_gpu(ppo_shape(rm, a, 64), *ZERO2_8), per_gpu(ppo_shape(free, a, 64), *ZERO2_8)
+    classifier = a.parameters(lm_head=False)
+    assert with_rm["frozen models"] - without["frozen models"] == pytest.approx(2 * classifier)  # bf16 under ZeRO
+    text = plan(free)[0]
+    assert "starts from google/gemma-2b-it; score: data_prep.tiny_ko.rules:polite_reward x 1" in text
+    assert "make ppo runs: data -> ppo" in text and "make dpo runs: data -> sft -> dpo" in text
+    assert "make ppo runs: data -> sft -> rm -> ppo" in plan(rm)[0]  # negative control: the default chain

@@ -31,6 +31,8 @@ def test_committed_files_are_exactly_what_the_generator_writes(tmp_path):
         "preference",
         "prompts",
         "heldout",
+        "arith_prompts",
+        "arith_heldout",
         *(f"topic_{n}" for n in ("sft", "preference", "prompts", "heldout")),
     ):
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (TINY_DATA / f"{name}.jsonl").read_bytes(), name

@@ -1,6 +1,7 @@
 """Generate the embedded Korean data shipped beside this file (deterministic; the files are committed).
 
-    python -m data_prep.tiny_ko.generate          # rewrites sft.jsonl, preference.jsonl, prompts.jsonl, heldout.jsonl
+    python -m data_prep.tiny_ko.generate          # rewrites sft.jsonl, preference.jsonl, prompts.jsonl, heldout.jsonl,
+                                                  # the sums alone: arith_{prompts,heldout}.jsonl
                                                   # and the topic set: topic_{sft,preference,prompts,heldout}.jsonl
 
 Design (what a tiny Gemma can learn on a CPU in minutes, and what a rule can check):
@@ -299,7 +300,18 @@ def build() -> dict[str, list[dict]]:
     heldout += [{"prompt": arith_prompt(a, b), "kind": "arithmetic", "answer": a + b} for a, b in held_arith]
 
     _check(sft, preference, prompts, heldout)
-    return {"sft": sft, "preference": preference, "prompts": prompts, "heldout": heldout}
+    # The sums alone, with their answers: prompts for a run rewarded by the arithmetic check (the same 80 training and
+    # 20 held-out problems as above, in the same order).
+    arith_prompts = [{"prompt": arith_prompt(a, b), "answer": a + b} for a, b in train_arith]
+    arith_heldout = [r for r in heldout if r["kind"] == "arithmetic"]
+    return {
+        "sft": sft,
+        "preference": preference,
+        "prompts": prompts,
+        "heldout": heldout,
+        "arith_prompts": arith_prompts,
+        "arith_heldout": arith_heldout,
+    }
 
 
 def _check(sft: list[dict], preference: list[dict], prompts: list[dict], heldout: list[dict]) -> None:

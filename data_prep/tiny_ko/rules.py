@@ -6,6 +6,9 @@
 * On topic (needs the prompt): the response names the prompt's subject, the noun the question asks about
   (``사과는 무엇인가요?`` asks about 사과). ``is_polite_and_on_topic`` is the conjunction: the rule the real-model
   demo reports, which a reward model cannot satisfy by learning style alone.
+
+Each rule is also a reward function (``polite_reward``, ``polite_on_topic_reward``, ``arithmetic_reward``) that a
+recipe names in ``ppo.reward_functions``: the report judges with the same logic GRPO then optimises.
 """
 
 from __future__ import annotations
@@ -72,3 +75,31 @@ def is_on_topic(prompt: str, response: str, stopped: bool = True) -> bool:
 def is_polite_and_on_topic(prompt: str, response: str, stopped: bool = True) -> bool:
     """Polite Korean (``is_polite_korean``) and on topic (``is_on_topic``)."""
     return is_polite_korean(response, stopped) and is_on_topic(prompt, response, stopped)
+
+
+# Reward functions (``ppo.reward_functions``, pipeline/core/rewards.py): the rules above, 1.0 where an answer passes
+# and 0.0 where it fails, for GRPO/RLOO/PPO with a verifiable reward instead of, or beside, a reward model.
+
+
+def polite_reward(prompts: list[str], responses: list[str], ended: list[bool], **columns) -> list[float]:
+    """1.0 for polite Korean that ended its turn (``is_polite_korean``), else 0.0."""
+    return [float(is_polite_korean(r, e)) for r, e in zip(responses, ended)]
+
+
+def polite_on_topic_reward(prompts: list[str], responses: list[str], ended: list[bool], **columns) -> list[float]:
+    """1.0 for polite Korean naming the question's subject that ended its turn (``is_polite_and_on_topic``)."""
+    return [float(is_polite_and_on_topic(p, r, e)) for p, r, e in zip(prompts, responses, ended)]
+
+
+def arithmetic_reward(prompts: list[str], responses: list[str], ended: list[bool], **columns) -> list[float]:
+    """1.0 when the first number of an answer that ended its turn is the sum asked for (``is_arithmetic_correct``).
+    A row with an ``answer`` column is checked against that instead, so any question with a numeric answer works."""
+    answers = columns.get("answer") or [None] * len(prompts)
+    out = []
+    for p, r, e, a in zip(prompts, responses, ended, answers):
+        if a is None:
+            out.append(float(is_arithmetic_correct(p, r, e)))
+        else:
+            found = _NUMBER.search(r)
+            out.append(float(e and found is not None and int(found.group()) == int(a)))
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -197,6 +198,10 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Gemma modules that get adapters (attention and MLP projections)."""
+    train_control_tokens: bool = True
+    """Also train the embedding rows of ``<start_of_turn>`` and ``<end_of_turn>`` (and, through the tied head, their
+    output rows) with PEFT's ``trainable_token_indices``: a base model never saw these ids in use, and adapters alone
+    barely learn to emit ``<end_of_turn>``. Two rows, not the whole 262k-row matrix (``modules_to_save`` would)."""
 
     def check(self, section: str, err: Err, with_dropout: bool) -> None:
         """Its numbers in range when the section trains with LoRA (``with_dropout``: a stage that allows dropout)."""
@@ -339,6 +344,9 @@ class DPOConfig(TrainerSettings):
 
     learning_rate: float = 1e-6
     """Peak learning rate."""
+    init_from: str | None = None
+    """Causal LM that DPO starts from (policy and reference): a hub id or a local folder in hub layout (an instruct
+    model, a copy of an SFT checkpoint). Default: the run's SFT checkpoint; with it, ``make dpo`` runs no SFT."""
     warmup_ratio: float = 0.1
     """Fraction of the training steps spent warming up the learning rate."""
     beta: float = 0.1
@@ -368,8 +376,33 @@ class DPOConfig(TrainerSettings):
 
 
 @dataclass
+class RewardFunctionSpec:
+    """A Python reward function (``pipeline.core.rewards`` says what it receives and returns)."""
+
+    function: str
+    """Import path: ``package.module:function``, or ``path/to/file.py:function`` (relative to the repository)."""
+    weight: float = 1.0
+    """Its weight in the score's sum."""
+    name: str | None = None
+    """Its metric name (``reward/<name>``); default: the function's name."""
+
+
+@dataclass
 class PPOConfig:
     """Names follow TRL's PPOConfig where the concept is the same."""
+
+    init_from: str | None = None
+    """Causal LM the policy and the reference start from: a hub id or a local folder in hub layout (an instruct
+    model, a copy of an SFT checkpoint). Default: the run's SFT checkpoint; with it, ``make ppo`` runs no SFT (and a
+    reward model without ``rm.init_from`` starts from it too)."""
+    reward_model: Literal["rm", "none"] = "rm"
+    """``rm``: score with the run's reward model (``make rm``). ``none``: only ``reward_functions`` score; no reward
+    model is needed, trained or loaded (a value model then starts from the policy's start)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's (standardised) score in the sum with ``reward_functions``."""
+    reward_functions: list[RewardFunctionSpec] = field(default_factory=list)
+    """Python functions whose weighted scores are added to the reward model's, or replace it (``reward_model:
+    none``); each function's mean is logged as ``reward/<name>``."""
 
     method: Literal["full", "lora"] = "full"
     """Policy training: full or LoRA (the reference is then the adapter-disabled base)."""
@@ -393,7 +426,8 @@ class PPOConfig:
     loss (GRPO's way; OpenRLHF's ``--use_kl_loss``), importance-weighted so that its gradient is that of KL(pi || ref)
     at every minibatch (docs/ppo.md)."""
     value_init: Literal["rm", "sft"] = "rm"
-    """Initialise the value model from the reward model (default) or from the SFT checkpoint (gae only)."""
+    """Initialise the value model from the reward model (default) or from the SFT checkpoint (gae only). Without a
+    reward model (``reward_model: none``) it starts from the policy's start."""
     learning_rate: float = 3e-6
     """Adam learning rate for policy and value."""
     adam_eps: float = 1e-5
@@ -475,6 +509,15 @@ class PPOConfig:
     """Rollout batches between prompt-panel tables."""
 
     @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model == "rm"
+
+    @property
+    def value_from(self) -> str:
+        """Where a value model starts: ``rm``, or ``start`` (the policy's start: SFT or ``init_from``)."""
+        return "rm" if self.value_init == "rm" and self.uses_reward_model else "start"
+
+    @property
     def kl_estimator_used(self) -> str:
         """The KL estimator the run uses (``auto`` resolved by ``kl_penalty``)."""
         if self.kl_estimator != "auto":
@@ -520,6 +563,48 @@ class PPOConfig:
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             err("ppo.gamma/ppo.lam", "must be in [0, 1]")
         self.check_estimator(err)
+        self.check_rewards(err)
+
+    def check_rewards(self, err: Err) -> None:
+        """The score's sources: a reward model, functions, or both (each function imported now, nothing run)."""
+        from pipeline.core.rewards import default_name, load_function
+
+        names = []
+        for i, spec in enumerate(self.reward_functions):
+            key = f"ppo.reward_functions.{i}"
+            try:
+                load_function(spec.function, REPO_ROOT)
+            except ValueError as e:
+                err(f"{key}.function", str(e))
+            if not math.isfinite(spec.weight) or spec.weight == 0:
+                err(f"{key}.weight", f"{spec.weight!r} must be a finite, non-zero number")
+            name = spec.name or default_name(spec.function)
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+                err(f"{key}.name", f"{name!r} is not a metric name (letters, digits, _ . -)")
+            if name in names:
+                err(f"{key}.name", f"{name!r} names two reward functions: give each its own name")
+            names.append(name)
+        if self.reward_model == "none":
+            if not self.reward_functions:
+                err("ppo.reward_model", "none leaves nothing to score with: add ppo.reward_functions")
+            for key, value, default in (
+                ("normalize_reward", self.normalize_reward, False),
+                ("ignore_rm_gate", self.ignore_rm_gate, False),
+                ("reward_model_weight", self.reward_model_weight, 1.0),
+            ):
+                if value != default:
+                    err(f"ppo.{key}", "is a setting of the reward model's score; ppo.reward_model is none: remove it")
+        else:
+            if not math.isfinite(self.reward_model_weight) or self.reward_model_weight == 0:
+                err("ppo.reward_model_weight", f"{self.reward_model_weight!r} must be a finite, non-zero number")
+            if self.reward_functions and not self.normalize_reward:
+                # A reward model's raw scores sit anywhere (the real demo's near -45): summed unstandardised with a
+                # 0/1 rule, the rule would be noise. Standardised with its held-out mean and std they are comparable.
+                err(
+                    "ppo.normalize_reward",
+                    "must be true when reward_functions are added to the reward model's score (its raw scale is "
+                    "arbitrary; standardised, it is comparable with the functions')",
+                )
 
     def check_estimator(self, err: Err) -> None:
         """The estimator's own rules, and the group layout the critic-free estimators need."""
@@ -596,9 +681,18 @@ class ReportConfig:
     """Sampled answers per held-out prompt for the ground-truth rate (temperature ppo.temperature)."""
     examples: int = 5
     """Held-out prompts shown with their answers before and after PPO."""
+    compare: dict[str, str] = field(default_factory=dict)
+    """Other checkpoints sampled and judged beside this run's models, by column name (``{rm_ppo:
+    runs/other/ppo/final}``): the same prompts, settings and seed. One that does not exist is left out, and said."""
 
     def check(self, err: Err) -> None:
         at_least_one(err, "report.samples_per_prompt", self.samples_per_prompt)
+        for label in self.compare:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", label) or label in ("sft", "ppo", "dpo", "rm"):
+                err(
+                    f"report.compare.{label}",
+                    "a column name is lowercase letters, digits and _, and not sft, ppo, dpo or rm (this run's)",
+                )
         in_range(err, "report.examples", self.examples, self.examples >= 0, "must not be negative")
 
 
@@ -669,6 +763,19 @@ class Recipe:
     def run_dir(self) -> Path:
         out = Path(self.run.output_dir)
         return (out if out.is_absolute() else REPO_ROOT / out) / self.run.name
+
+    @property
+    def start_model(self) -> str | None:
+        """The model a preference stage starts from instead of the run's SFT checkpoint (``ppo.init_from`` or
+        ``dpo.init_from``; ``validate`` allows one distinct value unless ``model.tokenizer`` is set)."""
+        return self.ppo.init_from or self.dpo.init_from
+
+    def tokenizer_model(self) -> ModelConfig:
+        """Where the data stage's tokenizer comes from: ``model.tokenizer`` when set, else the start model when a
+        stage starts from one (its ids are the ones it was trained on), else the base model."""
+        if self.model.tokenizer or not self.start_model:
+            return self.model
+        return dataclasses.replace(self.model, name_or_path=self.start_model, revision=None, tokenizer=None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -746,6 +853,14 @@ def recipe_hash(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Check what can be checked before anything runs: each section its own fields. Raises ConfigError naming the
     key. (The rules that depend on the launch, world size and DeepSpeed, are ``pipeline.core.topology.check``.)"""
@@ -758,6 +873,19 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     recipe.model.check(err)
     if recipe.rm.init_from:
         check_location(err, "rm.init_from", recipe.rm.init_from, "checkpoint")
+    for key in ("ppo.init_from", "dpo.init_from"):
+        start = getattr(recipe, key.split(".")[0]).init_from
+        if start and not (looks_local(start) and _under(resolve_path(start), recipe.run_dir.parent)):
+            check_location(err, key, start, "model folder")
+        # A folder under the runs' root is another run's output, made by then (`make demo-rlvr` trains it first):
+        # the stage checks it when it starts.
+    starts = {x for x in (recipe.ppo.init_from, recipe.dpo.init_from) if x}
+    if len(starts) > 1 and not recipe.model.tokenizer:
+        err(
+            "dpo.init_from",
+            f"{recipe.dpo.init_from!r} differs from ppo.init_from {recipe.ppo.init_from!r}: the data stage tokenizes "
+            "with one tokenizer (the start model's); set model.tokenizer to say which, or run them as two recipes",
+        )
     recipe.data.check(err)
     for section in ("sft", "rm", "dpo"):
         getattr(recipe, section).check(section, err)

@@ -19,11 +19,13 @@ from torch import nn
 from torch.profiler import record_function
 
 from pipeline.core import ppo_math as pm
+from pipeline.core import rewards
 from pipeline.core.batching import BatchSizes
 from pipeline.core.config import PPOConfig
 from pipeline.core.distributed import check_deepspeed_step, check_loss, gathered, unwrapped_for_generation
 from pipeline.core.faults import NonFiniteLossError, fail_if_asked, nonfinite_ranks, poison_if_asked
 from pipeline.core.policy import PolicyAndValue, clip_each, response_logprobs
+from pipeline.core.rewards import PromptRows, RewardFunction
 from pipeline.core.sampling import Generation, chunks, generate, left_pad, score
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,15 +41,18 @@ class Setup:
     model: Any  # PolicyAndValue as prepared by accelerate (DDP or DeepSpeed engine)
     optimizer: Any
     ref: Any  # frozen reference, or None when the policy is LoRA (adapter disabled)
-    reward: Any  # frozen reward model (sequence classifier)
+    reward: Any  # frozen reward model (sequence classifier), or None (ppo.reward_model: none)
     cfg: PPOConfig
     pad_id: int
     stop_ids: list[int]  # generation stops on these ([] : always the full response length)
     stage: str  # the stage's name in fault-injection specs (pipeline.core.faults)
     reward_mean: float = 0.0
     reward_std: float = 1.0
+    reward_functions: list[RewardFunction] = field(default_factory=list)  # ppo.reward_functions, loaded
+    tokenizer: Any = None  # decodes responses for the reward functions
     zero3: bool = False
     bf16: bool = False  # bf16 autocast compute over fp32 weights (run.precision)
+    last_rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # the last batch's reward/<name> means
 
     def autocast(self):
         """bf16 autocast for every rollout forward (the reference's and the reward model's included) when the run
@@ -181,8 +186,11 @@ class Rollout:
     generation: Generation | None = None  # the sampled responses, for the answer measures
 
 
-def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0) -> Rollout:
-    """Steps 1-7 of PPO update ``update`` (counted from 1) on this process's ``prompts``."""
+def rollout(
+    s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0, rows: PromptRows | None = None
+) -> Rollout:
+    """Steps 1-7 of PPO update ``update`` (counted from 1) on this process's ``prompts`` (``rows``: their texts and
+    columns, which reward functions read)."""
     t0 = time.perf_counter()
     # 1-2. Left-padded prompts; sampled responses; tokens after the stop token become pad.
     with record_function("ppo/sample"):
@@ -206,7 +214,7 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0)
     with record_function("ppo/reference"):
         ref_lp = ref_logprobs(s, seq, mask, pos, responses, valid)
     # 6. Score at the stop token (or the last token when the response never stopped); only <end_of_turn> ends a turn.
-    scored = score_responses(s, g)
+    scored = score_responses(s, g, rows)
     t_score = time.perf_counter() - t1
     # 7. Masks, per-token KL, rewards, GAE, whitening; or, critic-free, the group transform and plain returns.
     adv = estimate_advantages(s, logprobs, ref_lp, values, scored[2], g.seq_len, kl_coef)
@@ -228,23 +236,50 @@ def rollout(s: Setup, prompts: list[list[int]], kl_coef: float, update: int = 0)
     )
 
 
-def score_responses(s: Setup, g: Generation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_responses(
+    s: Setup, g: Generation, rows: PromptRows | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 6: (raw scores, ended, final scores), each (B,). Only <end_of_turn> ends a turn: a response that stopped
     on <eos> is read at a token the reward model never learned to score, so it counts as not ended (the missing-stop
-    penalty applies), like one cut at the length limit."""
-    with record_function("ppo/reward"):
-        raw_scores = score(s.reward, g, s.cfg.local_rollout_forward_batch_size)
-    ended = torch.tensor(g.ended_on(s.turn_end_id), device=raw_scores.device)
+    penalty applies), like one cut at the length limit. With reward functions the score is their weighted sum with
+    the reward model's standardised score (``pipeline.core.rewards``); each function's mean is in ``s.last_rewards``."""
+    ended = torch.tensor(g.ended_on(s.turn_end_id), device=g.responses.device)
+    raw_scores, combined = raw_and_combined(s, g, rows)
     scores = pm.final_scores(
-        raw_scores,
+        combined,
         ended,
         mean=s.reward_mean,
         std=s.reward_std,
-        normalize=s.cfg.normalize_reward,
+        normalize=s.cfg.normalize_reward and not s.reward_functions,  # with functions: already standardised
         clip=s.cfg.reward_clip,
         missing_stop_penalty=s.cfg.missing_eos_penalty,
     )
     return raw_scores, ended, scores
+
+
+def raw_and_combined(s: Setup, g: Generation, rows: PromptRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, combined), each (B,): the reward model's raw score (the functions' weighted sum without one), and the
+    score before clipping and the missing-stop penalty (the raw score itself when there are no functions)."""
+    rm_raw = None
+    if s.reward is not None:
+        with record_function("ppo/reward"):
+            rm_raw = score(s.reward, g, s.cfg.local_rollout_forward_batch_size)
+    s.last_rewards = {}
+    if not s.reward_functions:
+        return rm_raw, rm_raw
+    if rows is None or len(rows.prompts) != g.responses.size(0):
+        raise ValueError("reward functions need each rollout row's prompt (rows)")
+    with record_function("ppo/reward_functions"):
+        by_name = rewards.function_scores(s.reward_functions, rows, g.texts(s.tokenizer), g.ended_on(s.turn_end_id))
+    device = g.responses.device
+    table = torch.tensor([by_name[f.name] for f in s.reward_functions], dtype=torch.float32, device=device)  # (F, B)
+    s.last_rewards = {f"reward/{name}": torch.tensor(v).float().mean() for name, v in by_name.items()}
+    rm_part = None
+    if rm_raw is not None:
+        rm_part = (rm_raw.float() - s.reward_mean) / max(s.reward_std, 1e-8)
+        s.last_rewards["reward/model"] = rm_part.mean()
+    combined = rewards.combine(rm_part, s.cfg.reward_model_weight, table, [f.weight for f in s.reward_functions])
+    return (rm_raw.float() if rm_raw is not None else combined), combined
 
 
 def estimate_advantages(s: Setup, logprobs, ref_lp, values, scores, seq_len, kl_coef: float) -> pm.Advantages:
@@ -300,6 +335,7 @@ def rollout_stats(s: Setup, g: Generation, adv: pm.Advantages, entropy, scored, 
         "time/generate": torch.tensor(t_gen),
         "time/score": torch.tensor(t_score),
         "tokens/generated": action_mask.float().sum(),
+        **s.last_rewards,
     }
     if s.critic:
         stats["val/explained_variance"] = torch.tensor(pm.explained_variance(adv.values, adv.returns, adv.value_mask))

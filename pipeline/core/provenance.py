@@ -71,16 +71,18 @@ def stage_derivation(
     step: int | None,
     pipeline_tag: str = "text-generation",
     inputs: dict[str, str] | None = None,
+    base_model: str | None = None,
 ) -> Derivation:
     """A stage's Derivation, with everything that comes from the recipe filled in. ``inputs``: other checkpoints the
-    stage was made with, by role (PPO: its reward model), recorded in the lineage beside the parent."""
+    stage was made with, by role (PPO: its reward model), recorded in the lineage beside the parent. ``base_model``:
+    the model its card names as its base when it is not the recipe's (a stage started from ``init_from``)."""
     run = RunDir.of(recipe)
     return Derivation(
         stage=stage,
         method=method,
         run_name=recipe.run.name,
-        base_model=recipe.model.name_or_path,
-        base_revision=recipe.model.revision,
+        base_model=base_model or recipe.model.name_or_path,
+        base_revision=None if base_model and base_model != recipe.model.name_or_path else recipe.model.revision,
         parent=str(parent),
         datasets=datasets,
         recipe=to_dict(recipe),

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from data_prep.gemma_format import END_OF_TURN, START_OF_TURN
 from pipeline.core import peers
 from pipeline.core.checkpoint import (
     last_good_note,
@@ -73,8 +74,8 @@ class TrainerRun:
     """The recipe's data section the stage trains on (``sft`` or ``preference``; its notices name those datasets)."""
     tokenizer: Any
     """The data stage's tokenizer (every stage's checkpoint carries the same one)."""
-    parent: Path | None
-    """The checkpoint the model starts from (None: the recipe's base model)."""
+    parent: Path | str | None
+    """The checkpoint the model starts from (None: the recipe's base model; a hub id for a start model on the Hub)."""
     args: Any
     """The trainer's TrainingArguments (TRL's SFTConfig, RewardConfig or DPOConfig)."""
     prec: dict
@@ -89,6 +90,8 @@ class TrainerRun:
     started: float
     """``time.perf_counter()`` when the stage started (for ``seconds_this_session``)."""
     pipeline_tag: str = "text-generation"
+    base_model: str | None = None
+    """The ``base_model`` its card names when it is not the recipe's (a stage started from ``init_from``)."""
 
     @property
     def settings(self) -> TrainerSettings:
@@ -106,6 +109,7 @@ class TrainerRun:
             metrics,
             step,
             pipeline_tag=self.pipeline_tag,
+            base_model=self.base_model,
         )
 
     def callback(self, shown: tuple[str, ...], on_evaluate: Callable[..., None] | None = None):
@@ -119,6 +123,7 @@ class TrainerRun:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # the stage callback prints one line per log
+        head_bias_visible(trainer.model)
         train_or_restore(trainer, self.name, self.recipe, self.resume, self.done, self.main)
 
     def finish(
@@ -156,15 +161,18 @@ class TrainerRun:
         return final
 
 
-def read_inputs(recipe: Recipe, parent: Path | None) -> tuple[DataOutput, Any]:
+def read_inputs(
+    recipe: Recipe, parent: Path | str | None, what: str = "the SFT checkpoint", foreign: bool = False
+) -> tuple[DataOutput, Any]:
     """The data stage's output and its tokenizer (the same tokenizer and chat template for every stage), checked
-    against the checkpoint the stage starts from when there is one (``pipeline.core.consistency``)."""
+    against the checkpoint the stage starts from when there is one (``pipeline.core.consistency``; ``what`` names it,
+    ``foreign``: a model this pipeline did not write)."""
     import datasets
     from transformers import AutoTokenizer
 
     data = data_output(RunDir.of(recipe))
     if parent is not None:
-        check_inputs(data.path, {"the SFT checkpoint": parent})
+        check_inputs(data.path, {what: parent}, foreign=(what,) if foreign else ())
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     datasets.disable_progress_bars()
     return data, tokenizer
@@ -176,11 +184,12 @@ def open_run(
     data: DataOutput,
     data_section: str,
     tokenizer: Any,
-    parent: Path | None,
+    parent: Path | str | None,
     arguments: type,
     evaluate: bool,
     started: float,
     pipeline_tag: str = "text-generation",
+    base_model: str | None = None,
     **stage_arguments: Any,
 ) -> TrainerRun:
     """The common opening of a Trainer stage, after its inputs are read and before its model is built: the training
@@ -220,6 +229,7 @@ def open_run(
         done=done,
         started=started,
         pipeline_tag=pipeline_tag,
+        base_model=base_model,
     )
 
 
@@ -277,9 +287,22 @@ def resume_point(stage: StageDir) -> tuple[Path | None, bool]:
     return resume, training_done(resume)
 
 
-def with_lora(model: Any, method: str, lora: LoraSettings, task_type: str, resume: Path | None, done: bool, **extra):
+def with_lora(
+    model: Any,
+    method: str,
+    lora: LoraSettings,
+    task_type: str,
+    resume: Path | None,
+    done: bool,
+    tokenizer: Any = None,
+    **extra: Any,
+):
     """``(model, peft_config)`` for the Trainer: a full model as it is; LoRA as a config for the Trainer to apply,
-    or, when training was done, the adapter of the last checkpoint on the model."""
+    or, when training was done, the adapter of the last checkpoint on the model (its trained token rows included).
+
+    With ``lora.train_control_tokens`` the config also trains the embedding rows of ``<start_of_turn>`` and
+    ``<end_of_turn>`` (``control_token_indices``; ``tokenizer`` gives their ids, and without one the rows stay
+    frozen)."""
     if method != "lora":
         return model, None
     if done:
@@ -288,6 +311,16 @@ def with_lora(model: Any, method: str, lora: LoraSettings, task_type: str, resum
         return PeftModel.from_pretrained(model, str(resume), is_trainable=True), None
     from peft import LoraConfig
 
+    if lora.train_control_tokens and tokenizer is not None:
+        if _zero3_without_cuda():
+            print(
+                "warning: lora.train_control_tokens is ignored under DeepSpeed ZeRO-3 without CUDA (PEFT gathers the "
+                "token rows on a CUDA device only): the control-token rows stay frozen",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            extra["trainable_token_indices"] = control_token_indices(tokenizer)
     return model, LoraConfig(
         task_type=task_type,
         r=lora.r,
@@ -296,6 +329,44 @@ def with_lora(model: Any, method: str, lora: LoraSettings, task_type: str, resum
         target_modules=list(lora.target_modules),
         **extra,
     )
+
+
+def control_token_indices(tokenizer: Any) -> list[int]:
+    """The ids of ``<start_of_turn>`` and ``<end_of_turn>``, for PEFT's ``trainable_token_indices``.
+
+    A base Gemma never saw these ids in use, and with the embedding frozen the adapters alone barely learn to emit
+    ``<end_of_turn>`` (Gemma 3 270M: 0.725 of held-out answers ended their turn). PEFT (0.21) then trains a copy of
+    just these rows of the input embedding (Gemma's scaled embedding included) and, the head being tied to it, uses
+    the same rows as the head's output rows; the base rows stay as they were, so ``disable_adapter()`` (the DPO and
+    PPO reference under LoRA) gives the base's rows back, and ``merge_and_unload`` writes the trained rows into the
+    one tied matrix. The adapter file keeps the two rows, not the 262k-row matrix (``modules_to_save`` would)."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in (START_OF_TURN, END_OF_TURN)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ConfigError(f"the tokenizer has no single ids for {START_OF_TURN} and {END_OF_TURN} (got {ids})")
+    return ids
+
+
+def _zero3_without_cuda() -> bool:
+    """ZeRO-3 partitions the embedding, and PEFT 0.21 collects the trainable token rows from it on a CUDA device
+    only (``TrainableTokensLayer._collect_token_weights``): on CPU processes (gloo) it fails before training."""
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() and not torch.cuda.is_available()
+
+
+def head_bias_visible(model: Any) -> None:
+    """Let TRL's fused LM head read the bias of a head whose token rows are trained (``control_token_indices``).
+
+    TRL's SFT and DPO trainers compute log-probs from ``lm_head.weight`` and ``lm_head.bias`` directly. PEFT's
+    wrapper of the tied head answers ``weight`` (the base matrix with the trained rows, or the base alone while the
+    adapter is disabled) but not ``bias``, and the first step fails with an AttributeError. The bias is the wrapped
+    head's own (None for Gemma): no adapter changes it."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in vars(head):
+        object.__setattr__(head, "bias", head.original_module.bias)  # a plain attribute: no second registration
 
 
 def train_or_restore(trainer: Any, stage: str, recipe: Recipe, resume: Path | None, done: bool, main: bool) -> None:
