@@ -101,7 +101,7 @@ def run(recipe: Recipe) -> Path:
     load = partial(load_causal_lm, recipe.model, dtype=run.prec["dtype"], dropout_off=True)
     model = load(str(run.resume if run.done and d.method == "full" else parent))
     ref_model = load(str(parent)) if d.method == "full" else None
-    model, peft_config = with_lora(model, d.method, d.lora, "CAUSAL_LM", None, False)
+    model, peft_config = with_lora(model, d.method, d.lora, "CAUSAL_LM", None, False, tokenizer=tokenizer)
     trainer = pretokenized_trainer()(
         model=model,
         ref_model=ref_model,

@@ -99,6 +99,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.core.sampling import Generation, left_pad
 from pipeline.core.starts import Start, policy_start
+from pipeline.core.trainer_stage import control_token_indices
 
 STAGE = "ppo"
 
@@ -313,11 +314,18 @@ class PPORun:
 
 
 def load_models(
-    recipe: Recipe, policy_dir: Path | str, rm_dir: Path | None, value_dir: Path | str | None, prec: dict
+    recipe: Recipe,
+    policy_dir: Path | str,
+    rm_dir: Path | None,
+    value_dir: Path | str | None,
+    prec: dict,
+    control_ids: list[int] | None = None,
 ) -> tuple:
     """(policy, value, reward, reference), dropout off in all four, the reward model and the reference frozen. Under
     ``ppo.method: lora`` the policy is wrapped in LoRA and the reference is None (the same base with the adapter
-    disabled, no second copy); without ``value_dir`` the value is None, without ``rm_dir`` the reward model."""
+    disabled, no second copy; with ``ppo.lora.train_control_tokens`` the ``control_ids`` rows train too, and the
+    disabled adapter gives them back as they were); without ``value_dir`` the value is None, without ``rm_dir`` the
+    reward model."""
     cfg = recipe.ppo
     load = {"dtype": prec["dtype"], "dropout_off": True}
     frozen = {**load, "dtype": torch.bfloat16} if cfg.frozen_precision == "bf16" else load
@@ -342,6 +350,7 @@ def load_models(
                 lora_alpha=cfg.lora.alpha,
                 lora_dropout=0.0,
                 target_modules=list(cfg.lora.target_modules),
+                **({"trainable_token_indices": control_ids} if cfg.lora.train_control_tokens and control_ids else {}),
             ),
         )
     else:
@@ -375,7 +384,9 @@ def build_setup(
 
     cfg = recipe.ppo
     prec = precision(recipe.run.precision)
-    policy, value, reward, ref = load_models(recipe, policy_dir, rm_dir, value_dir, prec)
+    policy, value, reward, ref = load_models(
+        recipe, policy_dir, rm_dir, value_dir, prec, control_token_indices(tokenizer)
+    )
     shift, scale = (reward_stats.mean, reward_stats.std) if reward_stats is not None else (0.0, 1.0)
     model = PolicyAndValue(policy, value, shift, max(scale, 1e-8))
     # Fused: one kernel per parameter, no temporaries the size of the largest one (Gemma's 262k-row embedding), and

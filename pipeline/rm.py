@@ -153,7 +153,9 @@ def run(recipe: Recipe) -> Path:
         raise ConfigError("the reward model needs a pad token distinct from eos to find the scoring position")
     if not run.done:
         init_score_head(model, recipe.run.seed)
-    model, peft_config = with_lora(model, r.method, r.lora, "SEQ_CLS", run.resume, run.done, modules_to_save=["score"])
+    model, peft_config = with_lora(
+        model, r.method, r.lora, "SEQ_CLS", run.resume, run.done, tokenizer=tokenizer, modules_to_save=["score"]
+    )
     trainer = RewardTrainer(
         model=model,
         args=run.args,

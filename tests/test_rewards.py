@@ -460,3 +460,27 @@ def test_the_reward_model_starts_from_ppo_init_from_when_rm_has_none(chain, tmp_
     final = rm.run(chain_recipe(tmp_path, f"ppo.init_from={start}", "rm.max_steps=2", "rm.eval_steps=1000"))
     lineage = json.loads((final / "lineage.json").read_text())
     assert lineage["parent"].endswith("my-instruct") and not (tmp_path / "tiny_ko" / "sft").exists()
+
+
+@pytest.mark.slow
+def test_the_report_of_a_run_started_elsewhere_compares_its_start_and_other_checkpoints(grpo_run, chain, capsys):
+    """The report of a run with no SFT of its own: its first column is the start model, PPO's score came from a
+    function (no reward model is required), and ``report.compare`` samples other checkpoints alike. Catches the
+    report demanding this run's SFT checkpoint or a reward model, and compared columns sampled differently: the
+    chain's own SFT checkpoint, identical to the start, must give exactly the start's numbers. A compared checkpoint
+    that does not exist is left out and said."""
+    from pipeline import report
+
+    out, start, final, _ = grpo_run
+    compare = f"report.compare={{same_as_start: {chain}/tiny_ko/sft/final, absent: {out}/nothing/final}}"
+    recipe = chain_recipe(out, f"ppo.init_from={start}", *GRPO_RULE, compare)
+    saved = report.run(recipe)
+    said = capsys.readouterr().out
+    assert "report.compare.absent:" in said and "left out of the comparison" in said
+    assert saved["methods"] == ["sft", "ppo", "same_as_start"]
+    assert saved["same_as_start_accuracy"] == saved["sft_accuracy"]
+    assert saved["ppo_accuracy"] > saved["sft_accuracy"] + 0.15, saved
+    assert "sft" not in saved["stage_seconds"] and saved["stage_seconds"]["ppo"] > 0
+    assert "rm_accuracy" not in saved
+    md = (out / "tiny_ko" / "report.md").read_text()
+    assert f"start ({start})" in md
