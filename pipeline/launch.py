@@ -18,6 +18,7 @@ DeepSpeed's own launcher (pdsh over ssh from one node), which is not what runnin
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,16 @@ from pipeline.core.config import ConfigError
 from pipeline.core.errors import EXIT_INPUT
 from pipeline.core.locations import resolve_path
 from pipeline.core.rundir import TRAINING_STAGES
+
+
+def cpu_threads(local_processes: int) -> int:
+    """CPU threads per process: ``OMP_NUM_THREADS`` when it is set, else the machine's cores shared by its processes.
+    accelerate sets ``OMP_NUM_THREADS=1`` in every process it launches unless its config says ``use_cpu`` (the
+    shipped configs are GPU-style), which on a CPU machine ran every stage on one core."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max((os.cpu_count() or 1) // max(local_processes, 1), 1)
 
 
 def build_command(argv: list[str] | None = None) -> list[str]:
@@ -37,6 +48,7 @@ def build_command(argv: list[str] | None = None) -> list[str]:
     topo = launch_of(recipe, a)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_path(topo.config_file))]
     cmd += ["--num_processes", str(topo.num_processes), "--num_machines", str(topo.num_machines)]
+    cmd += ["--num_cpu_threads_per_process", str(cpu_threads(topo.num_processes // max(topo.num_machines, 1)))]
     if topo.num_machines > 1:
         if not topo.main_process_ip or topo.main_process_port is None:
             raise ConfigError(

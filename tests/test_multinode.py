@@ -232,3 +232,23 @@ def test_machine_0_killed_mid_stage_stops_machine_1_and_both_resume(zero2_chain)
     state = json.loads((sft / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8 and missing_notices(sft / "final") == []
     assert sorted(p.name for p in sft.iterdir() if p.name.startswith((".", "final"))) == ["final"]
+
+
+def test_each_launched_process_gets_its_share_of_the_cpu_threads(monkeypatch):
+    """Catches every launched stage running on one core: accelerate sets OMP_NUM_THREADS=1 in its processes unless
+    the config says use_cpu (the shipped configs are GPU-style), so a CPU machine trained single-threaded. The
+    launcher passes the cores shared by the machine's processes, or OMP_NUM_THREADS when the user set it."""
+    import os
+
+    from pipeline.launch import build_command
+
+    def threads(*args: str) -> int:
+        cmd = build_command(["sft", "--recipe", RECIPE, *args])
+        return int(cmd[cmd.index("--num_cpu_threads_per_process") + 1])
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    assert threads() == cores
+    assert threads("--config-file", "configs/accelerate/ddp.yaml", "--num-processes", "2") == max(cores // 2, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3

@@ -333,11 +333,24 @@ def test_grpo_with_the_rule_function_learns_the_rule_with_no_reward_model(grpo_r
 
 
 @pytest.mark.slow
-def test_no_reward_model_is_needed_built_or_loaded_and_no_sft_ran(grpo_run):
+def test_no_reward_model_is_needed_built_or_loaded_and_no_sft_ran(grpo_run, chain):
     """Catches a reward-model-free run still loading one (memory and a hard dependency on `make rm`), and a start
     elsewhere still needing this run's SFT. Negative control: the default recipe's PPO needs both."""
+    from pipeline import ppo
+    from pipeline.core import loading
+    from pipeline.core.devices import precision
+
     out, start, final, loaded = grpo_run
     assert loaded == []  # no sequence classifier at all: grpo has no value model, and there is no reward model
+    default = chain_recipe(out, "ppo.estimator=grpo", "ppo.num_generations=4")
+    calls = []
+    original = loading.load_sequence_classifier
+    ppo.load_sequence_classifier = lambda *a, **k: calls.append(a[1]) or original(*a, **k)
+    try:  # negative control: with its reward model the same estimator loads it
+        reward = ppo.load_models(default, start, chain / "tiny_ko" / "rm" / "final", None, precision("fp32"))[2]
+    finally:
+        ppo.load_sequence_classifier = original
+    assert reward is not None and calls == [str(chain / "tiny_ko" / "rm" / "final")]
     assert not (out / "tiny_ko" / "sft").exists() and not (out / "tiny_ko" / "rm").exists()
     metrics = ppo_metrics(out)
     assert len(metrics) == 60 and all("reward/polite_reward" in m for m in metrics)
@@ -484,3 +497,61 @@ def test_the_report_of_a_run_started_elsewhere_compares_its_start_and_other_chec
     assert "rm_accuracy" not in saved
     md = (out / "tiny_ko" / "report.md").read_text()
     assert f"start ({start})" in md
+
+
+def test_the_data_stage_keeps_each_prompt_rows_other_columns(tmp_path):
+    """Catches a prompt row's ``answer`` (or any other column) lost by the data stage, so a checker never receives
+    it; a column renamed by the recipe is kept under its recipe name only. Negative control: the formats' own fields
+    are not repeated as columns."""
+    import datasets
+
+    from pipeline.data import main
+
+    rows = [{"question": "1 더하기 2는?", "answer": 3, "level": "easy"}, {"question": "2 더하기 2는?", "answer": 4}]
+    src = tmp_path / "sums.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    spec = f"[{{path: {src}, columns: {{prompt: question}}}}]"
+    assert (
+        main(
+            [
+                "--recipe",
+                str(RECIPE),
+                f"run.output_dir={tmp_path}",
+                f"data.prompts.train={spec}",
+                "data.prompts.eval=[]",
+                "data.prompts.eval_fraction=0",
+            ]
+        )
+        == 0
+    )
+    ds = datasets.Dataset.from_parquet(str(tmp_path / "tiny_ko" / "data" / "prompts" / "train.parquet"))
+    got = PromptRows.read(ds["messages"], ds["columns"], "train")
+    by_prompt = dict(zip(got.prompts, zip(got.columns["answer"], got.columns["level"])))
+    assert by_prompt == {"1 더하기 2는?": (3, "easy"), "2 더하기 2는?": (4, None)}
+    assert set(got.columns) == {"answer", "level"}  # neither question (renamed to prompt) nor prompt itself
+
+
+@pytest.mark.slow
+def test_ppo_lora_trains_the_control_token_rows_only_when_asked(chain, tmp_path):
+    """``ppo.lora.train_control_tokens`` (off by default in PPO: its start learnt them): on, the merged PPO model's
+    embedding differs from its start in exactly the two control-token rows; off, not at all. Catches the setting
+    being read nowhere, and the rows of every other id moving (``modules_to_save`` would train them all)."""
+    from safetensors.torch import load_file
+
+    from pipeline import ppo
+    from tests.helpers.chain import fresh_run
+
+    def embedding(folder):
+        weights = load_file(str(folder / "model.safetensors"))
+        return next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
+
+    sizes = ["ppo.method=lora", "ppo.total_episodes=64", "ppo.panel_every=0", "ppo.learning_rate=1e-2"]
+    base = embedding(chain / "tiny_ko" / "sft" / "final")
+    on = ppo.run(chain_recipe(fresh_run(chain, tmp_path / "on"), *sizes, "ppo.lora.train_control_tokens=true"))
+    changed = (embedding(on) != base).any(1).nonzero().flatten().tolist()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(on)  # the ids from the run's own tokenizer
+    assert changed == sorted(tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])), changed
+    off = ppo.run(chain_recipe(fresh_run(chain, tmp_path / "off"), *sizes))
+    assert torch.equal(embedding(off), base)
