@@ -486,7 +486,7 @@ def test_the_report_of_a_run_started_elsewhere_compares_its_start_and_other_chec
 
     out, start, final, _ = grpo_run
     compare = f"report.compare={{same_as_start: {chain}/tiny_ko/sft/final, absent: {out}/nothing/final}}"
-    recipe = chain_recipe(out, f"ppo.init_from={start}", *GRPO_RULE, compare)
+    recipe = chain_recipe(out, f"ppo.init_from={start}", *GRPO_RULE, compare, "report.samples_per_prompt=4")
     saved = report.run(recipe)
     said = capsys.readouterr().out
     assert "report.compare.absent:" in said and "left out of the comparison" in said
@@ -545,7 +545,7 @@ def test_ppo_lora_trains_the_control_token_rows_only_when_asked(chain, tmp_path)
         weights = load_file(str(folder / "model.safetensors"))
         return next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
 
-    sizes = ["ppo.method=lora", "ppo.total_episodes=64", "ppo.panel_every=0", "ppo.learning_rate=1e-2"]
+    sizes = ["ppo.method=lora", "ppo.total_episodes=32", "ppo.panel_every=0", "ppo.learning_rate=1e-2"]
     base = embedding(chain / "tiny_ko" / "sft" / "final")
     on = ppo.run(chain_recipe(fresh_run(chain, tmp_path / "on"), *sizes, "ppo.lora.train_control_tokens=true"))
     changed = (embedding(on) != base).any(1).nonzero().flatten().tolist()

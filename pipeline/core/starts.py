@@ -6,7 +6,7 @@ recipe (what ``make <stage>`` runs first, and what ``make plan`` shows)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.checkpoint import require_checkpoint
@@ -95,11 +95,6 @@ def rm_start(recipe: Recipe) -> Start:
     if recipe.rm.init_from:
         return named_start(recipe, "rm.init_from", recipe.rm.init_from)
     return policy_start(recipe, "ppo")
-
-
-def start_model_config(recipe: Recipe, start: Start) -> ModelConfig:
-    """The recipe's loading policy (remote code, pickle) for ``start``'s location."""
-    return replace(recipe.model, name_or_path=start.location, revision=None, tokenizer=None)
 
 
 STAGES = ("data", "sft", "rm", "ppo", "dpo", "report")
