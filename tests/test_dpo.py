@@ -266,7 +266,9 @@ def test_lora_reference_is_the_adapter_disabled_model_and_the_final_is_merged(ch
     final, trainer = _run(chain_recipe(out, *overrides, "dpo.eval_steps=3"))
     assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default"}
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    # the adapters, and the two control-token rows (lora.train_control_tokens) as a delta beside the frozen embedding
+    assert trainable and all("lora_" in n or "trainable_tokens_delta" in n for n in trainable), trainable
+    assert any("trainable_tokens_delta" in n for n in trainable)
     sft = _sft_model(out)
     batch = _batch(trainer)
     chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
