@@ -555,3 +555,20 @@ def test_ppo_lora_trains_the_control_token_rows_only_when_asked(chain, tmp_path)
     assert changed == sorted(tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])), changed
     off = ppo.run(chain_recipe(fresh_run(chain, tmp_path / "off"), *sizes))
     assert torch.equal(embedding(off), base)
+
+
+@pytest.mark.slow
+def test_gae_without_a_reward_model_trains_a_value_model_from_the_start(chain, tmp_path):
+    """``estimator: gae`` with ``reward_model: none``: the value model starts from the policy's start (there is no
+    reward model to start it from) and is saved beside the policy. Catches a value model still looked for in a
+    reward model that does not exist."""
+    from pipeline import ppo
+    from tests.helpers.chain import fresh_run
+
+    out = fresh_run(chain, tmp_path)
+    rules = f"ppo.reward_functions=[{{function: '{POLITE}'}}]"
+    final = ppo.run(chain_recipe(out, *NO_RM, rules, "ppo.total_episodes=32", "ppo.panel_every=0"))
+    assert (final / "value" / "model.safetensors").is_file()
+    lineage = json.loads((final / "value" / "lineage.json").read_text())
+    assert lineage["parent"] == "sft/final" and "reward model" not in lineage["inputs"]  # not the rm/ beside it
+    assert "loss/value_avg" in ppo_metrics(out)[0] and "reward/polite_reward" in ppo_metrics(out)[0]
