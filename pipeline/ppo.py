@@ -115,12 +115,9 @@ class PPOStopError(RunError, RuntimeError):
 
 def answer_totals(g: Generation, tokenizer: Any, turn_end_id: int) -> dict[str, tuple[float, int]]:
     """The Korean answer measures of this process's responses (pipeline/core/korean.py) as (sum, count): each
-    response's text up to its stop token, without special tokens, in one batch decode; stopped means it ended its
-    turn; the length counts the stop token, as ``ppo/response_length`` does."""
-    seq_len, stopped = g.seq_len.tolist(), g.stopped.tolist()
-    ids = [r[: n + (0 if st else 1)] for r, n, st in zip(g.responses.tolist(), seq_len, stopped)]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return korean_totals(zip(texts, g.ended_on(turn_end_id), [n + 1 for n in seq_len]))
+    response's text up to its stop token (``Generation.texts``); stopped means it ended its turn; the length counts
+    the stop token, as ``ppo/response_length`` does."""
+    return korean_totals(zip(g.texts(tokenizer), g.ended_on(turn_end_id), [n + 1 for n in g.seq_len.tolist()]))
 
 
 def batch_rows(n: int, update: int, sizes: BatchSizes, rank: int, seed: int, k: int = 1) -> list[int]:

@@ -75,11 +75,10 @@ class Generation:
         return seq, mask, positions(mask)
 
     def texts(self, tokenizer: Any) -> list[str]:
-        """Each response's text before its stop token (the whole response when it never stopped)."""
-        return [
-            tokenizer.decode(r[: int(n) + (0 if st else 1)].tolist(), skip_special_tokens=True)
-            for r, n, st in zip(self.responses, self.seq_len, self.stopped)
-        ]
+        """Each response's text before its stop token (the whole response when it never stopped), in one batch
+        decode, without special tokens."""
+        rows = zip(self.responses.tolist(), self.seq_len.tolist(), self.stopped.tolist())
+        return tokenizer.batch_decode([r[: n + (0 if st else 1)] for r, n, st in rows], skip_special_tokens=True)
 
     def ended_on(self, token_id: int) -> list[bool]:
         """Whether each response stopped on ``token_id`` (e.g. ``<end_of_turn>`` rather than ``<eos>``)."""
