@@ -14,6 +14,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """The same thread count on every machine (``SUITE_THREADS``)."""
+    import torch
+
+    from tests.helpers import SUITE_THREADS
+
+    torch.set_num_threads(SUITE_THREADS)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     from pipeline.core.embedded import resolve_model_path

@@ -9,7 +9,7 @@ import shutil
 import torch
 
 from pipeline.core.config import load_recipe
-from tests.helpers import REPO
+from tests.helpers import REPO, SUITE_THREADS
 
 RECIPE = REPO / "recipes" / "tiny_ko.yaml"
 BASE = ["sft.max_steps=300", "sft.eval_steps=1000", "sft.save_steps=1000", "tracking.mode=disabled"]
@@ -50,7 +50,7 @@ def chain_key() -> str:
     """A digest of the chain's sources (``CHAIN_SOURCES``)."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"threads={SUITE_THREADS}".encode())
     for name in CHAIN_SOURCES:
         path = REPO / name
         for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
