@@ -5,6 +5,8 @@
 #   make demo-rlvr                               GRPO on a Python reward function (no reward model) on that base
 #   make test                                    the test suite
 #   make data RECIPE=recipes/gemma2b_ko.yaml     format a recipe's datasets into runs/<run>/data/
+#   make eval                                    benchmarks (lm-evaluation-harness) of the base and every final model
+#   make chat STAGE=ppo                          talk to a trained model in the terminal
 #   make publish REPO_ID=user/name               the final model, cleaned and checked, to the Hugging Face Hub
 
 RECIPE ?= recipes/tiny_ko.yaml
@@ -16,6 +18,10 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 REPO_ID ?=
 PUBLISH_ARGS ?=
+STAGES ?=
+TASKS ?=
+STAGE ?= ppo
+CHAT_ARGS ?=
 ACCELERATE_CONFIG ?=
 NUM_PROCESSES ?=
 NUM_MACHINES ?=
@@ -35,7 +41,7 @@ LAUNCH_ARGS = \
 LAUNCH = $(PY) -m pipeline.launch $(LAUNCH_ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup recipe data sft rm ppo dpo report publish plan demo demo-real demo-rlvr test test-fast test-gpu bench lint embedded
+.PHONY: help setup recipe data sft rm ppo dpo report eval chat publish plan demo demo-real demo-rlvr test test-fast test-gpu bench lint embedded
 
 help:  ## this list
 	@echo "targets:"
@@ -50,7 +56,10 @@ help:  ## this list
 	@echo "  NUM_MACHINES, MACHINE_RANK, MAIN_PROCESS_IP, MAIN_PROCESS_PORT   multi-machine runs (README: Many machines)"
 	@echo "  GPU_GIB=80   GPU memory that make plan checks the plan against"
 	@echo "  REPO_ID=user/name   hub repository of make publish (default: the recipe's publish.repo_id)"
-	@echo "  PUBLISH_ARGS='--private --stage sft --dry-run'   options of make publish"
+	@echo "  PUBLISH_ARGS='--private --stage sft --dtype bf16 --dry-run'   options of make publish"
+	@echo "  STAGES='base sft ppo dpo'   models make eval evaluates (default: the recipe's eval.stages that exist)"
+	@echo "  TASKS=kobest_boolq,haerae   lm-evaluation-harness tasks of make eval (default: the recipe's eval.tasks)"
+	@echo "  STAGE=ppo   model of make chat (base, sft, ppo, dpo); CHAT_ARGS='--temperature 0' its options"
 
 # The venv is (re)built when pyproject.toml changes; the stamp file marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -107,16 +116,20 @@ report: setup  ## runs/<run>/report.md and report.json: every model trained (SFT
 	$(call upstream,report)
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
+eval: setup  ## benchmarks of the base and every final model (lm-evaluation-harness): [STAGES="base sft"] [TASKS=...]
+	$(PY) -m pipeline.eval --recipe $(RECIPE) $(if $(STAGES),--stages $(STAGES)) $(if $(TASKS),--tasks $(TASKS)) $(OVERRIDES)
+
 publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
 	$(PY) -m pipeline.publish --recipe $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(PUBLISH_ARGS) $(OVERRIDES)
 
-demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, DPO, report
+demo: setup  ## the embedded default end to end on a CPU: data, SFT, reward model, PPO, DPO, benchmarks, report
 	$(PY) -m pipeline.data --recipe recipes/tiny_ko.yaml $(LAUNCH_ARGS) $(OVERRIDES)
 	$(PY) -m pipeline.inspect --recipe recipes/tiny_ko.yaml --stage sft --index 0
 	$(LAUNCH) sft --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) rm --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) ppo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(LAUNCH) dpo --recipe recipes/tiny_ko.yaml $(OVERRIDES)
+	$(PY) -m pipeline.eval --recipe recipes/tiny_ko.yaml $(OVERRIDES)
 	$(PY) -m pipeline.report --recipe recipes/tiny_ko.yaml $(LAUNCH_ARGS) $(OVERRIDES)
 
 REAL_RECIPE := recipes/gemma3_270m_ko.yaml
@@ -125,6 +138,7 @@ demo-real: setup  ## the same chain on a real Gemma base (Gemma 3 270M, built of
 	$(LAUNCH) sft --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(LAUNCH) rm --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(LAUNCH) ppo --recipe $(REAL_RECIPE) $(OVERRIDES)
+	$(PY) -m pipeline.eval --recipe $(REAL_RECIPE) $(OVERRIDES)
 	$(PY) -m pipeline.report --recipe $(REAL_RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 RLVR_RECIPE := recipes/gemma3_270m_ko_rlvr.yaml

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, USER, GemmaEncoder, stop_token_ids
+from pipeline import eval as benchmarks
 from pipeline.core import starts
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import run_cli
@@ -217,10 +218,13 @@ def write_report(recipe: Recipe, run_dir: RunDir) -> dict[str, Any]:
     for name, final in finals.items():
         if name in ("ppo", "dpo"):  # this run's models (a compared checkpoint of another run keeps its card)
             replace_card_section(final, CARD_SECTION, card_section(report, name))
-    run_dir.report_md.write_text(markdown(recipe, run_dir, report, texts, images), encoding="utf-8")
+    bench = benchmarks.read_results(recipe, _say)  # make eval's results, of these checkpoints
+    chart = benchmarks.plot(bench, run_dir.report_images)
+    md = markdown(recipe, run_dir, report, texts, images) + benchmarks.report_section(bench, run_dir, chart)
+    run_dir.report_md.write_text(md, encoding="utf-8")
 
     # 6. report.json last, whole (written aside, then renamed): what another machine waits for
-    saved = flatten(report)
+    saved = {**flatten(report), "benchmarks": benchmarks.summary(bench)}
     pending = run_dir.report_json.with_name(f".{run_dir.report_json.name}.tmp")
     pending.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(pending, run_dir.report_json)

@@ -698,6 +698,37 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)
+    """Benchmarks of ``make eval`` (lm-evaluation-harness): a task or group name of the harness (``kobest_boolq``,
+    ``haerae``, ``kmmlu_direct_korean_history``; their datasets come from the Hub) or a task file of the project in
+    the harness's format (``data_prep/ko_bench/ko_bench_mc.yaml``, over local files)."""
+    stages: list[Literal["base", "sft", "ppo", "dpo"]] = field(default_factory=lambda: ["base", "sft", "ppo", "dpo"])
+    """Models evaluated by default: the base, and each of these stages whose final checkpoint exists."""
+    num_fewshot: int | None = None
+    """Examples shown before each question (None: each task's own default, usually 0)."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+    limit: int | None = None
+    """Only the first N items of each task (a quick look; the results record it)."""
+    chat_template: Literal["generative", "always", "never"] = "generative"
+    """Which tasks are prompted with the Gemma chat template: the generative ones (a chat model is asked as it was
+    trained; multiple choice is scored on the plain prompt, as for any model), all, or none."""
+
+    def check(self, err: Err) -> None:
+        for i, task in enumerate(self.tasks):
+            if task.endswith((".yaml", ".yml")):
+                if not resolve_path(task).is_file():
+                    err(f"eval.tasks.{i}", f"task file {task!r} does not exist")
+            elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", task):
+                err(f"eval.tasks.{i}", f"{task!r} is neither a task name of lm-evaluation-harness nor a .yaml file")
+        at_least_one(err, "eval.batch_size", self.batch_size)
+        at_least_one(err, "eval.limit", self.limit)
+        if self.num_fewshot is not None:
+            in_range(err, "eval.num_fewshot", self.num_fewshot, self.num_fewshot >= 0, "must not be negative")
+
+
+@dataclass
 class PublishConfig:
     language: list[str] = field(default_factory=list)
     """Languages of the model (ISO 639-1 codes, e.g. ``[ko]``): the model card's ``language`` front matter."""
@@ -759,6 +790,8 @@ class Recipe:
     """The run report written after PPO."""
     publish: PublishConfig = field(default_factory=PublishConfig)
     """The model card's language and the Hub repository of ``make publish``."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Benchmarks (``make eval``): lm-evaluation-harness tasks run on the base and every final model."""
 
     @property
     def run_dir(self) -> Path:
@@ -892,4 +925,5 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         getattr(recipe, section).check(section, err)
     recipe.ppo.check(err)
     recipe.report.check(err)
+    recipe.eval.check(err)
     recipe.launch.check(err)

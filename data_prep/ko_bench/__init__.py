@@ -1,0 +1,10 @@
+"""A small Korean benchmark about the subjects and forms of the demo data, as lm-evaluation-harness tasks over the
+JSONL files beside this file (``generate.py`` writes them; ``tasks.py`` loads and scores them).
+
+    lm_eval --model hf --model_args pretrained=runs/<run>/sft/final --include_path data_prep/ko_bench \\
+            --tasks ko_bench_mc,ko_bench_short --apply_chat_template      # by hand; `make eval` does the same
+"""
+
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent

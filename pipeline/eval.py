@@ -1,0 +1,518 @@
+"""Benchmarks: every final model of the run, and its base, on EleutherAI's lm-evaluation-harness.
+
+    make eval RECIPE=recipes/tiny_ko.yaml [STAGES="base sft ppo dpo"] [TASKS="kobest_boolq,haerae"]
+    python -m pipeline.eval --recipe RECIPE [--stages base sft ...] [--tasks a,b] [key.sub=value ...]
+
+The tasks are the recipe's ``eval.tasks``: names of the harness's own tasks and groups (``kobest_boolq``, ``haerae``,
+``kmmlu_direct_korean_history``) or task YAML files in the project, in the harness's format (the shipped Korean
+benchmark ``data_prep/ko_bench/``). Every task is checked before any model is loaded: a task that is not known, or
+whose dataset cannot be loaded (offline, or a dataset of the Hub that is gated or gone), stops the stage in one line
+per task naming the task and the dataset.
+
+Each model is loaded the way every stage loads it (the recipe's base through its loader, a final checkpoint from its
+folder), in the precision the run trains in, with the tokenizer carrying Gemma's chat template. Generative tasks are
+prompted with that template (a chat model is asked as it was trained); log-likelihood tasks (multiple choice) read
+the plain prompt, as the harness scores them for every model (``eval.chat_template`` changes this). The numbers
+are the harness's own: the same as running ``lm_eval`` by hand on that checkpoint with the same settings.
+
+Results: ``runs/<run>/eval/<stage>.json`` (written whole, then renamed), a table printed at the end, one W&B run
+(``<run>-eval``, in the run's group) whose summary holds ``eval/<stage>/<task>/<metric>``, and the report's
+benchmark table and chart (``make report``; results of a checkpoint trained again since are left out, and said).
+
+Why this module calls the harness from Python rather than its command line: the base model may be a GGUF or an
+embedded model that only this pipeline's loader reads, the tokenizer must carry the Gemma template, and two calls
+(with and without the chat template) share one loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.checkpoint import require_checkpoint
+from pipeline.core.cli import add_recipe_arguments, guarded, recipe_from
+from pipeline.core.config import ConfigError, Recipe
+from pipeline.core.errors import RunError
+from pipeline.core.locations import REPO_ROOT, resolve_path
+from pipeline.core.rundir import RunDir, is_complete, read_marker
+
+STAGES = ("base", "sft", "ppo", "dpo")
+LABELS = {"base": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
+GENERATIVE = "generate_until"
+
+
+class EvalError(RunError, RuntimeError):
+    """A benchmark cannot run: an unknown task, a dataset that cannot be loaded, a model that is not there."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks: names of the harness or task files of the project
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _TaskFileLoader(yaml.SafeLoader):
+    """Reads a harness task file: its ``!function`` tags are kept as text (only the name is needed here)."""
+
+
+_TaskFileLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def is_task_file(spec: str) -> bool:
+    return spec.endswith(TASK_FILE_SUFFIXES)
+
+
+def task_file_name(path: Path) -> str:
+    """The task (or group) a harness task file defines; ConfigError when it defines neither."""
+    try:
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskFileLoader)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not a readable task file: {' '.join(str(e).split())}") from None
+    name = cfg.get("task") if isinstance(cfg, dict) else None
+    name = name if isinstance(name, str) else (cfg.get("group") if isinstance(cfg, dict) else None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: a harness task file names its task (`task: name`) or group (`group: name`)")
+    return name
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One entry of ``eval.tasks``: the name results are reported under, and what the harness is given."""
+
+    name: str
+    spec: str  # a name of the harness, or the task file's absolute path
+    file: Path | None = None
+
+
+def task_specs(tasks: list[str]) -> list[TaskSpec]:
+    out = []
+    for entry in tasks:
+        if is_task_file(entry):
+            path = resolve_path(entry)
+            if not path.is_file():
+                raise ConfigError(f"eval.tasks: task file {entry!r} does not exist")
+            out.append(TaskSpec(task_file_name(path), str(path), path))
+        else:
+            out.append(TaskSpec(entry, entry))
+    return out
+
+
+def task_manager(specs: list[TaskSpec]) -> Any:
+    """The harness's task index: its own tasks only when a name of the harness is asked for (indexing them all
+    takes a while), plus the folders of the project's task files (so a group file finds its tasks)."""
+    from lm_eval.tasks import TaskManager
+
+    folders = sorted({str(s.file.parent) for s in specs if s.file is not None})
+    return TaskManager(include_path=folders or None, include_defaults=any(s.file is None for s in specs))
+
+
+def dataset_ids(tm: Any, name: str, seen: set[str] | None = None) -> list[str]:
+    """The Hub datasets a task or group of the index reads (``path`` or ``path (name)``)."""
+    seen = seen if seen is not None else set()
+    entry = tm.task_index.get(name)
+    if entry is None or name in seen:
+        return []
+    seen.add(name)
+    cfg = entry.cfg or {}
+    if cfg.get("dataset_path"):
+        return [cfg["dataset_path"] + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")]
+    children = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    ids = []
+    for child in children:
+        child_name = child if isinstance(child, str) else (child or {}).get("task")
+        if isinstance(child_name, str):
+            ids += [i for i in dataset_ids(tm, child_name, seen) if i not in ids]
+    return ids
+
+
+def load_tasks(tm: Any, specs: list[TaskSpec]) -> dict[str, dict[str, Any]]:
+    """Every task built, its dataset loaded: ``{spec name: {leaf task name: Task}}``. EvalError, one line per task
+    that cannot be built, naming its datasets."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    built, problems = {}, []
+    for s in specs:
+        if s.file is None and s.spec not in tm.task_index:
+            problems.append(f"eval.tasks: {s.name!r} is not a task or group of lm-evaluation-harness")
+            continue
+        try:
+            built[s.name] = tm.load([s.spec])["tasks"]
+        except Exception as e:  # noqa: BLE001 - one line per task instead of the datasets/hub traceback
+            ids = dataset_ids(tm, s.name) or ["(its dataset)"]
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problems.append(f"eval task {s.name}: dataset {', '.join(ids)} cannot be loaded: {first}")
+    if problems:
+        raise EvalError("\n".join(problems))
+    return built
+
+
+def chat_template_for(output_type: str, policy: str) -> bool:
+    """Whether a task of ``output_type`` is prompted with the chat template under ``eval.chat_template``."""
+    return policy == "always" or (policy == "generative" and output_type == GENERATIVE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models: the base and each final checkpoint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stage_models(recipe: Recipe, asked: list[str] | None) -> dict[str, str]:
+    """``{stage: location}`` of the models to evaluate, in STAGES order: the ones asked for (each must exist), or
+    by default the base and every final checkpoint of the run that exists."""
+    from pipeline.core.loading import model_location
+
+    run = RunDir.of(recipe)
+    wanted = asked or list(recipe.eval.stages)
+    for name in wanted:
+        if name not in STAGES:
+            raise ConfigError(f"--stages: {name!r} is not one of {', '.join(STAGES)}")
+    models = {}
+    for name in STAGES:
+        if name not in wanted:
+            continue
+        if name == "base":
+            models[name] = model_location(recipe.model)
+        elif run.stage(name).final.exists() or asked:
+            models[name] = str(require_checkpoint(run.stage(name).final, f"the {name} checkpoint"))
+    if not models:
+        raise EvalError(f"no model to evaluate: none of {', '.join(wanted)} is in {run.root}")
+    return models
+
+
+def checkpoint_identity(location: str) -> str:
+    """What names a checkpoint's version: its completion time (a retrained stage has a new one), or its location
+    for a model this pipeline did not write."""
+    return str(read_marker(location).get("finished_at")) if is_complete(location) else location
+
+
+def eval_dtype(recipe: Recipe) -> Any:
+    """The precision the run trains in: bf16 on a GPU when ``run.precision`` asks for it or allows it."""
+    import torch
+
+    from pipeline.core.devices import precision
+
+    return torch.bfloat16 if precision(recipe.run.precision)["bf16"] else torch.float32
+
+
+def load_lm(recipe: Recipe, location: str, batch_size: int) -> Any:
+    """The harness's HF model wrapper around a model loaded by this pipeline's loader."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from pipeline.core.loading import load_causal_lm, load_tokenizer
+
+    dtype = eval_dtype(recipe)
+    model = load_causal_lm(recipe.model, location, dtype=dtype, dropout_off=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    tokenizer = load_tokenizer(recipe.model, location)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and reading the harness
+# --------------------------------------------------------------------------------------------------------------
+
+
+def metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    """``{metric: value, metric_stderr: value}`` from a harness result row (keys ``acc,none``)."""
+    out = {}
+    for key, value in row.items():
+        if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        metric, filt = key.split(",", 1)
+        out[metric if filt == "none" else f"{metric}[{filt}]"] = float(value)
+    return out
+
+
+def evaluate_model(recipe: Recipe, lm: Any, tm: Any, built: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every task on one model: ``{task: {metrics, n, num_fewshot, chat_template, output_type}}``. Tasks are run
+    in two calls of the harness, one per chat-template setting, on the same loaded model."""
+    from lm_eval import simple_evaluate
+
+    cfg = recipe.eval
+    by_template: dict[bool, list[str]] = {True: [], False: []}
+    output_type = {}
+    for name, leaves in built.items():
+        kinds = {t.OUTPUT_TYPE for t in leaves.values()}
+        output_type[name] = GENERATIVE if GENERATIVE in kinds else sorted(kinds)[0]
+        by_template[chat_template_for(output_type[name], cfg.chat_template)].append(name)
+    specs = {s.name: s.spec for s in task_specs(cfg.tasks)}
+    results: dict[str, Any] = {}
+    for template, names in by_template.items():
+        if not names:
+            continue
+        out = simple_evaluate(
+            model=lm,
+            tasks=[specs[n] for n in names],
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            task_manager=tm,
+            apply_chat_template=template,
+            fewshot_as_multiturn=template,
+            log_samples=False,
+            bootstrap_iters=1000,
+            random_seed=recipe.run.seed,
+            numpy_random_seed=recipe.run.seed,
+            torch_random_seed=recipe.run.seed,
+            fewshot_random_seed=recipe.run.seed,
+        )
+        for name in names:
+            leaves = list(built[name])
+            rows = out["results"]
+            row = rows.get(name) or (rows.get(leaves[0]) if len(leaves) == 1 else None)
+            if row is None:  # a group the harness does not aggregate: its tasks' mean of each metric
+                row = _mean_rows([rows[leaf] for leaf in leaves if leaf in rows])
+            samples = out.get("n-samples", {})
+            results[name] = {
+                "metrics": metrics_of(row),
+                "n": sum(int(samples.get(leaf, {}).get("effective", 0)) for leaf in leaves),
+                "num_fewshot": {leaf: out.get("n-shot", {}).get(leaf) for leaf in leaves},
+                "chat_template": template,
+                "output_type": output_type[name],
+            }
+    return {name: results[name] for name in built}
+
+
+def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = {k for r in rows for k, v in r.items() if "," in k and isinstance(v, (int, float))}
+    return {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """``path`` written whole: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pending = path.with_name(f".{path.name}.tmp")
+    pending.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(pending, path)
+
+
+def result_path(run: RunDir, stage: str) -> Path:
+    return run.root / "eval" / f"{stage}.json"
+
+
+def run(recipe: Recipe, stages: list[str] | None = None, tasks: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate each model; returns ``{stage: result}`` (each also written to ``runs/<run>/eval/<stage>.json``)."""
+    import dataclasses
+    import logging
+
+    import lm_eval
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices; the results are printed below
+    if tasks:
+        recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tasks=list(tasks)))
+    if not recipe.eval.tasks:
+        raise ConfigError("eval.tasks is empty: name the benchmarks in the recipe (or TASKS=...)")
+    specs = task_specs(recipe.eval.tasks)
+    models = stage_models(recipe, stages)
+    _say(f"checking {len(specs)} task(s): {', '.join(s.name for s in specs)}")
+    tm = task_manager(specs)
+    built = load_tasks(tm, specs)
+    run_dir = RunDir.of(recipe)
+    results = {}
+    for stage, location in models.items():
+        _say(f"{LABELS[stage]}: {_shown(location)}")
+        started = time.monotonic()
+        lm = load_lm(recipe, location, recipe.eval.batch_size)
+        scores = evaluate_model(recipe, lm, tm, built)
+        del lm
+        result = {
+            "stage": stage,
+            "model": _shown(location),
+            "checkpoint": checkpoint_identity(location),
+            "tasks": scores,
+            "settings": {
+                "num_fewshot": recipe.eval.num_fewshot,
+                "limit": recipe.eval.limit,
+                "batch_size": recipe.eval.batch_size,
+                "chat_template": recipe.eval.chat_template,
+                "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
+                "seed": recipe.run.seed,
+            },
+            "lm_eval_version": lm_eval.__version__,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        write_result(result_path(run_dir, stage), result)
+        results[stage] = result
+    print(table_markdown(results), flush=True)
+    track(recipe, results)
+    return results
+
+
+def _shown(location: str) -> str:
+    """A location as the user wrote it: relative to the repository when it is inside it."""
+    try:
+        return str(Path(location).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return location
+
+
+def _say(line: str) -> None:
+    print(f"[eval] {line}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Showing results: the table, the chart, W&B
+# --------------------------------------------------------------------------------------------------------------
+
+
+def headline(task: dict[str, Any]) -> tuple[str, float] | None:
+    """The metric a task is compared by: ``acc_norm``/``acc`` for multiple choice, ``exact_match`` for short
+    answers, else the first one reported."""
+    metrics = {k: v for k, v in task["metrics"].items() if not k.endswith("_stderr") and "_stderr[" not in k}
+    for key in ("acc", "acc_norm", "exact_match"):
+        if key in metrics:
+            return key, metrics[key]
+    first = next(iter(sorted(metrics)), None)
+    return (first, metrics[first]) if first else None
+
+
+def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, float | None]]]:
+    """(task, metric, {stage: value}) for every task any result has, in the order results list them."""
+    tasks: list[str] = []
+    for r in results.values():
+        tasks += [t for t in r["tasks"] if t not in tasks]
+    out = []
+    for task in tasks:
+        metric = next(
+            (h[0] for r in results.values() if task in r["tasks"] if (h := headline(r["tasks"][task]))), None
+        )
+        if metric is None:
+            continue
+        values = {s: r["tasks"].get(task, {}).get("metrics", {}).get(metric) for s, r in results.items()}
+        out.append((task, metric, values))
+    return out
+
+
+def table_markdown(results: dict[str, dict[str, Any]]) -> str:
+    stages = list(results)
+    head = "| task | metric | " + " | ".join(LABELS.get(s, s) for s in stages) + " |"
+    lines = [head, "|" + "---|" * (len(stages) + 2)]
+    for task, metric, values in rows(results):
+        cells = " | ".join("–" if values[s] is None else f"{values[s]:.3f}" for s in stages)
+        lines.append(f"| {task} | {metric} | {cells} |")
+    return "\n".join(lines)
+
+
+def read_results(recipe: Recipe, say: Any = _say) -> dict[str, dict[str, Any]]:
+    """The results under ``runs/<run>/eval/`` whose checkpoint is still the stage's current one (in STAGES
+    order); one of a checkpoint trained again since is left out, and said."""
+    from pipeline.core.loading import model_location
+
+    run = RunDir.of(recipe)
+    out = {}
+    for stage in STAGES:
+        path = result_path(run, stage)
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        location = model_location(recipe.model) if stage == "base" else str(run.stage(stage).final)
+        now = checkpoint_identity(location) if stage == "base" or is_complete(location) else None
+        if now != result.get("checkpoint"):
+            say(f"{path} is of an earlier {LABELS[stage]} checkpoint; left out (run `make eval` again)")
+            continue
+        out[stage] = result
+    return out
+
+
+def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{stage: {task: {metric: value}}}``: what report.json keeps of the results."""
+    return {s: {t: dict(v["metrics"]) for t, v in r["tasks"].items()} for s, r in results.items()}
+
+
+def report_section(results: dict[str, dict[str, Any]], run: RunDir, chart: str | None) -> str:
+    """The report's benchmark section: the table and the chart, or a line saying how to get them."""
+    lines = ["", "## Benchmarks (lm-evaluation-harness, `make eval`)", ""]
+    if not results:
+        return "\n".join([*lines, "No results of these checkpoints yet: run `make eval`.", ""])
+    first = next(iter(results.values()))
+    settings = first["settings"]
+    limit = f", the first {settings['limit']} items of each task" if settings.get("limit") else ""
+    n = ", ".join(f"{t} {v['n']}" for t, v in first["tasks"].items())
+    shots = settings.get("num_fewshot")
+    shots = "each task's default" if shots is None else shots
+    lines += [
+        f"Items: {n}{limit}; few-shot: {shots}; chat template for "
+        f"{settings.get('chat_template')} tasks; lm-eval {first.get('lm_eval_version')}.",
+        "",
+        table_markdown(results),
+        "",
+    ]
+    if chart:
+        lines += [f"![benchmarks]({run.report_images.relative_to(run.root).as_posix()}/{chart})", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], out: Path) -> str | None:
+    """A bar chart of each task's headline metric per model; the file name, or None with nothing to show."""
+    table = rows(results)
+    if not table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(results)
+    width = 0.8 / len(stages)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(table)), 3.4))
+    for i, stage in enumerate(stages):
+        xs = [k + i * width for k in range(len(table))]
+        ys = [v[stage] or 0.0 for _, _, v in table]
+        ax.bar(xs, ys, width, label=LABELS.get(stage, stage))
+    ax.set_xticks([k + width * (len(stages) - 1) / 2 for k in range(len(table))])
+    ax.set_xticklabels([f"{t}\n{m}" for t, m, _ in table], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("Benchmarks (lm-evaluation-harness)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "benchmarks.png", dpi=100)
+    plt.close(fig)
+    return "benchmarks.png"
+
+
+def track(recipe: Recipe, results: dict[str, dict[str, Any]]) -> None:
+    """One W&B run for the benchmarks, in the run's group: ``eval/<stage>/<task>/<metric>`` in its summary and
+    the table."""
+    from pipeline.core.tracking import Tracker
+
+    tracker = Tracker(recipe, "eval", is_main=True, extra_config={"eval_tasks": list(recipe.eval.tasks)})
+    if not tracker.active:
+        return
+    for stage, result in results.items():
+        for task, scores in result["tasks"].items():
+            for metric, value in scores["metrics"].items():
+                tracker.run.summary[f"eval/{stage}/{task}/{metric}"] = value
+    table = rows(results)
+    tracker.table(
+        "eval/benchmarks",
+        ["task", "metric", *results],
+        [[t, m, *[v[s] for s in results]] for t, m, v in table],
+        step=0,
+    )
+    tracker.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Evaluate the run's models on lm-evaluation-harness tasks.")
+    add_recipe_arguments(ap)
+    ap.add_argument("--stages", nargs="*", help=f"models to evaluate among {', '.join(STAGES)} (default: eval.stages)")
+    ap.add_argument("--tasks", help="comma-separated tasks instead of eval.tasks")
+    args = ap.parse_args(argv)
+    stages = [s for x in (args.stages or []) for s in x.split() if s] or None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return guarded("eval", lambda: run(recipe_from(args), stages, tasks))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
