@@ -119,6 +119,9 @@ report: setup  ## runs/<run>/report.md and report.json: every model trained (SFT
 eval: setup  ## benchmarks of the base and every final model (lm-evaluation-harness): [STAGES="base sft"] [TASKS=...]
 	$(PY) -m pipeline.eval --recipe $(RECIPE) $(if $(STAGES),--stages $(STAGES)) $(if $(TASKS),--tasks $(TASKS)) $(OVERRIDES)
 
+chat: setup  ## talk to a finished model in the terminal (one line per answer when piped): [STAGE=ppo|dpo|sft|base] [CHAT_ARGS="--temperature 0 --show-prompt"]
+	@$(PY) -m pipeline.chat --recipe $(RECIPE) --stage $(STAGE) $(CHAT_ARGS) $(OVERRIDES)
+
 publish: setup  ## export the final model to runs/<run>/publish/ and upload it: REPO_ID=user/name [PUBLISH_ARGS="--private --stage sft --dry-run"]
 	$(PY) -m pipeline.publish --recipe $(RECIPE) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(PUBLISH_ARGS) $(OVERRIDES)
 

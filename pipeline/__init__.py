@@ -7,7 +7,8 @@
                               model the run trained with the one it started from)
       launch plan inspect     tools: launch a stage under accelerate, plan memory offline, show a formatted example,
       bench publish           benchmark (bench drives the PPO stage's loop: the one tool that imports a stage),
-                              publish a finished model to the Hugging Face Hub; no tool imports another
+      eval chat               publish a finished model to the Hugging Face Hub, evaluate every model on
+                              lm-evaluation-harness, talk to a model; no tool imports another
     pipeline/core/            what the stages share: the recipe (config, typed, cli, locations) and its launch
                               (topology), the two kinds of failure a command reports (errors), the run directory
                               (rundir, atomic, checkpoint) and its one writer (writer), what a checkpoint carries
@@ -18,7 +19,8 @@
                               generating and scoring (sampling) through the output heads (heads), Python reward
                               functions (rewards), pure math
                               (ppo_math, batching, reward_stats, korean), a stage's inputs checked against the data
-                              stage's format (consistency), W&B and console progress (tracking, progress); it never
+                              stage's format (consistency), W&B and console progress (tracking, progress), benchmark
+                              results as the report shows them (benchmarks); it never
                               imports a stage or a tool
     data_prep/                Gemma's chat format and the raw-rows-to-ids library; it never imports the pipeline
 

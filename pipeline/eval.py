@@ -37,15 +37,14 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.benchmarks import LABELS, STAGES, checkpoint_identity, rows, table_markdown
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import add_recipe_arguments, guarded, recipe_from
 from pipeline.core.config import ConfigError, Recipe
 from pipeline.core.errors import RunError
 from pipeline.core.locations import REPO_ROOT, resolve_path
-from pipeline.core.rundir import RunDir, is_complete, read_marker
+from pipeline.core.rundir import RunDir
 
-STAGES = ("base", "sft", "ppo", "dpo")
-LABELS = {"base": "base", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 GENERATIVE = "generate_until"
 
@@ -188,12 +187,6 @@ def stage_models(recipe: Recipe, asked: list[str] | None) -> dict[str, str]:
     return models
 
 
-def checkpoint_identity(location: str) -> str:
-    """What names a checkpoint's version: its completion time (a retrained stage has a new one), or its location
-    for a model this pipeline did not write."""
-    return str(read_marker(location).get("finished_at")) if is_complete(location) else location
-
-
 def eval_dtype(recipe: Recipe) -> Any:
     """The precision the run trains in: bf16 on a GPU when ``run.precision`` asks for it or allows it."""
     import torch
@@ -268,10 +261,10 @@ def evaluate_model(recipe: Recipe, lm: Any, tm: Any, built: dict[str, dict[str, 
         )
         for name in names:
             leaves = list(built[name])
-            rows = out["results"]
-            row = rows.get(name) or (rows.get(leaves[0]) if len(leaves) == 1 else None)
+            found = out["results"]
+            row = found.get(name) or (found.get(leaves[0]) if len(leaves) == 1 else None)
             if row is None:  # a group the harness does not aggregate: its tasks' mean of each metric
-                row = _mean_rows([rows[leaf] for leaf in leaves if leaf in rows])
+                row = _mean_rows([found[leaf] for leaf in leaves if leaf in found])
             samples = out.get("n-samples", {})
             results[name] = {
                 "metrics": metrics_of(row),
@@ -283,9 +276,9 @@ def evaluate_model(recipe: Recipe, lm: Any, tm: Any, built: dict[str, dict[str, 
     return {name: results[name] for name in built}
 
 
-def _mean_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = {k for r in rows for k, v in r.items() if "," in k and isinstance(v, (int, float))}
-    return {k: sum(r[k] for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+def _mean_rows(found: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = {k for r in found for k, v in r.items() if "," in k and isinstance(v, (int, float))}
+    return {k: sum(r[k] for r in found if k in r) / max(1, sum(k in r for r in found)) for k in keys}
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
@@ -294,10 +287,6 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     pending = path.with_name(f".{path.name}.tmp")
     pending.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(pending, path)
-
-
-def result_path(run: RunDir, stage: str) -> Path:
-    return run.root / "eval" / f"{stage}.json"
 
 
 def run(recipe: Recipe, stages: list[str] | None = None, tasks: list[str] | None = None) -> dict[str, Any]:
@@ -341,7 +330,7 @@ def run(recipe: Recipe, stages: list[str] | None = None, tasks: list[str] | None
             "lm_eval_version": lm_eval.__version__,
             "seconds": round(time.monotonic() - started, 1),
         }
-        write_result(result_path(run_dir, stage), result)
+        write_result(run_dir.eval_result(stage), result)
         results[stage] = result
     print(table_markdown(results), flush=True)
     track(recipe, results)
@@ -363,122 +352,6 @@ def _say(line: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Showing results: the table, the chart, W&B
 # --------------------------------------------------------------------------------------------------------------
-
-
-def headline(task: dict[str, Any]) -> tuple[str, float] | None:
-    """The metric a task is compared by: ``acc_norm``/``acc`` for multiple choice, ``exact_match`` for short
-    answers, else the first one reported."""
-    metrics = {k: v for k, v in task["metrics"].items() if not k.endswith("_stderr") and "_stderr[" not in k}
-    for key in ("acc", "acc_norm", "exact_match"):
-        if key in metrics:
-            return key, metrics[key]
-    first = next(iter(sorted(metrics)), None)
-    return (first, metrics[first]) if first else None
-
-
-def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, float | None]]]:
-    """(task, metric, {stage: value}) for every task any result has, in the order results list them."""
-    tasks: list[str] = []
-    for r in results.values():
-        tasks += [t for t in r["tasks"] if t not in tasks]
-    out = []
-    for task in tasks:
-        metric = next(
-            (h[0] for r in results.values() if task in r["tasks"] if (h := headline(r["tasks"][task]))), None
-        )
-        if metric is None:
-            continue
-        values = {s: r["tasks"].get(task, {}).get("metrics", {}).get(metric) for s, r in results.items()}
-        out.append((task, metric, values))
-    return out
-
-
-def table_markdown(results: dict[str, dict[str, Any]]) -> str:
-    stages = list(results)
-    head = "| task | metric | " + " | ".join(LABELS.get(s, s) for s in stages) + " |"
-    lines = [head, "|" + "---|" * (len(stages) + 2)]
-    for task, metric, values in rows(results):
-        cells = " | ".join("–" if values[s] is None else f"{values[s]:.3f}" for s in stages)
-        lines.append(f"| {task} | {metric} | {cells} |")
-    return "\n".join(lines)
-
-
-def read_results(recipe: Recipe, say: Any = _say) -> dict[str, dict[str, Any]]:
-    """The results under ``runs/<run>/eval/`` whose checkpoint is still the stage's current one (in STAGES
-    order); one of a checkpoint trained again since is left out, and said."""
-    from pipeline.core.loading import model_location
-
-    run = RunDir.of(recipe)
-    out = {}
-    for stage in STAGES:
-        path = result_path(run, stage)
-        if not path.is_file():
-            continue
-        result = json.loads(path.read_text(encoding="utf-8"))
-        location = model_location(recipe.model) if stage == "base" else str(run.stage(stage).final)
-        now = checkpoint_identity(location) if stage == "base" or is_complete(location) else None
-        if now != result.get("checkpoint"):
-            say(f"{path} is of an earlier {LABELS[stage]} checkpoint; left out (run `make eval` again)")
-            continue
-        out[stage] = result
-    return out
-
-
-def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{stage: {task: {metric: value}}}``: what report.json keeps of the results."""
-    return {s: {t: dict(v["metrics"]) for t, v in r["tasks"].items()} for s, r in results.items()}
-
-
-def report_section(results: dict[str, dict[str, Any]], run: RunDir, chart: str | None) -> str:
-    """The report's benchmark section: the table and the chart, or a line saying how to get them."""
-    lines = ["", "## Benchmarks (lm-evaluation-harness, `make eval`)", ""]
-    if not results:
-        return "\n".join([*lines, "No results of these checkpoints yet: run `make eval`.", ""])
-    first = next(iter(results.values()))
-    settings = first["settings"]
-    limit = f", the first {settings['limit']} items of each task" if settings.get("limit") else ""
-    n = ", ".join(f"{t} {v['n']}" for t, v in first["tasks"].items())
-    shots = settings.get("num_fewshot")
-    shots = "each task's default" if shots is None else shots
-    lines += [
-        f"Items: {n}{limit}; few-shot: {shots}; chat template for "
-        f"{settings.get('chat_template')} tasks; lm-eval {first.get('lm_eval_version')}.",
-        "",
-        table_markdown(results),
-        "",
-    ]
-    if chart:
-        lines += [f"![benchmarks]({run.report_images.relative_to(run.root).as_posix()}/{chart})", ""]
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict[str, Any]], out: Path) -> str | None:
-    """A bar chart of each task's headline metric per model; the file name, or None with nothing to show."""
-    table = rows(results)
-    if not table:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = list(results)
-    width = 0.8 / len(stages)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(table)), 3.4))
-    for i, stage in enumerate(stages):
-        xs = [k + i * width for k in range(len(table))]
-        ys = [v[stage] or 0.0 for _, _, v in table]
-        ax.bar(xs, ys, width, label=LABELS.get(stage, stage))
-    ax.set_xticks([k + width * (len(stages) - 1) / 2 for k in range(len(table))])
-    ax.set_xticklabels([f"{t}\n{m}" for t, m, _ in table], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_title("Benchmarks (lm-evaluation-harness)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "benchmarks.png", dpi=100)
-    plt.close(fig)
-    return "benchmarks.png"
 
 
 def track(recipe: Recipe, results: dict[str, dict[str, Any]]) -> None:

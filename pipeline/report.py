@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.gemma_format import END_OF_TURN, USER, GemmaEncoder, stop_token_ids
-from pipeline import eval as benchmarks
-from pipeline.core import starts
+from pipeline.core import benchmarks, starts
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe

@@ -238,7 +238,7 @@ def test_make_eval_gives_the_numbers_of_lm_eval_run_by_hand(toy_eval):
 @pytest.mark.slow
 def test_the_report_carries_the_benchmark_table_and_leaves_out_results_of_an_older_checkpoint(toy_eval):
     """Catches results of a checkpoint trained again shown as if they were the current model's."""
-    from pipeline import eval as benchmarks
+    from pipeline.core import benchmarks
     from pipeline.core.rundir import RunDir
 
     out, recipe, results = toy_eval

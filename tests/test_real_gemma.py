@@ -333,3 +333,32 @@ def test_our_decoding_loop_equals_the_full_forward_on_the_real_model(base_model,
     gap = pos.clone()
     gap[:, C:] = torch.arange(C, C + L)
     assert padded(gap) > 100 * REAL_TOL
+
+
+def test_make_eval_on_the_real_gemma_gives_the_numbers_of_lm_eval_by_hand(chain):
+    """Catches a difference between `make eval` and the harness run by hand on a real Gemma checkpoint (its real
+    tokenizer: <bos> handling, the 262k-id head, Gemma 3's own model class): the same multiple-choice accuracy on the
+    first 32 items of the shipped benchmark, above zero and within [0, 1]."""
+    import dataclasses
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from pipeline import eval as benchmarks
+
+    recipe, finals = chain
+    task = REPO / "data_prep" / "ko_bench" / "ko_bench_mc.yaml"
+    recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=32, batch_size=16))
+    ours = benchmarks.run(recipe, stages=["sft"], tasks=[str(task)])["sft"]["tasks"]["ko_bench_mc"]
+    hand = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={finals['sft']},dtype=float32,device=cpu",
+        tasks=[str(task)],
+        task_manager=TaskManager(include_defaults=False, include_path=str(task.parent)),
+        batch_size=16,
+        limit=32,
+    )["results"]["ko_bench_mc"]
+    assert ours["n"] == 32
+    assert 0.0 < ours["metrics"]["acc"] <= 1.0
+    assert ours["metrics"]["acc"] == pytest.approx(hand["acc,none"], abs=1e-12)
+    assert ours["metrics"]["acc_norm"] == pytest.approx(hand["acc_norm,none"], abs=1e-12)

@@ -129,6 +129,10 @@ class RunDir:
     def report_images(self) -> Path:
         return self.root / "report"
 
+    def eval_result(self, stage: str) -> Path:
+        """``make eval``'s results for one model (``base`` or a stage)."""
+        return self.root / "eval" / f"{stage}.json"
+
     @property
     def publish(self) -> Path:
         """The export ``make publish`` uploads (``--dry-run`` stops there)."""
