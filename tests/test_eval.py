@@ -302,3 +302,34 @@ def _argmax_choices(ckpt: Path, task_dir: Path) -> list[int]:
     )
     samples = sorted(out["samples"]["ko_bench_mc"], key=lambda s: s["doc_id"])
     return [max(range(len(s["filtered_resps"])), key=lambda k: s["filtered_resps"][k][0]) for s in samples]
+
+
+@pytest.mark.slow
+def test_the_scores_reach_an_offline_w_and_b_run_of_their_own(chain, tmp_path, monkeypatch):
+    """Catches scores missing from W&B, and an eval W&B run that breaks the stage (it has no training folder of
+    its own): two items of one task, tracked offline, summary keys eval/<stage>/<task>/<metric>."""
+    import wandb
+
+    from pipeline import eval as benchmarks
+    from pipeline.core.rundir import RunDir
+    from tests.helpers.wandb_offline import read_offline_run
+
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()
+    out = tmp_path / "runs"
+    _copy_sft(chain, out)
+    recipe = chain_recipe(out, "tracking.mode=offline", "eval.limit=2")
+    try:
+        results = benchmarks.run(recipe, stages=["sft"], tasks=[MC])
+    finally:
+        wandb.teardown()
+    runs = sorted((RunDir.of(recipe).wandb / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_offline_run(str(runs[0]), wait=10)
+    acc = results["sft"]["tasks"]["ko_bench_mc"]["metrics"]["acc"]
+    assert logged["summary"]["eval/sft/ko_bench_mc/acc"] == pytest.approx(acc)
+    assert "eval/benchmarks" in logged["tables"]
+    assert json.loads(RunDir.of(recipe).stage("eval").wandb_run.read_text())["mode"] == "offline"

@@ -56,6 +56,8 @@ ADAPTER = "adapter"
 VALUE = "value"
 DATA_SECTIONS = ("sft", "preference", "prompts")
 TRAINING_STAGES = ("sft", "rm", "ppo", "dpo")
+# Folders of the run with a W&B run of their own: the training stages and the benchmarks (``make eval``).
+TRACKED_STAGES = (*TRAINING_STAGES, "eval")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -113,8 +115,8 @@ class RunDir:
         return self.root / "data"
 
     def stage(self, name: str) -> StageDir:
-        if name not in TRAINING_STAGES:
-            raise ValueError(f"no training stage {name!r} (stages: {', '.join(TRAINING_STAGES)})")
+        if name not in TRACKED_STAGES:
+            raise ValueError(f"no stage {name!r} (stages: {', '.join(TRACKED_STAGES)})")
         return StageDir(self.root / name, name)
 
     @property
@@ -130,8 +132,8 @@ class RunDir:
         return self.root / "report"
 
     def eval_result(self, stage: str) -> Path:
-        """``make eval``'s results for one model (``base`` or a stage)."""
-        return self.root / "eval" / f"{stage}.json"
+        """``make eval``'s results for one model (``base`` or a stage), in the eval folder (``stage("eval")``)."""
+        return self.stage("eval").path / f"{stage}.json"
 
     @property
     def publish(self) -> Path:
