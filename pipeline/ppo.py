@@ -99,7 +99,7 @@ from pipeline.core.rundir import (
 )
 from pipeline.core.sampling import Generation, left_pad
 from pipeline.core.starts import Start, policy_start
-from pipeline.core.trainer_stage import control_token_indices
+from pipeline.core.trainer_stage import control_token_indices, name_adapter_base
 
 STAGE = "ppo"
 
@@ -684,6 +684,7 @@ def _write_weights(ppo: PPORun, state_dict: dict, tmp: Path) -> None:
     val = {k[len("value.") :]: v for k, v in state_dict.items() if k.startswith("value.")}
     if ppo.recipe.ppo.method == "lora":
         unwrapped.policy.save_pretrained(str(tmp / ADAPTER), state_dict=pol)
+        name_adapter_base(tmp / ADAPTER, ppo.inputs.start.location, ppo.recipe.run_dir)
         unwrapped.policy.merge_and_unload().save_pretrained(str(tmp))
     else:
         unwrapped.policy.save_pretrained(str(tmp), state_dict=pol)

@@ -12,6 +12,7 @@ own run object (``pipeline.ppo.PPORun``).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -37,6 +38,7 @@ from pipeline.core.config import ConfigError, LoraSettings, Recipe, TrainerSetti
 from pipeline.core.consistency import check_inputs
 from pipeline.core.devices import describe_processes, precision
 from pipeline.core.faults import NonFiniteLossError, nonfinite_ranks, poison_if_asked
+from pipeline.core.locations import is_hub_id, looks_local, portable_path
 from pipeline.core.progress import eta
 from pipeline.core.provenance import Derivation, stage_derivation
 from pipeline.core.rundir import (
@@ -414,7 +416,53 @@ def _zero3_init_off() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = held  # noqa: SLF001
 
 
-def _finish_files(lora: bool, load_base: Callable[[], Any], extra: Callable[[Path], None] | None, tmp: Path) -> None:
+def adapter_card(card: str, hub_base: str | None) -> str:
+    """PEFT's adapter card with its front matter naming ``hub_base`` as the base model (``base_model`` and the
+    ``base_model:adapter:<id>`` tag), or no base model at all when ``hub_base`` is None; the rest unchanged."""
+    import yaml
+
+    if not card.startswith("---\n") or "\n---\n" not in card[3:]:
+        return card
+    front_text, _, body = card[4:].partition("\n---\n")
+    front = yaml.safe_load(front_text) or {}
+    front.pop("base_model", None)
+    tags = [t for t in front.get("tags") or [] if not str(t).startswith("base_model:adapter:")]
+    if hub_base is not None:
+        front = {"base_model": hub_base, **front}
+        tags = sorted([*tags, f"base_model:adapter:{hub_base}"])
+    if tags:
+        front["tags"] = tags
+    else:
+        front.pop("tags", None)
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
+
+
+def name_adapter_base(adapter: Path, base: str, run_root: Path | None) -> None:
+    """Make a saved LoRA adapter name its base model ``base`` without a local folder. PEFT writes the folder it
+    loaded the base from into ``adapter_config.json`` (``base_model_name_or_path``) and into its card
+    (``base_model`` and the tag ``base_model:adapter:<folder>``). The config now names a hub base by its id and any
+    other by its portable form (``sft/final``, relative to the run directory; ``embedded:<name>``); the card names
+    a hub base only (to the Hub, ``sft/final`` would be a repository). Nothing in the pipeline reads the name: every
+    adapter is loaded onto a base model the stage builds itself (``PeftModel.from_pretrained(base, folder)``)."""
+    from peft.utils import CONFIG_NAME
+
+    hub_base = base if is_hub_id(base) and not looks_local(base) else None
+    config_path = adapter / CONFIG_NAME
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = hub_base or portable_path(base, run_root)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = adapter / CARD_FILE
+    if card.is_file():
+        card.write_text(adapter_card(card.read_text(encoding="utf-8"), hub_base), encoding="utf-8")
+
+
+def _finish_files(
+    lora: bool,
+    load_base: Callable[[], Any],
+    extra: Callable[[Path], None] | None,
+    derivation: Derivation,
+    tmp: Path,
+) -> None:
     if lora:  # merge the adapter into a plain full checkpoint; keep the adapter beside it (main process only)
         from peft import PeftModel
 
@@ -423,6 +471,7 @@ def _finish_files(lora: bool, load_base: Callable[[], Any], extra: Callable[[Pat
         PeftModel.from_pretrained(base, str(tmp / ADAPTER)).merge_and_unload().save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             (tmp / ADAPTER / name).unlink(missing_ok=True)
+        name_adapter_base(tmp / ADAPTER, derivation.parent, derivation.run_root)
     for junk in tmp.rglob(TRAINER_PICKLE):
         junk.unlink()
     if extra is not None:
@@ -439,13 +488,14 @@ def save_trainer_final(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """The stage's notice-carrying final checkpoint, atomically (call on every process: ZeRO-3 gathers). With LoRA
-    the adapter is merged into ``load_base()``; ``extra(tmp)`` adds stage files before the notices and marker."""
+    the adapter is merged into ``load_base()`` and kept in ``adapter/``, naming its base (the derivation's parent) by
+    no local folder (``name_adapter_base``); ``extra(tmp)`` adds stage files before the notices and marker."""
     final = save_final(
         stage.final,
         partial(_save_weights, trainer, lora),
         tokenizer,
         derivation,
-        main_only=partial(_finish_files, lora, load_base, extra),
+        main_only=partial(_finish_files, lora, load_base, extra, derivation),
     )
     if trainer.is_world_process_zero():  # TRL writes a card without the Gemma notices next to the checkpoints
         (stage.checkpoints / CARD_FILE).unlink(missing_ok=True)
