@@ -117,7 +117,7 @@ report: setup  ## runs/<run>/report.md and report.json: every model trained (SFT
 	$(PY) -m pipeline.report --recipe $(RECIPE) $(LAUNCH_ARGS) $(OVERRIDES)
 
 eval: setup  ## benchmarks of the base and every final model (lm-evaluation-harness): [STAGES="base sft"] [TASKS=...]
-	$(PY) -m pipeline.eval --recipe $(RECIPE) $(if $(STAGES),--stages $(STAGES)) $(if $(TASKS),--tasks $(TASKS)) $(OVERRIDES)
+	$(PY) -m pipeline.eval --recipe $(RECIPE) $(if $(STAGES),--stages "$(STAGES)") $(if $(TASKS),--tasks $(TASKS)) $(OVERRIDES)
 
 chat: setup  ## talk to a finished model in the terminal (one line per answer when piped): [STAGE=ppo|dpo|sft|base] [CHAT_ARGS="--temperature 0 --show-prompt"]
 	@$(PY) -m pipeline.chat --recipe $(RECIPE) --stage $(STAGE) $(CHAT_ARGS) $(OVERRIDES)

@@ -45,7 +45,7 @@ from pipeline.core.errors import RunError
 from pipeline.core.locations import REPO_ROOT, resolve_path
 from pipeline.core.rundir import RunDir
 
-TASK_FILE_SUFFIXES = (".yaml", ".yml")
+TASK_FILE_SUFFIX = ".yaml"  # what the harness indexes in a folder
 GENERATIVE = "generate_until"
 
 
@@ -66,7 +66,7 @@ _TaskFileLoader.add_constructor("!function", lambda loader, node: loader.constru
 
 
 def is_task_file(spec: str) -> bool:
-    return spec.endswith(TASK_FILE_SUFFIXES)
+    return spec.endswith(TASK_FILE_SUFFIX)
 
 
 def task_file_name(path: Path) -> str:
@@ -86,8 +86,7 @@ def task_file_name(path: Path) -> str:
 class TaskSpec:
     """One entry of ``eval.tasks``: the name results are reported under, and what the harness is given."""
 
-    name: str
-    spec: str  # a name of the harness, or the task file's absolute path
+    name: str  # the harness's name, or the task (or group) a task file defines
     file: Path | None = None
 
 
@@ -98,15 +97,16 @@ def task_specs(tasks: list[str]) -> list[TaskSpec]:
             path = resolve_path(entry)
             if not path.is_file():
                 raise ConfigError(f"eval.tasks: task file {entry!r} does not exist")
-            out.append(TaskSpec(task_file_name(path), str(path), path))
+            out.append(TaskSpec(task_file_name(path), path))
         else:
-            out.append(TaskSpec(entry, entry))
+            out.append(TaskSpec(entry))
     return out
 
 
 def task_manager(specs: list[TaskSpec]) -> Any:
     """The harness's task index: its own tasks only when a name of the harness is asked for (indexing them all
-    takes a while), plus the folders of the project's task files (so a group file finds its tasks)."""
+    takes a while), plus the folders of the project's task files; a task file's task or group is then loaded by its
+    name (a group file finds its tasks beside it)."""
     from lm_eval.tasks import TaskManager
 
     folders = sorted({str(s.file.parent) for s in specs if s.file is not None})
@@ -140,18 +140,30 @@ def load_tasks(tm: Any, specs: list[TaskSpec]) -> dict[str, dict[str, Any]]:
     datasets.disable_progress_bars()
     built, problems = {}, []
     for s in specs:
-        if s.file is None and s.spec not in tm.task_index:
-            problems.append(f"eval.tasks: {s.name!r} is not a task or group of lm-evaluation-harness")
+        if s.name not in tm.task_index:
+            where = f"task file {s.file}" if s.file else "lm-evaluation-harness"
+            problems.append(f"eval.tasks: {s.name!r} is not a task or group of {where}")
             continue
         try:
-            built[s.name] = tm.load([s.spec])["tasks"]
+            built[s.name] = tm.load([s.name])["tasks"]
         except Exception as e:  # noqa: BLE001 - one line per task instead of the datasets/hub traceback
             ids = dataset_ids(tm, s.name) or ["(its dataset)"]
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(f"eval task {s.name}: dataset {', '.join(ids)} cannot be loaded: {first}")
+            problems.append(f"eval task {s.name}: dataset {', '.join(ids)} cannot be loaded: {_first_line(e)}")
+            continue
+        if not built[s.name]:
+            problems.append(f"eval task {s.name}: it names no task")
+    if not problems:
+        try:  # together: the harness refuses a task asked for twice (``kobest`` and ``kobest_boolq``)
+            tm.load([s.name for s in specs])
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"eval.tasks: {_first_line(e)}")
     if problems:
         raise EvalError("\n".join(problems))
     return built
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def chat_template_for(output_type: str, policy: str) -> bool:
@@ -196,8 +208,9 @@ def eval_dtype(recipe: Recipe) -> Any:
     return torch.bfloat16 if precision(recipe.run.precision)["bf16"] else torch.float32
 
 
-def load_lm(recipe: Recipe, location: str, batch_size: int) -> Any:
-    """The harness's HF model wrapper around a model loaded by this pipeline's loader."""
+def load_lm(recipe: Recipe, location: str | None, batch_size: int) -> Any:
+    """The harness's HF model wrapper around a model loaded by this pipeline's loader (``location`` None: the
+    recipe's base, with its revision and ``model.tokenizer``)."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -228,57 +241,86 @@ def metrics_of(row: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_model(recipe: Recipe, lm: Any, tm: Any, built: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every task on one model: ``{task: {metrics, n, num_fewshot, chat_template, output_type}}``. Tasks are run
-    in two calls of the harness, one per chat-template setting, on the same loaded model."""
+    """Every task on one model: ``{task: {metrics, n, num_fewshot, chat_template, output_type}}``. The harness is
+    called once per chat-template setting, on the same loaded model. A group whose tasks all take the same setting
+    is asked for by name (the harness aggregates it); one that mixes them (generative and multiple choice) is run
+    task by task, each in its setting, and reported as the mean of its tasks' metrics."""
     from lm_eval import simple_evaluate
 
     cfg = recipe.eval
-    by_template: dict[bool, list[str]] = {True: [], False: []}
-    output_type = {}
+    template_of = {
+        leaf: chat_template_for(task.OUTPUT_TYPE, cfg.chat_template)
+        for leaves in built.values()
+        for leaf, task in leaves.items()
+    }
+    calls: dict[bool, list[str]] = {True: [], False: []}
     for name, leaves in built.items():
-        kinds = {t.OUTPUT_TYPE for t in leaves.values()}
-        output_type[name] = GENERATIVE if GENERATIVE in kinds else sorted(kinds)[0]
-        by_template[chat_template_for(output_type[name], cfg.chat_template)].append(name)
-    specs = {s.name: s.spec for s in task_specs(cfg.tasks)}
-    results: dict[str, Any] = {}
-    for template, names in by_template.items():
-        if not names:
+        settings = {template_of[leaf] for leaf in leaves}
+        asked = [name] if len(settings) == 1 else list(leaves)
+        for spec in asked:
+            setting = template_of[spec] if spec in template_of else next(iter(settings))
+            calls[setting] += [spec] if spec not in calls[setting] else []
+    found: dict[str, dict] = {}
+    samples: dict[str, dict] = {}
+    shots: dict[str, Any] = {}
+    for template, specs in calls.items():
+        if not specs:
             continue
         out = simple_evaluate(
             model=lm,
-            tasks=[specs[n] for n in names],
+            tasks=specs,
             num_fewshot=cfg.num_fewshot,
             limit=cfg.limit,
             task_manager=tm,
             apply_chat_template=template,
             fewshot_as_multiturn=template,
             log_samples=False,
+            # the stderr of a metric that is not a mean (KoBEST's f1) is bootstrapped: 1,000 resamples instead of
+            # the harness's 100,000 (minutes per task on a CPU); the metrics themselves are the harness's
             bootstrap_iters=1000,
-            random_seed=recipe.run.seed,
-            numpy_random_seed=recipe.run.seed,
-            torch_random_seed=recipe.run.seed,
-            fewshot_random_seed=recipe.run.seed,
+            # the harness's own default seeds (few-shot examples, sampling), so a hand run gives the same numbers
         )
-        for name in names:
-            leaves = list(built[name])
-            found = out["results"]
-            row = found.get(name) or (found.get(leaves[0]) if len(leaves) == 1 else None)
-            if row is None:  # a group the harness does not aggregate: its tasks' mean of each metric
-                row = _mean_rows([found[leaf] for leaf in leaves if leaf in found])
-            samples = out.get("n-samples", {})
-            results[name] = {
-                "metrics": metrics_of(row),
-                "n": sum(int(samples.get(leaf, {}).get("effective", 0)) for leaf in leaves),
-                "num_fewshot": {leaf: out.get("n-shot", {}).get(leaf) for leaf in leaves},
-                "chat_template": template,
-                "output_type": output_type[name],
-            }
-    return {name: results[name] for name in built}
+        found.update(out["results"])
+        samples.update(out.get("n-samples", {}))
+        shots.update(out.get("n-shot", {}))
+    results = {}
+    for name, leaves in built.items():
+        row = found.get(name) or (found.get(next(iter(leaves))) if len(leaves) == 1 else None)
+        if not metrics_of(row or {}):  # a group the harness did not aggregate: its tasks' mean of each metric
+            row = _mean_rows([found[leaf] for leaf in leaves if leaf in found])
+        kinds = {task.OUTPUT_TYPE for task in leaves.values()}
+        settings = sorted({template_of[leaf] for leaf in leaves})
+        results[name] = {
+            "metrics": metrics_of(row),
+            "n": sum(int(samples.get(leaf, {}).get("effective", 0)) for leaf in leaves),
+            "num_fewshot": {leaf: shots.get(leaf) for leaf in leaves},
+            "chat_template": settings[0] if len(settings) == 1 else "per task",
+            "output_type": GENERATIVE if GENERATIVE in kinds else sorted(kinds)[0],
+        }
+    return results
 
 
 def _mean_rows(found: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = {k for r in found for k, v in r.items() if "," in k and isinstance(v, (int, float))}
-    return {k: sum(r[k] for r in found if k in r) / max(1, sum(k in r for r in found)) for k in keys}
+    """The unweighted mean of each metric over a group's tasks (no stderr: a mean of stderrs is not one)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    keys = {k for r in found for k, v in r.items() if "," in k and "_stderr" not in k and number(v)}
+    return {k: sum(r[k] for r in found if number(r.get(k))) / sum(number(r.get(k)) for r in found) for k in keys}
+
+
+def earlier_tasks(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The tasks of an earlier result file of the same checkpoint and settings (``make eval TASKS=...`` adds to it
+    rather than dropping the other tasks); nothing when it is of another checkpoint or other settings."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = old.get("checkpoint") == result["checkpoint"] and old.get("settings") == result["settings"]
+    return dict(old.get("tasks", {})) if same else {}
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
@@ -311,9 +353,10 @@ def run(recipe: Recipe, stages: list[str] | None = None, tasks: list[str] | None
     for stage, location in models.items():
         _say(f"{LABELS[stage]}: {_shown(location)}")
         started = time.monotonic()
-        lm = load_lm(recipe, location, recipe.eval.batch_size)
+        lm = load_lm(recipe, None if stage == "base" else location, recipe.eval.batch_size)
         scores = evaluate_model(recipe, lm, tm, built)
         del lm
+        _release_memory()
         result = {
             "stage": stage,
             "model": _shown(location),
@@ -325,16 +368,27 @@ def run(recipe: Recipe, stages: list[str] | None = None, tasks: list[str] | None
                 "batch_size": recipe.eval.batch_size,
                 "chat_template": recipe.eval.chat_template,
                 "dtype": str(eval_dtype(recipe)).removeprefix("torch."),
-                "seed": recipe.run.seed,
             },
             "lm_eval_version": lm_eval.__version__,
             "seconds": round(time.monotonic() - started, 1),
         }
+        result["tasks"] = {**earlier_tasks(run_dir.eval_result(stage), result), **scores}
         write_result(run_dir.eval_result(stage), result)
         results[stage] = result
     print(table_markdown(results), flush=True)
     track(recipe, results)
     return results
+
+
+def _release_memory() -> None:
+    """Free the evaluated model before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _shown(location: str) -> str:
@@ -379,10 +433,12 @@ def track(recipe: Recipe, results: dict[str, dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate the run's models on lm-evaluation-harness tasks.")
     add_recipe_arguments(ap)
-    ap.add_argument("--stages", nargs="*", help=f"models to evaluate among {', '.join(STAGES)} (default: eval.stages)")
+    ap.add_argument(
+        "--stages", help=f"models to evaluate, space-separated, among {', '.join(STAGES)} (default: eval.stages)"
+    )
     ap.add_argument("--tasks", help="comma-separated tasks instead of eval.tasks")
-    args = ap.parse_args(argv)
-    stages = [s for x in (args.stages or []) for s in x.split() if s] or None
+    args = ap.parse_intermixed_args(argv)
+    stages = (args.stages or "").replace(",", " ").split() or None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     return guarded("eval", lambda: run(recipe_from(args), stages, tasks))
 

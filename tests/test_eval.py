@@ -71,9 +71,9 @@ def test_every_item_has_one_right_answer_and_every_kind_is_there():
             assert r["answer"] == english[r["question"].split("'")[1]], r
 
 
-def test_no_item_is_a_sentence_of_the_demo_training_data():
+def test_no_item_is_a_sentence_or_a_sum_of_the_demo_data():
     """Catches a benchmark that measures memorised training rows: no choice or question of the benchmark is a turn
-    of any demo data file."""
+    of any demo data file, and no sum it asks is asked there."""
     turns = set()
     for f in (REPO / "data_prep" / "tiny_ko").glob("*.jsonl"):
         for line in f.read_text(encoding="utf-8").splitlines():
@@ -85,6 +85,10 @@ def test_no_item_is_a_sentence_of_the_demo_training_data():
                 turns.add(m["content"])
     texts = [t for r in rows("mc") for t in (r["question"], *r["choices"])] + [r["question"] for r in rows("short")]
     assert not [t for t in texts if t in turns]
+    asked = {p for t in turns for p in re.findall(r"(\d+) 더하기 (\d+)", t)}
+    assert asked, "no sums found in the demo data: the check below would pass on nothing"
+    bench = {p for r in rows("mc") + rows("short") for p in re.findall(r"(\d+) 더하기 (\d+)", r["question"])}
+    assert len(bench) >= 70 and not bench & asked
 
 
 @pytest.mark.parametrize(
@@ -145,7 +149,7 @@ def test_an_offline_hub_task_ends_in_one_line_naming_the_task_and_its_dataset(ch
     _copy_sft(chain, tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.eval", "--recipe", "recipes/tiny_ko.yaml", *_overrides(tmp_path)]
-        + ["--stages", "sft", "--tasks", f"{MC},kobest_copa,not_a_task_anywhere"],
+        + ["--stages", "sft", "--tasks", f"{MC},kobest_copa,not_a_task_anywhere", "eval.limit=2"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -189,7 +193,7 @@ def toy_eval(chain, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval")
     _copy_sft(chain, out)
-    recipe = chain_recipe(out, "eval.batch_size=32")
+    recipe = chain_recipe(out, "eval.batch_size=32", "run.precision=fp32")  # as lm_eval by hand, on any machine
     return out, recipe, benchmarks.run(recipe)
 
 
@@ -267,7 +271,10 @@ def test_a_shuffled_answer_key_scores_at_chance_where_the_real_key_does_not(toy_
     the answers: the key the toy SFT model itself ranks first, written into a copy of the task."""
     from pipeline import eval as benchmarks
 
-    out, recipe, results = toy_eval
+    base, _, _ = toy_eval
+    out = tmp_path / "runs"
+    shutil.copytree(base / "tiny_ko" / "sft" / "final", out / "tiny_ko" / "sft" / "final")
+    recipe = chain_recipe(out, "eval.batch_size=32", "run.precision=fp32")
     copy = tmp_path / "bench"
     shutil.copytree(BENCH_DIR, copy)
     items = rows("mc")
@@ -285,6 +292,31 @@ def test_a_shuffled_answer_key_scores_at_chance_where_the_real_key_does_not(toy_
             assert acc == pytest.approx(1.0)
         else:
             assert abs(acc - chance) < 3 * (chance * (1 - chance) / len(items)) ** 0.5, (acc, chance)
+
+
+@pytest.mark.slow
+def test_a_group_file_is_scored_and_a_second_call_adds_its_tasks(toy_eval, tmp_path):
+    """Catches a group the harness does not aggregate dropping out with no metrics (lm-eval 0.4.13 reports only
+    its name), a group task file the harness cannot load by path, and `make eval TASKS=...` erasing the results
+    of the other tasks."""
+    from pipeline import eval as benchmarks
+
+    base, _, results = toy_eval
+    out = tmp_path / "runs"
+    shutil.copytree(base / "tiny_ko" / "sft" / "final", out / "tiny_ko" / "sft" / "final")
+    recipe = chain_recipe(out, "eval.batch_size=32", "run.precision=fp32", "eval.limit=24")
+    folder = tmp_path / "tasks"
+    shutil.copytree(BENCH_DIR, folder)
+    group = folder / "both.yaml"
+    group.write_text("group: ko_bench_both\ntask:\n  - ko_bench_mc\n  - ko_bench_short\n", encoding="utf-8")
+    first = benchmarks.run(recipe, stages=["sft"], tasks=[str(folder / "ko_bench_mc.yaml")])["sft"]["tasks"]
+    both = benchmarks.run(recipe, stages=["sft"], tasks=[str(group)])["sft"]["tasks"]
+    assert set(both) == {"ko_bench_mc", "ko_bench_both"}  # the earlier task kept, the group added
+    mc = first["ko_bench_mc"]["metrics"]["acc"]
+    assert both["ko_bench_both"]["metrics"]["acc"] == pytest.approx(mc)  # the only task with acc: its mean
+    assert both["ko_bench_both"]["n"] == 48
+    saved = json.loads((out / "tiny_ko" / "eval" / "sft.json").read_text(encoding="utf-8"))
+    assert set(saved["tasks"]) == {"ko_bench_mc", "ko_bench_both"}
 
 
 def _argmax_choices(ckpt: Path, task_dir: Path) -> list[int]:

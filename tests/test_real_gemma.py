@@ -348,7 +348,11 @@ def test_make_eval_on_the_real_gemma_gives_the_numbers_of_lm_eval_by_hand(chain)
 
     recipe, finals = chain
     task = REPO / "data_prep" / "ko_bench" / "ko_bench_mc.yaml"
-    recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, limit=16, batch_size=16))
+    recipe = dataclasses.replace(
+        recipe,
+        eval=dataclasses.replace(recipe.eval, limit=16, batch_size=16),
+        run=dataclasses.replace(recipe.run, precision="fp32"),  # as the hand run below, on any machine
+    )
     ours = benchmarks.run(recipe, stages=["sft"], tasks=[str(task)])["sft"]["tasks"]["ko_bench_mc"]
     hand = simple_evaluate(
         model="hf",

@@ -6,8 +6,9 @@ Every item is written here from templates over the demo data's 80 subjects (``da
 training nouns and 20 held-out ones) and over sums; none is taken from any dataset.
 
 Multiple choice (``ko_bench_mc``: the choice the model finds most likely after the question):
-* ``polite``: asked to answer in 존댓말, the polite sentence against the same sentence in casual speech, cut off
-  before its ending, and in English.
+* ``polite``: asked to answer in 존댓말, the polite sentence against the same sentence in casual speech (해체), in the
+  plain written style (해라체), and in English (no choice is the start of another: a sentence cut short would be
+  more likely than any whole one).
 * ``josa``: the sentence with the particle its noun takes (은/는, 이/가, 을/를 by the final consonant) against the
   other one.
 * ``arith``: the sum of two numbers among four near numbers.
@@ -23,21 +24,28 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from data_prep.ko_bench import BENCH_DIR
+from data_prep.tiny_ko import DATA_DIR
 from data_prep.tiny_ko.generate import HELDOUT_NOUNS, NOUNS, batchim, number_batchim, topic
 
 SEED = 20261203
 SUBJECTS = NOUNS + HELDOUT_NOUNS  # 80
 DEV_SUBJECTS = [("포도", "grapes"), ("기린", "giraffes"), ("버섯", "mushrooms"), ("침대", "beds")]
 
-# (polite, casual, cut off, English predicate): the same statement in four forms.
+# (polite, casual, plain written style, English predicate): the same statement in four forms.
 FORMS = [
-    ("좋은 점이 많습니다.", "좋은 점이 많아.", "좋은 점이 많", "there is a lot to like."),
-    ("생활에 꼭 필요해요.", "생활에 꼭 필요해.", "생활에 꼭 필", "we need it every day."),
-    ("누구나 쉽게 즐길 수 있습니다.", "누구나 쉽게 즐길 수 있어.", "누구나 쉽게 즐길", "anyone can enjoy it."),
-    ("많은 사람이 좋아해요.", "많은 사람이 좋아해.", "많은 사람이 좋아", "many people love it."),
+    ("좋은 점이 많습니다.", "좋은 점이 많아.", "좋은 점이 많다.", "there is a lot to like."),
+    ("생활에 꼭 필요해요.", "생활에 꼭 필요해.", "생활에 꼭 필요하다.", "we need it every day."),
+    (
+        "누구나 쉽게 즐길 수 있습니다.",
+        "누구나 쉽게 즐길 수 있어.",
+        "누구나 쉽게 즐길 수 있다.",
+        "anyone can enjoy it.",
+    ),
+    ("많은 사람이 좋아해요.", "많은 사람이 좋아해.", "많은 사람이 좋아한다.", "many people love it."),
 ]
 # (particle with a final consonant, without one, the rest of the sentence, how the noun is placed)
 PARTICLES = [
@@ -48,11 +56,11 @@ PARTICLES = [
 
 
 def polite_item(i: int, n: str, e: str) -> dict:
-    polite, casual, cut, english = FORMS[i % len(FORMS)]
+    polite, casual, plain, english = FORMS[i % len(FORMS)]
     return {
         "kind": "polite",
         "question": f"다음 질문에 존댓말로 답하세요.\n질문: {topic(n)} 어떤가요?",
-        "choices": [f"{topic(n)} {polite}", f"{topic(n)} {casual}", f"{topic(n)} {cut}", f"About {e}: {english}"],
+        "choices": [f"{topic(n)} {polite}", f"{topic(n)} {casual}", f"{topic(n)} {plain}", f"About {e}: {english}"],
         "answer": 0,
     }
 
@@ -69,8 +77,23 @@ def josa_item(i: int, n: str) -> dict:
     }
 
 
+def trained_sums() -> set[tuple[int, int]]:
+    """Every ``a 더하기 b`` pair the demo's data files ask (the benchmark asks none of them)."""
+    pairs = set()
+    for f in sorted(DATA_DIR.glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            pairs |= {(int(a), int(b)) for a, b in re.findall(r"(\d+) 더하기 (\d+)", line)}
+    return pairs
+
+
+TRAINED_SUMS = trained_sums()
+
+
 def arith_numbers(rng: random.Random) -> tuple[int, int]:
-    return rng.randint(2, 49), rng.randint(2, 49)
+    while True:
+        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        if (a, b) not in TRAINED_SUMS:
+            return a, b
 
 
 def arith_question(a: int, b: int) -> str:

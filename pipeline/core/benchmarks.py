@@ -4,6 +4,7 @@ which results belong to the current checkpoints, each task's headline metric, th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ def checkpoint_identity(location: str) -> str:
 
 
 def headline(task: dict[str, Any]) -> tuple[str, float] | None:
-    """The metric a task is compared by: ``acc_norm``/``acc`` for multiple choice, ``exact_match`` for short
-    answers, else the first one reported."""
+    """The metric a task is compared by: ``acc`` for multiple choice (``acc_norm``, per byte, stays in the result
+    files), ``exact_match`` for short answers, else the first one reported."""
     metrics = {k: v for k, v in task["metrics"].items() if not k.endswith("_stderr") and "_stderr[" not in k}
     for key in ("acc", "acc_norm", "exact_match"):
         if key in metrics:
@@ -88,22 +89,28 @@ def report_section(results: dict[str, dict[str, Any]], run: RunDir, chart: str |
     lines = ["", "## Benchmarks (lm-evaluation-harness, `make eval`)", ""]
     if not results:
         return "\n".join([*lines, "No results of these checkpoints yet: run `make eval`.", ""])
-    first = next(iter(results.values()))
-    settings = first["settings"]
-    limit = f", the first {settings['limit']} items of each task" if settings.get("limit") else ""
-    n = ", ".join(f"{t} {v['n']}" for t, v in first["tasks"].items())
-    shots = settings.get("num_fewshot")
-    shots = "each task's default" if shots is None else shots
-    lines += [
-        f"Items: {n}{limit}; few-shot: {shots}; chat template for "
-        f"{settings.get('chat_template')} tasks; lm-eval {first.get('lm_eval_version')}.",
-        "",
-        table_markdown(results),
-        "",
-    ]
+    described = {stage: how_run(r) for stage, r in results.items()}
+    if len(set(described.values())) == 1:
+        lines += [next(iter(described.values())), ""]
+    else:  # not run alike: each column says how it was run
+        lines += [f"- {LABELS.get(s, s)}: {d}" for s, d in described.items()] + [""]
+    lines += [table_markdown(results), ""]
     if chart:
         lines += [f"![benchmarks]({run.report_images.relative_to(run.root).as_posix()}/{chart})", ""]
     return "\n".join(lines)
+
+
+def how_run(result: dict[str, Any]) -> str:
+    """One sentence on how a result was made: items per task, limit, few-shot, chat template, harness version."""
+    settings = result["settings"]
+    limit = f", the first {settings['limit']} items of each task" if settings.get("limit") else ""
+    n = ", ".join(f"{t} {v['n']}" for t, v in result["tasks"].items())
+    shots = settings.get("num_fewshot")
+    shots = "each task's default" if shots is None else shots
+    return (
+        f"Items: {n}{limit}; few-shot: {shots}; chat template for {settings.get('chat_template')} tasks; "
+        f"{settings.get('dtype')}; lm-eval {result.get('lm_eval_version')}."
+    )
 
 
 def plot(results: dict[str, dict[str, Any]], out: Path) -> str | None:
@@ -121,11 +128,12 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(table)), 3.4))
     for i, stage in enumerate(stages):
         xs = [k + i * width for k in range(len(table))]
-        ys = [v[stage] or 0.0 for _, _, v in table]
+        ys = [math.nan if v[stage] is None else v[stage] for _, _, v in table]  # a missing value draws no bar
         ax.bar(xs, ys, width, label=LABELS.get(stage, stage))
     ax.set_xticks([k + width * (len(stages) - 1) / 2 for k in range(len(table))])
     ax.set_xticklabels([f"{t}\n{m}" for t, m, _ in table], fontsize=8)
-    ax.set_ylim(0, 1)
+    top = max((x for _, _, v in table for x in v.values() if x is not None), default=1.0)
+    ax.set_ylim(0, max(1.0, top * 1.05))
     ax.set_title("Benchmarks (lm-evaluation-harness)")
     ax.legend(fontsize=8)
     fig.tight_layout()

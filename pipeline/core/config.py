@@ -717,10 +717,10 @@ class EvalConfig:
 
     def check(self, err: Err) -> None:
         for i, task in enumerate(self.tasks):
-            if task.endswith((".yaml", ".yml")):
+            if task.endswith(".yaml"):
                 if not resolve_path(task).is_file():
                     err(f"eval.tasks.{i}", f"task file {task!r} does not exist")
-            elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", task):
+            elif task.endswith(".yml") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", task):
                 err(f"eval.tasks.{i}", f"{task!r} is neither a task name of lm-evaluation-harness nor a .yaml file")
         at_least_one(err, "eval.batch_size", self.batch_size)
         at_least_one(err, "eval.limit", self.limit)
