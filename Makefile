@@ -169,6 +169,7 @@ PEER_VENV ?= .peer-venv
 PEER_DIR ?= ../shared/peer
 BENCH_ITERS ?= 4
 REAL_BENCH_ITERS ?= 2
+BENCH_PROCS ?= $(shell nproc 2>/dev/null || echo 2)
 SMALL_PPO := --batch 16 --response-length 48 --epochs 2 --minibatches 2 --iters $(BENCH_ITERS)
 REAL_PPO := --batch 8 --response-length 48 --epochs 1 --minibatches 1 --iters $(REAL_BENCH_ITERS)
 
@@ -184,7 +185,8 @@ define ppo_bench
 endef
 
 bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer on two models (ratios)
-	$(PY) -m pipeline.bench data
+	$(PY) -m pipeline.bench data --num-proc 1
+	$(PY) -m pipeline.bench data --num-proc $(BENCH_PROCS)
 	$(PY) -m pipeline.core.embedded bench-gemma-32k > /dev/null
 	$(PY) -m pipeline.core.embedded gemma-3-270m > /dev/null
 	@mkdir -p build/bench

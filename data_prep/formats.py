@@ -21,6 +21,54 @@ FORMATS = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": PROM
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+@dataclass(frozen=True)
+class TurnKeys:
+    """How a dataset's messages name their role and content fields, and its role names mapped to ``system``,
+    ``user`` or ``assistant`` (the recipe's ``columns: {role: ..., content: ...}`` and ``roles:``)."""
+
+    role: str | None = None  # None: the format's own key (``role``; ShareGPT ``from``)
+    content: str | None = None  # None: ``content``; ShareGPT ``value``
+    roles: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, columns: dict[str, str], roles: dict[str, str]) -> TurnKeys:
+        return cls(columns.get("role"), columns.get("content"), tuple(sorted(roles.items())))
+
+
+DEFAULT_KEYS = TurnKeys()
+TURN_KEYS = ("role", "content")  # ``columns:`` keys that name fields inside messages, not columns of a row
+
+
+def _messages(
+    value: Any,
+    field: str,
+    keys: TurnKeys,
+    role_key: str = "role",
+    content_key: str = "content",
+    known: dict[str, str] | None = None,
+) -> list:
+    """A row's message list with each message as ``{role, content}``: read under the dataset's own keys, its role
+    names mapped. With the standard keys and no mapping the list is returned as it is (the common, fast case)."""
+    role_key, content_key = keys.role or role_key, keys.content or content_key
+    mapping = {**(known or {}), **dict(keys.roles)}
+    if role_key == "role" and content_key == "content" and not mapping:
+        return value
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise FormatError(f"{field}[{i}] must be an object with {role_key}/{content_key}, got {type(m).__name__}")
+        for k in (role_key, content_key):
+            if k not in m:
+                raise FormatError(f"{field}[{i}]: missing field {k!r}")
+        role = m[role_key]
+        if known is not None and role not in mapping:
+            raise FormatError(
+                f"{field}[{i}]: unknown role {role!r} (expected {', '.join(mapping)}; map others with roles:)"
+            )
+        out.append({"role": mapping.get(role, role) if isinstance(role, str) else role, "content": m[content_key]})
+    return out
+
+
 @dataclass
 class Pair:
     prompt: list[Turn]
@@ -35,6 +83,8 @@ def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
         return row
     out = dict(row)
     for canonical, actual in columns.items():
+        if canonical in TURN_KEYS:
+            continue
         if actual not in row:
             raise FormatError(f"missing field {actual!r} (mapped to {canonical!r})")
         out[canonical] = row[actual]
@@ -114,19 +164,8 @@ def _with_system(row: dict[str, Any], messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-def _sharegpt(conv: list) -> list[dict]:
-    out = []
-    for i, m in enumerate(conv):
-        if not isinstance(m, dict):
-            raise FormatError(f"conversations[{i}] must be an object with from/value, got {type(m).__name__}")
-        for k in ("from", "value"):
-            if k not in m:
-                raise FormatError(f"conversations[{i}]: missing field {k!r}")
-        role = m["from"]
-        if role not in _SHAREGPT_ROLES:
-            raise FormatError(f"conversations[{i}]: unknown role {role!r} (expected system, human, gpt)")
-        out.append({"role": _SHAREGPT_ROLES[role], "content": m["value"]})
-    return out
+def _sharegpt(conv: list, keys: TurnKeys) -> list[dict]:
+    return _messages(conv, "conversations", keys, "from", "value", _SHAREGPT_ROLES)
 
 
 def _alpaca_user(row: dict[str, Any]) -> str:
@@ -135,12 +174,12 @@ def _alpaca_user(row: dict[str, Any]) -> str:
     return f"{instruction.strip()}\n\n{extra.strip()}" if extra else instruction
 
 
-def sft_dialogue(fmt: str, row: dict[str, Any]) -> list[Turn]:
+def sft_dialogue(fmt: str, row: dict[str, Any], keys: TurnKeys = DEFAULT_KEYS) -> list[Turn]:
     """An SFT row -> Gemma turns ending on a model turn."""
     if fmt == "messages":
-        messages = _list(row, "messages")
+        messages = _messages(_list(row, "messages"), "messages", keys)
     elif fmt == "sharegpt":
-        messages = _sharegpt(_list(row, "conversations"))
+        messages = _sharegpt(_list(row, "conversations"), keys)
     elif fmt == "alpaca":
         messages = _with_system(
             row,
@@ -188,7 +227,7 @@ def _split_last_model(messages: list[dict], which: str) -> tuple[list[Turn], str
     return turns[:-1], turns[-1][1]
 
 
-def preference_pair(fmt: str, row: dict[str, Any]) -> Pair:
+def preference_pair(fmt: str, row: dict[str, Any], keys: TurnKeys = DEFAULT_KEYS) -> Pair:
     """A preference row -> shared prompt turns + chosen and rejected responses."""
     if fmt == "pairs":
         prompt = to_turns(_with_system(row, [{"role": "user", "content": _text(row, "prompt")}]))
@@ -196,11 +235,11 @@ def preference_pair(fmt: str, row: dict[str, Any]) -> Pair:
     elif fmt == "pairs_messages":
         full = {}
         for which in ("chosen", "rejected"):
-            msgs = _list(row, which)
+            msgs = _messages(_list(row, which), which, keys)
             if "prompt" in row and row["prompt"] is not None:
                 p = row["prompt"]
                 if isinstance(p, list):
-                    msgs = p + msgs
+                    msgs = _messages(p, "prompt", keys) + msgs
                 elif isinstance(p, str):
                     if not (msgs and isinstance(msgs[0], dict) and msgs[0].get("role") in ("user", "system")):
                         msgs = [{"role": "user", "content": p}] + msgs
@@ -249,22 +288,22 @@ PROMPT_FIELDS = {
 }
 
 
-def prompt_turns(fmt: str, row: dict[str, Any]) -> PromptTurns:
+def prompt_turns(fmt: str, row: dict[str, Any], keys: TurnKeys = DEFAULT_KEYS) -> PromptTurns:
     """A prompt row -> turns ending on a user turn (the generation prompt is added when encoding), carrying the row's
     other columns."""
-    turns = PromptTurns(_prompt_turns(fmt, row))
+    turns = PromptTurns(_prompt_turns(fmt, row, keys))
     turns.columns = {k: v for k, v in row.items() if k not in PROMPT_FIELDS[fmt]}
     return turns
 
 
-def _prompt_turns(fmt: str, row: dict[str, Any]) -> list[Turn]:
+def _prompt_turns(fmt: str, row: dict[str, Any], keys: TurnKeys) -> list[Turn]:
     if fmt in ("prompt", "prompt_messages"):  # a string or a message list, row by row
         if isinstance(row.get("prompt"), list):
-            messages = _list(row, "prompt")
+            messages = _messages(_list(row, "prompt"), "prompt", keys)
         else:
             messages = _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
     elif fmt == "messages":
-        messages = _list(row, "messages")
+        messages = _messages(_list(row, "messages"), "messages", keys)
     elif fmt == "alpaca":
         messages = _with_system(row, [{"role": "user", "content": _alpaca_user(row)}])
     else:

@@ -192,6 +192,10 @@ class GemmaEncoder:
             role: self._plain_ids(f"{role}\n") for role in (USER, MODEL)
         }  # role header after <start_of_turn>
         self.newline_ids = self._plain_ids("\n")
+        heads = {role: [self.sot_id, *self.header_ids[role]] for role in (USER, MODEL)}
+        self._heads = (heads, {role: [0] * len(h) for role, h in heads.items()})
+        tail = [self.eot_id, *self.newline_ids]
+        self._tails = (tail, {USER: [0] * len(tail), MODEL: [1] + [0] * len(self.newline_ids)})
         # Every special (control) string of this tokenizer, checked in content.
         specials = {BOS, EOS, PAD, START_OF_TURN, END_OF_TURN}
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -277,16 +281,15 @@ class GemmaEncoder:
         """Ids and mask for ``turns`` given each turn's content ids (same order)."""
         ids = [self.bos_id]
         mask = [0]
+        heads, head_masks = self._heads
+        tail, tail_masks = self._tails
         for (role, _), cids in zip(turns, content_ids):
-            head = [self.sot_id, *self.header_ids[role]]
-            ids += head
-            mask += [0] * len(head)
+            ids += heads[role]
             ids += cids
-            ids.append(self.eot_id)
-            trained = 1 if role == MODEL else 0
-            mask += [trained] * (len(cids) + 1)
-            ids += self.newline_ids
-            mask += [0] * len(self.newline_ids)
+            ids += tail
+            mask += head_masks[role]
+            mask += [1 if role == MODEL else 0] * len(cids)
+            mask += tail_masks[role]
         if not trailing_newline and turns:
             del ids[-len(self.newline_ids) :]
             del mask[-len(self.newline_ids) :]

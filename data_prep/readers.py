@@ -26,10 +26,18 @@ class DatasetRef(Protocol):
     """What the readers need of a recipe's dataset entry (``pipeline.core.config.DatasetSpec``)."""
 
     path: str
+    format: str
+    columns: dict[str, str]
+    roles: dict[str, str]
     name: str | None
     split: str
     revision: str | None
+    data_files: list[str]
+    data_dir: str | None
+    streaming: bool
     max_rows: int | None
+    select: str
+    weight: float | None
 
 
 class DataError(ValueError):
@@ -73,20 +81,19 @@ def input_identity(spec: DatasetRef, files: Sequence[Path]) -> dict:
     """What identifies a dataset's content: each local file's sha256, or the hub id, subset, split and revision."""
     if files:
         return {"files": {str(f): _sha256(f) for f in files}}
-    return {"hub": {"id": spec.path, "name": spec.name, "split": spec.split, "revision": spec.revision}}
+    hub = {"id": spec.path, "name": spec.name, "split": spec.split, "revision": spec.revision}
+    hub |= {k: v for k, v in (("data_files", spec.data_files), ("data_dir", spec.data_dir)) if v}
+    return {"hub": hub}
 
 
 def iter_rows(spec: DatasetRef, files: Sequence[Path]) -> Iterator[Row]:
     """Every row of a dataset, in order, with a location string like ``file.jsonl:12``: of its local ``files``, or of
-    the hub dataset ``spec`` names when there are none."""
-    count = 0
-    rows: Iterator[Row]
-    rows = (row for f in files for row in _iter_file(f)) if files else _iter_hub(spec)
-    for row in rows:
-        if spec.max_rows is not None and count >= spec.max_rows:
-            return
-        count += 1
-        yield row
+    the hub dataset ``spec`` names when there are none. Rows are read as they are asked for."""
+    if files:
+        for f in files:
+            yield from _iter_file(f)
+    else:
+        yield from _iter_hub(spec)
 
 
 def _display(path: Path) -> str:
@@ -206,14 +213,40 @@ def _iter_csv(path: Path, name: str) -> Iterator[Row]:
         raise DataError(f"{name}:{reader.line_num}: broken CSV: {e}") from None
 
 
+def hub_location(dataset_id: str) -> str:
+    """What ``datasets.load_dataset`` is given for a hub dataset id: the id itself (a test points it at a local
+    folder in hub layout, to run the same loading code offline)."""
+    return dataset_id
+
+
 def _iter_hub(spec: DatasetRef) -> Iterator[Row]:
     import datasets
 
     label = f"hub:{spec.path}" + (f"/{spec.name}" if spec.name else "") + f"[{spec.split}]"
-    try:
-        ds = datasets.load_dataset(spec.path, name=spec.name, split=spec.split, revision=spec.revision)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+    options: dict[str, Any] = {"name": spec.name, "split": spec.split, "revision": spec.revision}
+    if spec.data_files:
+        options["data_files"] = list(spec.data_files)
+    if spec.data_dir:
+        options["data_dir"] = spec.data_dir
+    if spec.streaming:
+        options["streaming"] = True  # rows arrive as they are downloaded; nothing is held beyond a shard's buffer
+
+    def fail(e: Exception) -> DataError:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{label}: could not load the hub dataset: {first}") from None
-    for i, row in enumerate(ds):
+        return DataError(f"{label}: could not load the hub dataset: {first}")
+
+    try:
+        ds = datasets.load_dataset(hub_location(spec.path), **options)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear line
+        raise fail(e) from None
+    rows = iter(ds)
+    i = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a streamed shard that fails mid-way, likewise
+            raise fail(e) from None
         yield f"{label} row {i}", row
+        i += 1

@@ -11,7 +11,8 @@ slower transformers ``tokenizer(texts)`` wrapper is reported beside it); the sta
 converts rows to Gemma turns, checks roles and control tokens, tokenizes per turn through ``datasets.map``, builds
 loss masks and applies the length policy. A third figure adds reading JSONL and writing Parquet (end to end).
 Each is run ``--repeats`` times, interleaved, and the best time of each is reported.
-Goal: the stage at least half as fast as the raw tokenizer.
+Goal: the stage at least 0.8x as fast as the raw tokenizer with ``--num-proc`` set to the machine's cores (the raw
+tokenizer's batch call uses every core itself).
 
 ``ppo``: median seconds per PPO iteration (after the first) and peak RSS, printed as one JSON line of the same shape
 as the peer baseline's (TRL 1.12's PPOTrainer, ../shared/peer/trl112_ppo.py, run in its own venv on the same model
@@ -35,7 +36,7 @@ from pathlib import Path
 def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
     import datasets
 
-    from data_prep.encode import Rejects, drop_overlong, encode_records, read_records
+    from data_prep.encode import Rejects, encode_records, length_policy, read_dataset
     from data_prep.formats import sft_dialogue
     from data_prep.gemma_format import GemmaEncoder, render
     from data_prep.tiny_ko import DATA_DIR
@@ -69,14 +70,15 @@ def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
         for i in range(0, rows, 1000):
             tokenizer(texts[i : i + 1000], add_special_tokens=False)
 
-    def stage() -> None:  # rows in memory -> turns, checks, ids, masks, length policy
-        records = []
+    def converted():  # rows -> checked Gemma turns, lazily, as the stage reads them
         for i, d in enumerate(dialogues):
             turns = sft_dialogue("messages", {"messages": d})
             encoder.check_turns(turns)
-            records.append((f"row {i}", turns))
-        ds = encode_records("sft", records, encoder, num_proc)
-        ds = drop_overlong("sft", ds, 1 << 20, "max_length", "drop", Rejects("error"))
+            yield f"row {i}", turns
+
+    def stage() -> None:  # rows in memory -> turns, checks, ids, masks, length policy
+        ds = encode_records("sft", converted(), encoder, num_proc)
+        ds = length_policy("sft", ds, 1 << 20, "max_length", "drop", Rejects("error"))
         assert len(ds) == rows
 
     tmp = tempfile.TemporaryDirectory()
@@ -86,9 +88,9 @@ def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
             fh.write(json.dumps({"messages": d}, ensure_ascii=False) + "\n")
 
     def end_to_end() -> None:  # plus reading the JSONL file and writing Parquet
-        recs = read_records("sft", [(DatasetSpec(path=str(src)), [src])], encoder, Rejects("error"), [])
+        recs, _ = read_dataset("sft", DatasetSpec(path=str(src)), [src], encoder, Rejects("error"), [], "0")
         ds = encode_records("sft", recs, encoder, num_proc)
-        ds = drop_overlong("sft", ds, 1 << 20, "max_length", "drop", Rejects("error"))
+        ds = length_policy("sft", ds, 1 << 20, "max_length", "drop", Rejects("error"))
         ds.to_parquet(str(Path(tmp.name) / "out.parquet"))
 
     # Interleaved repeats, best of each: the machine's noise hits every contender alike.
@@ -490,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
         print(
             f"data stage: {r['stage_rows_per_s']} rows/s vs raw tokenizer {r['raw_tokenizer_rows_per_s']} rows/s "
-            f"-> {r['ratio_stage_vs_raw']:.2f}x of raw (goal >= 0.5); end to end with JSONL read and Parquet write: "
+            f"-> {r['ratio_stage_vs_raw']:.2f}x of raw with num_proc {r['num_proc']} (goal >= 0.8 at the machine's "
+            "cores); end to end with JSONL read and Parquet write: "
             f"{r['ratio_end_to_end_vs_raw']:.2f}x"
         )
 

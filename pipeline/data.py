@@ -19,21 +19,33 @@ Output (``runs/<run>/data/``):
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
-from data_prep.encode import Rejects, drop_overlong, encode_records, read_records, split_eval, user_texts
+from data_prep.encode import (
+    Rejects,
+    as_dataset,
+    encode_records,
+    encoded_chunks,
+    length_policy,
+    read_dataset,
+    split_eval,
+    user_texts,
+)
 from data_prep.gemma_format import FORMATTER_VERSION, FormatError, GemmaEncoder
 from data_prep.readers import DataError, DatasetRef, data_files, input_identity
+from data_prep.selection import ShortOfRows, quotas, take
 from pipeline.core.atomic import atomic_dir, clean_stale
 from pipeline.core.cli import run_cli
 from pipeline.core.config import ConfigError, Recipe, StageData, recipe_hash, to_yaml
 from pipeline.core.loading import load_tokenizer, tokenizer_fingerprint
-from pipeline.core.locations import local_path
+from pipeline.core.locations import dataset_local_path, missing_dataset
 from pipeline.core.rundir import (
     DATA_LOCK,
     DATA_SECTIONS,
@@ -54,8 +66,12 @@ from pipeline.core.writer import wait_until, writer_lock
 
 def dataset_files(spec: DatasetRef) -> list[Path]:
     """The local files of a recipe's dataset entry ([] for a hub dataset id)."""
-    path = local_path(spec.path)
-    return data_files(path, spec.path) if path is not None else []
+    path = dataset_local_path(spec.path)
+    if path is None:
+        return []
+    if not path.exists():
+        raise DataError(missing_dataset(spec.path))
+    return data_files(path, spec.path)
 
 
 def fingerprint(recipe: Recipe, tok_fp: dict) -> str:
@@ -85,44 +101,173 @@ def fingerprint(recipe: Recipe, tok_fp: dict) -> str:
 
 GROUP_COLUMN = {"preference": "prompt_ids", "prompts": "prompt_ids"}  # eval_fraction holds out whole prompts
 SPLIT_VERSION = "by-prompt-1"  # in the fingerprint: a data folder split another way is rebuilt
+CHUNK = 20_000  # records tokenized and written at a time when a split is streamed
 
 
-def build_stage(stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict]):
+def section_records(stage: str, split: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list):
+    """The records of ``data.<stage>.<split>``: each dataset as the recipe takes it (``max_rows``, ``select``), and
+    for a training split with a total (``data.<stage>.max_rows``) mixed to that total in the ratio of the weights.
+    Lazy unless something is sampled or mixed."""
+    sd: StageData = getattr(recipe.data, stage)
+    specs = getattr(sd, split)
+    total = sd.max_rows if split == "train" else None
+    seed = recipe.run.seed
+    read = []
+    for i, spec in enumerate(specs):
+        key = f"{seed}:{stage}:{split}:{i}"
+        read.append(read_dataset(stage, spec, dataset_files(spec), encoder, rejects, inputs, key, cap=total))
+    if total is None:
+        return itertools.chain.from_iterable(records for records, _ in read)
+    pools = [list(records) for records, _ in read]
+    weights = [spec.weight for spec in specs] if specs and specs[0].weight is not None else None
+    try:
+        shares = quotas(total, [len(p) for p in pools], weights)
+    except ShortOfRows as e:
+        raise DataError(
+            f"data.{stage}.train.{e.index} ({specs[e.index].path}): {e.have} valid rows (after its max_rows), but its "
+            f"weight asks for {e.need} of data.{stage}.max_rows {total}: lower the total or its weight"
+        ) from None
+    if sum(shares) < total:
+        _say(f"data.{stage}.max_rows {total}: the datasets have {sum(shares)} valid rows in all; taking every one")
+    out = []
+    for i, (pool, n, (_, info)) in enumerate(zip(pools, shares, read)):
+        out += take(pool, n, specs[i].select, f"{seed}:{stage}:{split}:{i}:share")
+        info["rows_taken"] = n
+    return out
+
+
+def build_stage(
+    stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict], out_dir: Path, track: bool
+):
+    """Write ``data.<stage>``'s splits under ``out_dir``; returns (rows per split, training and held-out user texts,
+    how eval rows were chosen). A split with a streamed dataset is tokenized and written in chunks."""
     sd: StageData = getattr(recipe.data, stage)
     d = recipe.data
     limit, key = (
         (d.max_prompt_length, "data.max_prompt_length") if stage == "prompts" else (d.max_length, "data.max_length")
     )
-    out, users = {}, {}
-    for split in ("train", "eval"):
-        specs = getattr(sd, split)
-        if not specs:
-            continue
+    hold_out = "train" in _splits(sd) and not sd.eval and sd.eval_fraction > 0
+    counts, users = {}, {}
+    how = "given" if sd.eval else "none"
+    for split in _splits(sd):
         t0 = time.perf_counter()
-        records = read_records(stage, [(spec, dataset_files(spec)) for spec in specs], encoder, rejects, inputs)
-        if not records:
-            raise DataError(f"data.{stage}.{split}: every row was rejected (see {REJECTS})")
-        users[split] = user_texts(stage, records)
-        ds = encode_records(stage, records, encoder, d.num_proc)
-        ds = drop_overlong(stage, ds, limit, key, d.overlong, rejects)
-        if len(ds) == 0:
-            raise DataError(f"data.{stage}.{split}: every row is longer than {key} {limit}")
-        out[split] = ds
-        print(f"[data] {stage}/{split}: {len(ds)} rows ({time.perf_counter() - t0:.1f}s)", flush=True)
-    how = "given" if "eval" in out else "none"
-    if "train" in out and "eval" not in out and sd.eval_fraction > 0:
-        # Preference pairs and PPO prompts are held out by prompt: an eval pair whose prompt was trained on measures
-        # memory, not the reward model's reading of a new question. SFT dialogues are held out at random.
-        group = GROUP_COLUMN.get(stage)
-        out["train"], out["eval"] = split_eval(out["train"], sd.eval_fraction, recipe.run.seed, group)
-        how = "by prompt" if group else "random"
-        if len(out["eval"]) == 0:
-            raise DataError(
-                f"data.{stage}.eval_fraction: every row has the same prompt, so none can be held out by prompt; "
-                f"give data.{stage}.eval instead"
-            )
-        print(f"[data] {stage}: held out {len(out['eval'])} of the training rows for eval ({how})", flush=True)
-    return out, users, how
+        tap = _Tap(stage, track)
+        records = tap(section_records(stage, split, recipe, encoder, rejects, inputs))
+        if any(spec.streaming for spec in getattr(sd, split)):
+            counts |= _stream_split(stage, split, records, encoder, recipe, (limit, key), rejects, out_dir, hold_out)
+            users[split] = tap.users
+            _check_some(stage, split, tap.n)
+            if hold_out and split == "train":
+                how = "by prompt" if stage in GROUP_COLUMN else "random"
+        else:
+            ds = encode_records(stage, records, encoder, d.num_proc)
+            users[split] = tap.users
+            _check_some(stage, split, tap.n)
+            ds = length_policy(stage, ds, limit, key, d.overlong, rejects)
+            _check_kept(stage, split, ds, key, limit)
+            parts = {split: ds}
+            if split == "train" and hold_out:
+                # Preference pairs and PPO prompts are held out by prompt: an eval pair whose prompt was trained on
+                # measures memory, not the reward model's reading of a new question. SFT dialogues at random.
+                group = GROUP_COLUMN.get(stage)
+                parts["train"], parts["eval"] = split_eval(ds, sd.eval_fraction, recipe.run.seed, group)
+                how = "by prompt" if group else "random"
+                _check_held(stage, len(parts["eval"]))
+            for name, part in parts.items():
+                path = data_split(out_dir, stage, name)
+                path.parent.mkdir(exist_ok=True)
+                part.to_parquet(str(path))
+                counts[name] = len(part)
+        print(f"[data] {stage}/{split}: {counts[split]} rows ({time.perf_counter() - t0:.1f}s)", flush=True)
+    if hold_out:
+        print(f"[data] {stage}: held out {counts['eval']} of the training rows for eval ({how})", flush=True)
+    return counts, users, how
+
+
+def _splits(sd: StageData) -> list[str]:
+    return [split for split in ("train", "eval") if getattr(sd, split)]
+
+
+class _Tap:
+    """Passes records through, counting them and (with ``track``) keeping their user turns' texts."""
+
+    def __init__(self, stage: str, track: bool):
+        self.stage, self.track, self.n, self.users = stage, track, 0, set()
+
+    def __call__(self, records):
+        for record in records:
+            self.n += 1
+            if self.track:
+                self.users |= user_texts(self.stage, [record])
+            yield record
+
+
+def _check_some(stage: str, split: str, n: int) -> None:
+    if not n:
+        raise DataError(f"data.{stage}.{split}: every row was rejected (see {REJECTS})")
+
+
+def _check_kept(stage: str, split: str, n, key: str, limit: int) -> None:
+    if len(n) == 0:
+        raise DataError(f"data.{stage}.{split}: every row is longer than {key} {limit}")
+
+
+def _check_held(stage: str, n: int) -> None:
+    if n == 0:
+        raise DataError(
+            f"data.{stage}.eval_fraction: every row has the same prompt, so none can be held out by prompt; "
+            f"give data.{stage}.eval instead"
+        )
+
+
+def held_out(key: bytes, seed: int, fraction: float) -> bool:
+    """Whether a streamed row goes to eval: a seeded hash of its group key (the prompt's ids, or the row's location)
+    below ``fraction``. Equal keys always land on the same side, so a prompt is never on both."""
+    h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "big") < fraction * 2.0**64
+
+
+def _group_key(stage: str, row: dict) -> bytes:
+    if stage in GROUP_COLUMN:
+        return array.array("q", row[GROUP_COLUMN[stage]]).tobytes()
+    return row["source"].encode()
+
+
+def _stream_split(stage, split, records, encoder, recipe: Recipe, limits, rejects, out_dir: Path, hold_out):
+    """Tokenize and write a split chunk by chunk (memory bounded by ``CHUNK`` records, whatever the dataset's size);
+    with ``hold_out`` the training split's eval rows are chosen by ``held_out``. Returns rows per written split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = recipe.data
+    limit, key = limits
+    writers: dict[str, pq.ParquetWriter] = {}
+    counts = {split: 0} | ({"eval": 0} if hold_out and split == "train" else {})
+    fraction = getattr(d, stage).eval_fraction
+    try:
+        for table in encoded_chunks(stage, records, encoder, d.num_proc, CHUNK):
+            ds = length_policy(stage, as_dataset([table]), limit, key, d.overlong, rejects)
+            table = ds.with_format("arrow")[:]
+            parts = {split: table}
+            if len(counts) == 2:
+                rows = table.select([GROUP_COLUMN.get(stage, "source")]).to_pylist()
+                mask = [held_out(_group_key(stage, r), recipe.run.seed, fraction) for r in rows]
+                parts = {"train": table.filter(pa.array([not m for m in mask])), "eval": table.filter(pa.array(mask))}
+            for name, part in parts.items():
+                if name not in writers:
+                    path = data_split(out_dir, stage, name)
+                    path.parent.mkdir(exist_ok=True)
+                    writers[name] = pq.ParquetWriter(str(path), part.schema)
+                writers[name].write_table(part)
+                counts[name] += part.num_rows
+    finally:
+        for w in writers.values():
+            w.close()
+    if counts[split] == 0 and writers:
+        raise DataError(f"data.{stage}.{split}: every row is longer than {key} {limit}")
+    if "eval" in counts and counts[split]:
+        _check_held(stage, counts["eval"])
+    return counts
 
 
 def _up_to_date(data_dir: Path, fp: str) -> bool:
@@ -182,50 +327,49 @@ def _build(recipe: Recipe, tokenizer, fp: str) -> Path:
     rejects = Rejects(recipe.data.on_invalid)
     inputs: list[dict] = []
     built, users, eval_split = {}, {}, {}
-    for stage in DATA_SECTIONS:
-        built[stage], users[stage], eval_split[stage] = build_stage(stage, recipe, encoder, rejects, inputs)
-
-    # Held-out prompts must not be trained on: count those that also appear in any training split.
-    overlap = 0
-    if "eval" in users["prompts"] and recipe.data.prompts.eval:
-        train_texts = set().union(*(users[s].get("train", set()) for s in DATA_SECTIONS))
-        overlap = len(users["prompts"]["eval"] & train_texts)
-        if overlap:
-            print(f"[data] warning: {overlap} held-out prompts also appear in training data", flush=True)
-
-    counts = {
-        stage: {split: len(ds) for split, ds in splits.items()}
-        | {
-            "invalid_skipped": rejects.counts[f"{stage}/invalid"],
-            "overlong_dropped": rejects.counts[f"{stage}/overlong"],
-        }
-        for stage, splits in built.items()
-    }
-    manifest = {
-        "fingerprint": fp,
-        "formatter_version": FORMATTER_VERSION,
-        "tokenizer": tok_fp,
-        "model": recipe.model.name_or_path,
-        "recipe_hash": recipe_hash(recipe),
-        "policy": {
-            "on_invalid": recipe.data.on_invalid,
-            "overlong": recipe.data.overlong,
-            "control_tokens": recipe.data.control_tokens,
-            "max_length": recipe.data.max_length,
-            "max_prompt_length": recipe.data.max_prompt_length,
-        },
-        "inputs": inputs,
-        "counts": counts,
-        "eval_split": eval_split,
-        "heldout_prompt_overlap": overlap,
-        "seconds": round(time.perf_counter() - t_start, 2),
-    }
+    track = bool(recipe.data.prompts.eval)  # user texts are kept only to count held-out prompts seen in training
     with atomic_dir(data_dir, {"stage": "data", "fingerprint": fp}) as tmp:
-        for stage, splits in built.items():
-            for split, ds in splits.items():
-                path = data_split(tmp, stage, split)
-                path.parent.mkdir(exist_ok=True)
-                ds.to_parquet(str(path))
+        for stage in DATA_SECTIONS:
+            built[stage], users[stage], eval_split[stage] = build_stage(
+                stage, recipe, encoder, rejects, inputs, tmp, track
+            )
+
+        # Held-out prompts must not be trained on: count those that also appear in any training split.
+        overlap = 0
+        if track and "eval" in users["prompts"]:
+            train_texts = set().union(*(users[s].get("train", set()) for s in DATA_SECTIONS))
+            overlap = len(users["prompts"]["eval"] & train_texts)
+            if overlap:
+                print(f"[data] warning: {overlap} held-out prompts also appear in training data", flush=True)
+
+        counts = {
+            stage: dict(splits)
+            | {
+                "invalid_skipped": rejects.counts[f"{stage}/invalid"],
+                "overlong_dropped": rejects.counts[f"{stage}/overlong"],
+                "overlong_truncated": rejects.counts[f"{stage}/truncated"],
+            }
+            for stage, splits in built.items()
+        }
+        manifest = {
+            "fingerprint": fp,
+            "formatter_version": FORMATTER_VERSION,
+            "tokenizer": tok_fp,
+            "model": recipe.model.name_or_path,
+            "recipe_hash": recipe_hash(recipe),
+            "policy": {
+                "on_invalid": recipe.data.on_invalid,
+                "overlong": recipe.data.overlong,
+                "control_tokens": recipe.data.control_tokens,
+                "max_length": recipe.data.max_length,
+                "max_prompt_length": recipe.data.max_prompt_length,
+            },
+            "inputs": inputs,
+            "counts": counts,
+            "eval_split": eval_split,
+            "heldout_prompt_overlap": overlap,
+            "seconds": round(time.perf_counter() - t_start, 2),
+        }
         tokenizer.save_pretrained(tmp / TOKENIZER)
         with open(tmp / REJECTS, "w", encoding="utf-8") as fh:
             for r in rejects.rows:

@@ -233,7 +233,7 @@ def test_skip_policy_writes_rejects_with_reasons_and_counts(tmp_path, capsys):
     ]
     assert "broken JSON" in rejects[0]["reason"] and "ends on a user turn" in rejects[1]["reason"]
     counts = json.loads((_data_dir(tmp_path) / "manifest.json").read_text())["counts"]["sft"]
-    assert counts == {"train": 2, "invalid_skipped": 2, "overlong_dropped": 1}
+    assert counts == {"train": 2, "invalid_skipped": 2, "overlong_dropped": 1, "overlong_truncated": 0}
 
 
 def test_rerun_reuses_and_changed_input_rebuilds(tmp_path, capsys):
@@ -341,11 +341,25 @@ def test_embedded_recipe_builds_with_heldout_prompts_kept_out(tmp_path):
     c = m["counts"]
     assert c["sft"]["train"] + c["sft"]["eval"] == 1160 and c["sft"]["overlong_dropped"] == 0
     assert c["preference"]["train"] + c["preference"]["eval"] == 1160
-    assert c["prompts"] == {"train": 280, "eval": 60, "invalid_skipped": 0, "overlong_dropped": 0}
+    assert c["prompts"] == {
+        "train": 280,
+        "eval": 60,
+        "invalid_skipped": 0,
+        "overlong_dropped": 0,
+        "overlong_truncated": 0,
+    }
     assert m["eval_split"] == {"sft": "random", "preference": "by prompt", "prompts": "given"}
 
 
-def test_worker_processes_give_identical_output(tmp_path):
+def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
+    """data.num_proc 2 tokenizes in worker processes (5 chunks of 500 here) and writes the same rows, in the same
+    order, as one process; the spy shows the workers were really used (one chunk in all stays in-process)."""
+    import data_prep.encode as encode
+
+    monkeypatch.setattr(encode, "WORKER_CHUNK", 500)
+    pools = []
+    real_init = encode._Encode.__init__
+    monkeypatch.setattr(encode._Encode, "__init__", lambda self, *a: (pools.append(a[0]), real_init(self, *a))[1])
     rows = [
         {"messages": [{"role": "user", "content": f"질문 {i}번"}, {"role": "assistant", "content": f"답 {i}입니다."}]}
         for i in range(2500)
@@ -357,3 +371,4 @@ def test_worker_processes_give_identical_output(tmp_path):
         assert _run(recipe) == 0
         outs.append(_read(_data_dir(tmp_path, f"p{n}") / "sft" / "train.parquet"))
     assert outs[0] == outs[1] and len(outs[0]) == 2500
+    assert pools == ["sft"]

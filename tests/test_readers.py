@@ -82,14 +82,14 @@ def test_csv_invalid_utf8_names_the_line(tmp_path):
         list(_rows(_spec(p)))
 
 
-def test_folder_max_rows_and_missing_path(tmp_path):
+def test_folder_and_missing_path(tmp_path):
     d = tmp_path / "folder"
     d.mkdir()
     for i in range(2):
         (d / f"part{i}.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS), encoding="utf-8")
     assert len(list(_rows(_spec(d)))) == 4
-    assert len(list(_rows(_spec(d, max_rows=3)))) == 3
-    with pytest.raises(DataError, match="no such file"):
+    assert len(list(_rows(_spec(d, max_rows=3)))) == 4  # readers read everything; data_prep.selection takes rows
+    with pytest.raises(DataError, match="does not exist"):
         list(_rows(_spec(tmp_path / "nope.jsonl")))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unsupported file type"):

@@ -25,7 +25,16 @@ import yaml
 from data_prep.formats import FORMATS
 from pipeline.core.embedded import EMBEDDED_MODELS
 from pipeline.core.errors import ConfigError
-from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, resolve_path
+from pipeline.core.locations import (
+    EMBEDDED_PREFIX,
+    REPO_ROOT,
+    dataset_is_local,
+    dataset_local_path,
+    is_hub_id,
+    looks_local,
+    missing_dataset,
+    resolve_path,
+)
 from pipeline.core.typed import build, field_type
 
 Err = typing.Callable[[str, str], typing.NoReturn]
@@ -44,6 +53,13 @@ def at_least_one(err: Err, key: str, value: int | None) -> None:
 
 def check_location(err: Err, key: str, p: str, kind: str) -> None:
     """An embedded model's name, an existing local path, or a well-formed hub id (nothing is downloaded)."""
+    if kind == "dataset":
+        if dataset_is_local(p):
+            if not resolve_path(p).exists():
+                err(key, missing_dataset(p))
+        elif not is_hub_id(p):
+            err(key, f"{p!r} is neither an existing local path nor a valid hub dataset id (owner/name)")
+        return
     if p.startswith(EMBEDDED_PREFIX):
         if p[len(EMBEDDED_PREFIX) :] not in EMBEDDED_MODELS:
             err(key, f"unknown embedded model {p!r} (known: {', '.join(EMBEDDED_MODELS)})")
@@ -119,15 +135,33 @@ class DatasetSpec:
     ] = "auto"
     """Row format; ``auto`` detects it from the columns (see docs/data.md)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Column mapping ``{canonical name: column in this dataset}``, e.g. ``{instruction: question}``."""
+    """Column mapping ``{canonical name: column in this dataset}``, e.g. ``{instruction: question}``. Two more keys
+    name the fields inside each message of a turn list: ``role`` and ``content``, e.g.
+    ``{messages: conversations, role: from, content: value}``."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Role names of this dataset's turns mapped to ``system``, ``user`` or ``assistant``, e.g.
+    ``{bot: assistant, 사용자: user}`` (every format with turn lists)."""
     split: str = "train"
     """Hub dataset split."""
     name: str | None = None
     """Hub dataset configuration (subset) name."""
     revision: str | None = None
     """Hub dataset revision."""
+    data_files: list[str] = field(default_factory=list)
+    """Hub dataset: only these files of the repository (glob patterns allowed), e.g. ``[data/train-00000-*.parquet]``."""
+    data_dir: str | None = None
+    """Hub dataset: only the files under this folder of the repository."""
+    streaming: bool = False
+    """Read the dataset row by row and tokenize it in chunks, in memory that does not grow with its size (hub
+    datasets through ``datasets``' streaming mode, local files line by line)."""
     max_rows: int | None = None
-    """Read at most this many rows (after the file order)."""
+    """Take at most this many valid rows: a seeded random sample (``select: random``) or the first ones (``head``)."""
+    select: Literal["random", "head"] = "random"
+    """How ``max_rows`` (and a section total, ``data.<section>.max_rows``) choose rows: a sample seeded by
+    ``run.seed`` (every row is read), or the first rows in file order (reading stops there)."""
+    weight: float | None = None
+    """Share of this dataset in its section's training rows when the section has a total (``data.<section>.max_rows``):
+    rows are taken in the ratio of the weights."""
 
 
 @dataclass
@@ -138,6 +172,9 @@ class StageData:
     """Held-out datasets. When empty, ``eval_fraction`` of ``train`` is held out instead."""
     eval_fraction: float = 0.0
     """Fraction of the training rows held out for evaluation when ``eval`` is empty (seeded split)."""
+    max_rows: int | None = None
+    """Total training rows of this section, taken from its ``train`` datasets in the ratio of their ``weight`` (in
+    proportion to their sizes when no weight is given)."""
 
 
 @dataclass
@@ -152,8 +189,10 @@ class DataConfig:
     """Longest tokenized SFT dialogue or preference prompt+response."""
     max_prompt_length: int = 512
     """Longest tokenized PPO prompt (including the generation prompt)."""
-    overlong: Literal["drop", "error"] = "drop"
-    """Rows longer than the limits above: ``drop`` (counted in the manifest) or ``error``."""
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """Rows longer than the limits above: ``drop`` (counted in the manifest), ``truncate`` (SFT dialogues and
+    preference responses are cut at the limit, the prompt kept whole; counted; PPO prompts are still dropped) or
+    ``error``."""
     on_invalid: Literal["error", "skip"] = "error"
     """Malformed rows: stop with file, row and reason, or ``skip`` them into ``data/rejects.jsonl`` (counted)."""
     control_tokens: Literal["reject", "as_text"] = "reject"
@@ -166,12 +205,33 @@ class DataConfig:
             sd: StageData = getattr(self, stage)
             if not 0.0 <= sd.eval_fraction < 1.0:
                 err(f"data.{stage}.eval_fraction", f"{sd.eval_fraction} is not in [0, 1)")
+            if sd.max_rows is not None and sd.max_rows <= 0:
+                err(f"data.{stage}.max_rows", "must be positive")
+            weighted = [s.weight is not None for s in sd.train]
+            if any(weighted) and sd.max_rows is None:
+                err(f"data.{stage}.max_rows", "a dataset has a weight: give the section's total rows to mix")
+            if any(weighted) and not all(weighted):
+                err(f"data.{stage}.train", "give every dataset a weight, or none (sizes then set the ratio)")
             for split in ("train", "eval"):
                 for i, spec in enumerate(getattr(sd, split)):
                     key = f"data.{stage}.{split}.{i}"
                     check_location(err, f"{key}.path", spec.path, "dataset")
                     if spec.max_rows is not None and spec.max_rows <= 0:
                         err(f"{key}.max_rows", "must be positive")
+                    if spec.weight is not None and (split == "eval" or not spec.weight > 0):
+                        err(f"{key}.weight", "must be positive, and only on training datasets")
+                    for k in ("role", "content"):
+                        if k in spec.columns and not spec.columns[k]:
+                            err(f"{key}.columns.{k}", "must name a field of the messages")
+                    for name, role in spec.roles.items():
+                        if role not in ("system", "user", "assistant"):
+                            err(f"{key}.roles.{name}", f"{role!r} is not one of system, user, assistant")
+                    if dataset_local_path(spec.path) is not None and (spec.data_files or spec.data_dir):
+                        err(
+                            f"{key}.data_files",
+                            "data_files and data_dir choose files of a hub dataset; a local "
+                            "path names its files itself",
+                        )
                     allowed = FORMATS[stage]
                     if spec.format != "auto" and spec.format not in allowed:
                         err(

@@ -27,6 +27,31 @@ def looks_local(p: str) -> bool:
     )
 
 
+def dataset_is_local(p: str) -> bool:
+    """A recipe's dataset path is local unless it has a hub id's ``owner/name`` shape and its first part is not a
+    local folder: ``mydata/koalpaca`` with a ``mydata/`` folder beside the recipe's paths is a mistyped local folder,
+    not a hub dataset, and ``koalpaca`` alone is no hub id."""
+    if looks_local(p) or "/" not in p:
+        return True
+    return resolve_path(p.split("/", 1)[0]).is_dir()
+
+
+def dataset_local_path(p: str) -> Path | None:
+    """The resolved local path of a recipe's dataset entry, or None for a hub dataset id (``dataset_is_local``)."""
+    return resolve_path(p) if dataset_is_local(p) else None
+
+
+def missing_dataset(p: str) -> str:
+    """Why a local-looking dataset path that does not exist is not taken for a hub id."""
+    if "/" not in p and is_hub_id(p):
+        why = "; a hub dataset id has the form owner/name"
+    elif not looks_local(p) and "/" in p:
+        why = f"; {p.split('/', 1)[0]}/ is a local folder, so this is read as a path in it, not as a hub id"
+    else:
+        why = ""
+    return f"local dataset {p!r} does not exist (resolved to {resolve_path(p)}){why}"
+
+
 def local_path(p: str) -> Path | None:
     """The resolved local path of a recipe path, or None when it names a hub dataset or model."""
     return resolve_path(p) if looks_local(p) else None

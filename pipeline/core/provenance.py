@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.config import recipe_hash, to_dict
-from pipeline.core.locations import EMBEDDED_PREFIX, REPO_ROOT, is_hub_id, looks_local, portable, scrub_paths
+from pipeline.core.locations import (
+    EMBEDDED_PREFIX,
+    REPO_ROOT,
+    dataset_is_local,
+    is_hub_id,
+    looks_local,
+    portable,
+    scrub_paths,
+)
 from pipeline.core.rundir import RunDir, read_lineage, wandb_runs
 
 
@@ -119,7 +127,7 @@ def git_commit() -> str:
 def hub_datasets(datasets: list[str]) -> list[str]:
     """The hub dataset ids among a recipe's dataset paths (decided on the paths as written: a local folder outside
     the repository is written by its name alone, which could look like a hub id)."""
-    return [x for x in datasets if not looks_local(x) and is_hub_id(x)]
+    return [x for x in datasets if not dataset_is_local(x) and is_hub_id(x)]
 
 
 def lineage_record(d: Derivation, commit: str) -> dict:
