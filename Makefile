@@ -187,6 +187,7 @@ endef
 bench: setup  ## benchmarks: data stage vs raw tokenizer; PPO vs TRL 1.12's PPOTrainer on two models (ratios)
 	$(PY) -m pipeline.bench data --num-proc 1
 	$(PY) -m pipeline.bench data --num-proc $(BENCH_PROCS)
+	$(PY) -m pipeline.bench stream --rows 1000000
 	$(PY) -m pipeline.core.embedded bench-gemma-32k > /dev/null
 	$(PY) -m pipeline.core.embedded gemma-3-270m > /dev/null
 	@mkdir -p build/bench

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.formats import TURN_KEYS, TurnKeys, detect, map_columns, preference_pair, prompt_turns, sft_dialogue
-from data_prep.gemma_format import MODEL, USER, FormatError, GemmaEncoder, Turn
+from data_prep.gemma_format import MODEL, FormatError, GemmaEncoder, Turn
 from data_prep.readers import BadRow, DataError, DatasetRef, input_identity, iter_rows
 from data_prep.selection import counted, take
 
@@ -159,7 +159,7 @@ def read_records(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _list_array(rows: list[list[int]]):
+def _list_array(rows: list[list[int]], value_type):
     """Lists of ids as one Arrow list column, built from a flat array and offsets (several times faster than
     converting the nested Python lists)."""
     import numpy as np
@@ -167,7 +167,7 @@ def _list_array(rows: list[list[int]]):
 
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum(np.fromiter(map(len, rows), np.int32, len(rows)), out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(offsets[-1]))
+    values = np.fromiter(itertools.chain.from_iterable(rows), value_type.to_pandas_dtype(), int(offsets[-1]))
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
@@ -218,18 +218,31 @@ def encode_batch(stage: str, records: Sequence[tuple[str, Any]], encoder: GemmaE
 _ID_COLUMNS = ("input_ids", "assistant_masks", "prompt_ids", "chosen_ids", "rejected_ids")
 
 
+def _id_types():
+    import pyarrow as pa
+
+    return {"input_ids": pa.int32()}
+
+
 def _encode_table(stage: str, records: Sequence[tuple[str, Any]], encoder: GemmaEncoder):
     """``records`` -> one Arrow table (tokenized ``_BATCH`` records at a time)."""
     import pyarrow as pa
 
+    id_types = _id_types()
     cols: dict[str, list] = {}
     for i in range(0, len(records), _BATCH):
         for k, v in encode_batch(stage, records[i : i + _BATCH], encoder).items():
             cols.setdefault(k, []).extend(v)
-    arrays = {k: _list_array(v) if k in _ID_COLUMNS else v for k, v in cols.items()}
-    if "margin" in arrays:
-        arrays["margin"] = pa.array(arrays["margin"], pa.float64())  # all null is still a number column
-    return pa.table(arrays)
+    arrays = {k: _list_array(v, id_types.get(k, pa.int64())) if k in _ID_COLUMNS else v for k, v in cols.items()}
+    return pa.table({k: arrays[k] for k in (*_ORDER[stage], "length")})
+
+
+# The columns' order and id types, as the data folders have always had them.
+_ORDER = {
+    "sft": ("source", "input_ids", "assistant_masks"),
+    "preference": ("source", "chosen", "rejected", "margin", "messages", "prompt_ids", "chosen_ids", "rejected_ids"),
+    "prompts": ("source", "columns", "messages", "prompt_ids"),
+}
 
 
 class _Encode:
@@ -397,8 +410,3 @@ def split_eval(ds, fraction: float, seed: int, group_column: str | None = None):
         eval_idx.sort()
     held = set(eval_idx)
     return ds.select([i for i in range(n) if i not in held]), ds.select(eval_idx)
-
-
-def user_texts(stage: str, records: list[tuple[str, Any]]) -> set[str]:
-    """Every user turn's text in ``records`` (to find held-out prompts that also occur in training data)."""
-    return {c for _, rec in records for r, c in _record_turns(stage, rec) if r == USER}

@@ -1,6 +1,7 @@
 """Benchmarks, reported as ratios against a baseline measured in the same process.
 
     python -m pipeline.bench data [--rows 100000] [--num-proc 1]
+    python -m pipeline.bench stream [--rows 1000000] [--num-proc 1]
     python -m pipeline.bench ppo --model-dir DIR [--batch 16 --response-length 48 --epochs 2 --minibatches 2 --iters K]
     python -m pipeline.bench compare OURS.json PEER.json
     python -m pipeline.bench estimators --model-dir DIR [--generations 4 ...]
@@ -115,6 +116,69 @@ def bench_data(rows: int, num_proc: int, repeats: int = 3) -> dict:
         "stage_end_to_end_rows_per_s": round(rows / e2e_s),
         "ratio_stage_vs_raw": round(raw_s / stage_s, 3),
         "ratio_end_to_end_vs_raw": round(raw_s / e2e_s, 3),
+    }
+
+
+def bench_stream(rows: int, num_proc: int) -> dict:
+    """Peak RSS of the data stage on a generated JSONL file read with ``streaming: true``, at ``rows`` and at a tenth
+    of them, each in its own process: a stage whose memory is bounded peaks alike at both sizes (ratio near 1),
+    one that holds every row grows about tenfold. The in-memory build of the smaller file is the reference."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(tmp.name)
+
+    def write(n: int) -> Path:
+        path = root / f"sft_{n}.jsonl"
+        with open(path, "w", encoding="utf-8") as fh:
+            for i in range(n):
+                q, a = f"질문 {i}번: 한국의 수도는 어디인가요?", f"답 {i}번: 서울입니다. 감사합니다."
+                fh.write(
+                    json.dumps(
+                        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+        return path
+
+    def run(n: int, streaming: bool) -> tuple[int, float]:
+        spec = {"path": str(write(n)), "streaming": streaming}
+        recipe = {
+            "run": {"name": f"s{n}{streaming}", "output_dir": str(root / "runs")},
+            "model": {"name_or_path": "embedded:tiny-gemma-ko"},
+            "data": {"sft": {"train": [spec]}, "num_proc": num_proc},
+        }
+        path = root / f"r{n}{streaming}.yaml"
+        path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+        code = (
+            "import resource, sys\nfrom pipeline.data import main\nrc = main(['--recipe', sys.argv[1]])\n"
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(rc)"
+        )
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - t0
+        line = [x for x in out.stdout.splitlines() if x.startswith("MAXRSS")][-1].split()
+        return max(int(line[1]), int(line[2])) // 1024, seconds  # MB (ru_maxrss is in kB on Linux)
+
+    small, large = max(1, rows // 10), rows
+    mem_small, _ = run(small, False)
+    st_small, _ = run(small, True)
+    st_large, secs = run(large, True)
+    tmp.cleanup()
+    return {
+        "bench": "stream",
+        "rows": large,
+        "num_proc": num_proc,
+        "in_memory_peak_rss_mb_at_tenth": mem_small,
+        "streaming_peak_rss_mb_at_tenth": st_small,
+        "streaming_peak_rss_mb": st_large,
+        "streaming_seconds": round(secs, 1),
+        "ratio_streaming_full_vs_tenth": round(st_large / st_small, 3),
     }
 
 
@@ -419,6 +483,9 @@ def chat_ready(model_dir: str, out: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
+    st = sub.add_parser("stream", help="data stage peak memory on a streamed file of --rows rows and a tenth of them")
+    st.add_argument("--rows", type=int, default=1_000_000)
+    st.add_argument("--num-proc", type=int, default=1)
     d = sub.add_parser("data", help="data stage vs raw tokenizer throughput")
     d.add_argument("--rows", type=int, default=100_000)
     d.add_argument("--num-proc", type=int, default=1)
@@ -487,6 +554,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{peer['peak_rss_mb']:.0f} MB -> {m:.2f}x (goal <= {a.goals[1]})"
         )
         return
+    if a.what == "stream":
+        r = bench_stream(a.rows, a.num_proc)
+        print(json.dumps(r))
+        print(
+            f"streamed data stage: peak RSS {r['streaming_peak_rss_mb']} MB at {r['rows']} rows, "
+            f"{r['streaming_peak_rss_mb_at_tenth']} MB at a tenth of them -> {r['ratio_streaming_full_vs_tenth']:.2f}x "
+            f"(bounded: near 1; in memory at a tenth: {r['in_memory_peak_rss_mb_at_tenth']} MB)"
+        )
+        return 0
     if a.what == "data":
         r = bench_data(a.rows, a.num_proc, a.repeats)
         print(json.dumps(r))

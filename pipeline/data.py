@@ -5,8 +5,9 @@
 
 Steps: read every dataset (local files or hub ids), detect or apply its format, convert rows into Gemma turns,
 reject bad rows with file, row and reason (or skip them into ``rejects.jsonl`` when ``data.on_invalid: skip``),
-tokenize per turn in batched fast-tokenizer calls through ``datasets.map``, drop over-long rows (counted), split
-off eval rows, and write everything atomically with a manifest. A re-run with the same inputs, data settings and
+take rows (``max_rows``, ``select``, mixing ``weight``), tokenize per turn in batched fast-tokenizer calls (in
+worker processes with ``data.num_proc``), apply the length policy (counted), split off eval rows, and write
+everything atomically with a manifest. A re-run with the same inputs, data settings and
 tokenizer reuses the finished output.
 
 Output (``runs/<run>/data/``):
@@ -36,9 +37,9 @@ from data_prep.encode import (
     length_policy,
     read_dataset,
     split_eval,
-    user_texts,
 )
 from data_prep.gemma_format import FORMATTER_VERSION, FormatError, GemmaEncoder
+from data_prep.overlap import heldout_overlap, heldout_texts
 from data_prep.readers import DataError, DatasetRef, data_files, input_identity
 from data_prep.selection import ShortOfRows, quotas, take
 from pipeline.core.atomic import atomic_dir, clean_stale
@@ -137,31 +138,29 @@ def section_records(stage: str, split: str, recipe: Recipe, encoder: GemmaEncode
 
 
 def build_stage(
-    stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict], out_dir: Path, track: bool
+    stage: str, recipe: Recipe, encoder: GemmaEncoder, rejects: Rejects, inputs: list[dict], out_dir: Path
 ):
-    """Write ``data.<stage>``'s splits under ``out_dir``; returns (rows per split, training and held-out user texts,
-    how eval rows were chosen). A split with a streamed dataset is tokenized and written in chunks."""
+    """Write ``data.<stage>``'s splits under ``out_dir``; returns (rows per split, how eval rows were chosen). A split
+    with a streamed dataset is tokenized and written in chunks."""
     sd: StageData = getattr(recipe.data, stage)
     d = recipe.data
     limit, key = (
         (d.max_prompt_length, "data.max_prompt_length") if stage == "prompts" else (d.max_length, "data.max_length")
     )
     hold_out = "train" in _splits(sd) and not sd.eval and sd.eval_fraction > 0
-    counts, users = {}, {}
+    counts = {}
     how = "given" if sd.eval else "none"
     for split in _splits(sd):
         t0 = time.perf_counter()
-        tap = _Tap(stage, track)
+        tap = _Tap()
         records = tap(section_records(stage, split, recipe, encoder, rejects, inputs))
         if any(spec.streaming for spec in getattr(sd, split)):
             counts |= _stream_split(stage, split, records, encoder, recipe, (limit, key), rejects, out_dir, hold_out)
-            users[split] = tap.users
             _check_some(stage, split, tap.n)
             if hold_out and split == "train":
                 how = "by prompt" if stage in GROUP_COLUMN else "random"
         else:
             ds = encode_records(stage, records, encoder, d.num_proc)
-            users[split] = tap.users
             _check_some(stage, split, tap.n)
             ds = length_policy(stage, ds, limit, key, d.overlong, rejects)
             _check_kept(stage, split, ds, key, limit)
@@ -181,7 +180,7 @@ def build_stage(
         print(f"[data] {stage}/{split}: {counts[split]} rows ({time.perf_counter() - t0:.1f}s)", flush=True)
     if hold_out:
         print(f"[data] {stage}: held out {counts['eval']} of the training rows for eval ({how})", flush=True)
-    return counts, users, how
+    return counts, how
 
 
 def _splits(sd: StageData) -> list[str]:
@@ -189,16 +188,14 @@ def _splits(sd: StageData) -> list[str]:
 
 
 class _Tap:
-    """Passes records through, counting them and (with ``track``) keeping their user turns' texts."""
+    """Passes records through, counting them."""
 
-    def __init__(self, stage: str, track: bool):
-        self.stage, self.track, self.n, self.users = stage, track, 0, set()
+    def __init__(self):
+        self.n = 0
 
     def __call__(self, records):
         for record in records:
             self.n += 1
-            if self.track:
-                self.users |= user_texts(self.stage, [record])
             yield record
 
 
@@ -248,6 +245,9 @@ def _stream_split(stage, split, records, encoder, recipe: Recipe, limits, reject
         for table in encoded_chunks(stage, records, encoder, d.num_proc, CHUNK):
             ds = length_policy(stage, as_dataset([table]), limit, key, d.overlong, rejects)
             table = ds.with_format("arrow")[:]
+            if "margin" in table.column_names:  # all null in one chunk, numbers in another: one type for the file
+                i = table.schema.get_field_index("margin")
+                table = table.set_column(i, "margin", table.column("margin").cast(pa.float64()))
             parts = {split: table}
             if len(counts) == 2:
                 rows = table.select([GROUP_COLUMN.get(stage, "source")]).to_pylist()
@@ -326,19 +326,16 @@ def _build(recipe: Recipe, tokenizer, fp: str) -> Path:
     encoder = GemmaEncoder(tokenizer, control_tokens=recipe.data.control_tokens)
     rejects = Rejects(recipe.data.on_invalid)
     inputs: list[dict] = []
-    built, users, eval_split = {}, {}, {}
-    track = bool(recipe.data.prompts.eval)  # user texts are kept only to count held-out prompts seen in training
+    built, eval_split = {}, {}
     with atomic_dir(data_dir, {"stage": "data", "fingerprint": fp}) as tmp:
         for stage in DATA_SECTIONS:
-            built[stage], users[stage], eval_split[stage] = build_stage(
-                stage, recipe, encoder, rejects, inputs, tmp, track
-            )
+            built[stage], eval_split[stage] = build_stage(stage, recipe, encoder, rejects, inputs, tmp)
 
-        # Held-out prompts must not be trained on: count those that also appear in any training split.
-        overlap = 0
-        if track and "eval" in users["prompts"]:
-            train_texts = set().union(*(users[s].get("train", set()) for s in DATA_SECTIONS))
-            overlap = len(users["prompts"]["eval"] & train_texts)
+        # Held-out prompts must not be trained on: count those a training row also asks, as the report does.
+        overlap, per_source = 0, {}
+        held_path = data_split(tmp, "prompts", "eval")
+        if held_path.is_file():
+            per_source, overlap = heldout_overlap(tmp, tokenizer, heldout_texts(held_path))
             if overlap:
                 print(f"[data] warning: {overlap} held-out prompts also appear in training data", flush=True)
 
@@ -368,6 +365,7 @@ def _build(recipe: Recipe, tokenizer, fp: str) -> Path:
             "counts": counts,
             "eval_split": eval_split,
             "heldout_prompt_overlap": overlap,
+            "heldout_prompt_overlap_by_source": per_source,
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         tokenizer.save_pretrained(tmp / TOKENIZER)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.gemma_format import END_OF_TURN, USER, GemmaEncoder, stop_token_ids
+from data_prep import overlap
+from data_prep.gemma_format import END_OF_TURN, stop_token_ids
 from pipeline.core import benchmarks, starts
 from pipeline.core.checkpoint import require_checkpoint
 from pipeline.core.cli import run_cli
@@ -128,7 +128,7 @@ class Report:
     ground_truth: str  # report.ground_truth: the rule, or "none"
     samples_per_prompt: int
     heldout_prompts: int
-    heldout_overlap: dict[str, int]  # held-out prompts also a user turn of a training row, per OVERLAP_SOURCES
+    heldout_overlap: dict[str, int]  # held-out prompts also a user turn of a training row, per overlap.OVERLAP_SOURCES
     heldout_overlap_any: int  # held-out prompts in any of them
     stage_seconds: dict[str, float | None]
     models_compared: dict[str, str]  # each final's completion time: which checkpoints were compared
@@ -404,80 +404,13 @@ def _rate(values: list[bool | None]) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Held-out overlap: which held-out prompts were seen in training
+# What the later stages ran with
 # --------------------------------------------------------------------------------------------------------------
-
-OVERLAP_SOURCES = {
-    "sft": "the SFT training rows",
-    "preference": "the preference training prompts",
-    "prompts": "the PPO training prompts",
-}
 
 
 def heldout_overlap(data: DataOutput, tokenizer: Any, heldout: list[str]) -> tuple[dict[str, int], int]:
-    """How many held-out prompts (their last user turn) are also a user turn of a training row, per source (the
-    train splits of ``OVERLAP_SOURCES``, 0 for one the recipe does not have), and how many are in any of them.
-
-    The last user turn is what a held-out prompt asks; it is compared with every user turn of the training rows,
-    after ``normalise_prompt``, so a question trained on inside a longer dialogue counts too."""
-    held = [normalise_prompt(t) for t in heldout]
-    hit_any = [False] * len(held)
-    counts = {}
-    for source in OVERLAP_SOURCES:
-        path = data.split(source, "train")
-        seen = (
-            set()
-            if path is None
-            else (sft_user_turns(path, tokenizer) if source == "sft" else message_user_turns(path))
-        )
-        hits = [t in seen for t in held]
-        counts[source] = sum(hits)
-        hit_any = [a or b for a, b in zip(hit_any, hits)]
-    return counts, sum(hit_any)
-
-
-def normalise_prompt(text: str) -> str:
-    """A prompt as the held-out check compares it: NFC, every run of whitespace one space, ends stripped."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
-
-
-def sft_user_turns(path: Path, tokenizer: Any) -> set[str]:
-    """The normalised user turns of the SFT rows in ``path``. SFT rows keep only ids: each user turn is the content
-    between ``<start_of_turn>user\n`` and the next ``<end_of_turn>`` (content never holds that token: the data stage
-    refuses control-token text or keeps it as plain text), decoded once per distinct turn."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    enc = GemmaEncoder(tokenizer)
-    header = enc.header_ids[USER]
-    segments: dict[bytes, list[int]] = {}
-    for chunk in pq.read_table(path, columns=["input_ids"]).column("input_ids").chunks:
-        flat = chunk.flatten().to_numpy()  # every row's ids end to end: a user turn never crosses a row's end
-        starts = np.flatnonzero(flat == enc.sot_id)
-        for j, hid in enumerate(header):
-            starts = starts[(starts + 1 + j < len(flat))]
-            starts = starts[flat[starts + 1 + j] == hid]
-        starts = starts + 1 + len(header)
-        ends_at = np.flatnonzero(flat == enc.eot_id)
-        ends = ends_at[np.minimum(np.searchsorted(ends_at, starts), len(ends_at) - 1)] if len(ends_at) else starts
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            if b >= a:
-                seg = flat[a:b]
-                segments.setdefault(seg.tobytes(), seg.tolist())
-    return {normalise_prompt(t) for t in tokenizer.batch_decode(list(segments.values()), skip_special_tokens=False)}
-
-
-def message_user_turns(path: Path) -> set[str]:
-    """The normalised user turns of the ``messages`` column (preference and PPO prompt rows)."""
-    import pyarrow.parquet as pq
-
-    column = pq.read_table(path, columns=["messages"]).column("messages").to_pylist()
-    return {normalise_prompt(m["content"]) for row in column for m in json.loads(row) if m["role"] == USER}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What the later stages ran with
-# --------------------------------------------------------------------------------------------------------------
+    """``data_prep.overlap.heldout_overlap`` on a finished data folder (the count the data stage also records)."""
+    return overlap.heldout_overlap(data.path, tokenizer, heldout)
 
 
 def reward_model_accuracy(rm_dir: Path) -> float | None:
@@ -784,7 +717,7 @@ def heldout_sentence(report: Report) -> str:
     if not hit:
         return f"{m} held-out prompts (never in any training data: none is a user turn of {_sources()})"
     per = report.heldout_overlap
-    parts = ", ".join(f"{per.get(k, 0)} in {label}" for k, label in OVERLAP_SOURCES.items())
+    parts = ", ".join(f"{per.get(k, 0)} in {label}" for k, label in overlap.OVERLAP_SOURCES.items())
     return (
         f"{hit} of {m} held-out prompts also appear in the training data ({parts}); on those the comparison "
         "measures answers to prompts the models were trained on, not held-out behaviour"
@@ -792,7 +725,7 @@ def heldout_sentence(report: Report) -> str:
 
 
 def _sources() -> str:
-    labels = list(OVERLAP_SOURCES.values())
+    labels = list(overlap.OVERLAP_SOURCES.values())
     return ", ".join(labels[:-1]) + " or " + labels[-1]
 
 

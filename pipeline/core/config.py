@@ -198,7 +198,7 @@ class DataConfig:
     control_tokens: Literal["reject", "as_text"] = "reject"
     """Control-token text (``<end_of_turn>``...) inside content: reject the row, or tokenize it as plain text."""
     num_proc: int = 1
-    """Worker processes for ``datasets.map`` tokenization."""
+    """Worker processes that tokenize (used when there is more than one chunk of 5000 rows; set it to the cores)."""
 
     def check(self, err: Err) -> None:
         for stage in ("sft", "preference", "prompts"):
