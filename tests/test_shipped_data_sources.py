@@ -31,7 +31,7 @@ def _stand_in_rows(dataset_id: str, n: int = 40) -> list[dict]:
     a = [f"{tag}의 답 {i}번입니다." for i in range(n)]
     if "Ultrafeedback" in dataset_id:
         return [{"prompt": q[i], "chosen": a[i], "rejected": f"몰라 {i}"} for i in range(n)]
-    if "K2-Eval" in dataset_id:
+    if dataset_id.lower().endswith("k2-eval"):  # the held-out instruction set
         return [{"instruction": q[i], "subject": "역사", "ability": "추론", "reference": a[i]} for i in range(n)]
     if "kullm" in dataset_id:
         return [{"id": str(i), "instruction": q[i], "input": "", "output": a[i]} for i in range(n)]
