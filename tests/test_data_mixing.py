@@ -439,3 +439,22 @@ def test_a_mistyped_local_folder_is_refused_not_taken_for_a_hub_id(tmp_path, mon
     # controls: the right folder is read, and a hub-shaped id with no such local folder is still a hub id
     assert _run(write_recipe(tmp_path, {"sft": {"train": [{"path": "mydata/kolpaca"}]}}, extra=launch)) == 0
     _check(write_recipe(tmp_path, {"sft": {"train": [{"path": "beomi/KoAlpaca-v1.1a"}]}}, name="hub", extra=launch))
+
+
+def test_a_bad_row_read_while_workers_tokenize_stops_the_stage_in_one_line(tmp_path, monkeypatch, capsys):
+    """With data.num_proc 2 the rows are read and checked in a feeder thread while workers tokenize; a bad row in a
+    later chunk must still stop the stage with its file, line and reason (not a pool traceback), and under skip be
+    counted like in one process."""
+    import data_prep.encode as encode
+
+    monkeypatch.setattr(encode, "WORKER_CHUNK", 100)
+    rows = [_dialogue(i) for i in range(450)]
+    rows[321] = {"messages": [{"role": "user", "content": "질문"}]}  # ends on a user turn
+    sft = write_jsonl(tmp_path / "sft.jsonl", rows)
+    data = {"sft": {"train": [{"path": str(sft)}]}, "num_proc": 2}
+    assert _run(write_recipe(tmp_path, data)) == 2
+    err = capsys.readouterr().err
+    assert "sft.jsonl:322: the dialogue ends on a user turn" in err and "Traceback" not in err
+    assert _run(write_recipe(tmp_path, {**data, "on_invalid": "skip"}, name="skip")) == 0
+    c = _manifest(tmp_path, "skip")["counts"]["sft"]
+    assert (c["train"], c["invalid_skipped"]) == (449, 1)
