@@ -120,9 +120,14 @@ def section_records(stage: str, split: str, recipe: Recipe, encoder: GemmaEncode
     if total is None:
         return itertools.chain.from_iterable(records for records, _ in read)
     pools = [list(records) for records, _ in read]
+    available = [len(p) for p in pools]  # at most the total each: what a share can be drawn from
     weights = [spec.weight for spec in specs] if specs and specs[0].weight is not None else None
+    if weights is None:
+        # By size: every valid row each dataset has (a random sample reads them all; ``head`` stops at the total).
+        sizes = [info["rows_valid"] for _, info in read]
+        weights = None if sum(sizes) <= total else [float(n) for n in sizes]
     try:
-        shares = quotas(total, [len(p) for p in pools], weights)
+        shares = quotas(total, available, weights)
     except ShortOfRows as e:
         raise DataError(
             f"data.{stage}.train.{e.index} ({specs[e.index].path}): {e.have} valid rows (after its max_rows), but its "

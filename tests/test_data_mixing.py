@@ -239,6 +239,17 @@ def test_weights_mix_a_section_total_and_the_manifest_records_each_share(tmp_pat
     assert "data.sft.train.1" in err and "50 valid rows" in err and "asks for 70" in err
 
 
+def test_without_weights_a_total_is_shared_by_the_datasets_whole_sizes(tmp_path):
+    """Each dataset is read into a pool of at most the total; the shares follow the datasets' real sizes (300:10),
+    not the pools' (31:10 would give 23:8)."""
+    big = write_jsonl(tmp_path / "big.jsonl", [_dialogue(i, "큰") for i in range(300)])
+    small = write_jsonl(tmp_path / "small.jsonl", [_dialogue(i, "작은") for i in range(10)])
+    data = {"sft": {"train": [{"path": str(big)}, {"path": str(small)}], "max_rows": 31}}
+    assert _run(write_recipe(tmp_path, data)) == 0
+    assert [i["rows_taken"] for i in _manifest(tmp_path)["inputs"]] == [30, 1]
+    assert len(_rows(tmp_path, "sft")) == 31
+
+
 def test_weights_need_a_total_and_all_or_none(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [_dialogue(0)])
     with pytest.raises(ConfigError, match="data.sft.max_rows"):
