@@ -240,14 +240,26 @@ _ORDER = {
 }
 
 
-class _Encode:
-    """The worker's function: one chunk of records -> an Arrow table (pickled with its encoder once per worker)."""
+_WORKER: tuple | None = None  # (stage, encoder) of a worker process, set once when it starts
 
-    def __init__(self, stage: str, encoder: GemmaEncoder):
-        self.stage, self.encoder = stage, encoder
 
-    def __call__(self, records: list[tuple[str, Any]]):
-        return _encode_table(self.stage, records, self.encoder)
+def _start_worker(stage: str, encoder: GemmaEncoder) -> None:
+    global _WORKER
+    _WORKER = (stage, encoder)
+
+
+def _encode_in_worker(records: list[tuple[str, Any]]):
+    stage, encoder = _WORKER
+    return _encode_table(stage, records, encoder)
+
+
+def worker_pool(num_proc: int, stage: str, encoder: GemmaEncoder):
+    """Worker processes that hold the encoder from their start: a task carries only its records (the tokenizer, tens
+    of MB for Gemma's 262k vocabulary, is not sent with every chunk). Forked where the platform allows it."""
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else None
+    return mp.get_context(method).Pool(num_proc, initializer=_start_worker, initargs=(stage, encoder))
 
 
 def encoded_chunks(stage: str, records: Iterable[tuple[str, Any]], encoder: GemmaEncoder, num_proc: int, chunk: int):
@@ -262,14 +274,11 @@ def encoded_chunks(stage: str, records: Iterable[tuple[str, Any]], encoder: Gemm
         for part in itertools.chain(head, batches):
             yield _encode_table(stage, part, encoder)
         return
-    import multiprocessing as mp
-
-    method = "fork" if "fork" in mp.get_all_start_methods() else None
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the workers (and no warning about forking)
     try:
-        with mp.get_context(method).Pool(num_proc) as pool:
-            yield from pool.imap(_Encode(stage, encoder), itertools.chain(head, batches))
+        with worker_pool(num_proc, stage, encoder) as pool:
+            yield from pool.imap(_encode_in_worker, itertools.chain(head, batches))
     finally:
         if old is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)

@@ -358,8 +358,10 @@ def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(encode, "WORKER_CHUNK", 500)
     pools = []
-    real_init = encode._Encode.__init__
-    monkeypatch.setattr(encode._Encode, "__init__", lambda self, *a: (pools.append(a[0]), real_init(self, *a))[1])
+    real_pool = encode.worker_pool
+    monkeypatch.setattr(
+        encode, "worker_pool", lambda n, stage, enc: (pools.append(stage), real_pool(n, stage, enc))[1]
+    )
     rows = [
         {"messages": [{"role": "user", "content": f"질문 {i}번"}, {"role": "assistant", "content": f"답 {i}입니다."}]}
         for i in range(2500)
