@@ -1,6 +1,6 @@
 """Canonical records -> token ids and loss masks, in batches: reading a dataset's rows into Gemma turns (bad rows
-raise or are counted as skipped), batched tokenization through ``datasets.map``, the length policy and the seeded
-eval split. The data stage (``pipeline.data``) drives these for each section of a recipe.
+raise or are counted as skipped) and taking them (``data_prep.selection``), batched tokenization (in worker
+processes with ``num_proc`` > 1) into Arrow columns, the length policy and the seeded eval split. The data stage (``pipeline.data``) drives these for each section of a recipe.
 """
 
 from __future__ import annotations
@@ -139,23 +139,8 @@ def read_dataset(
     return counted(taken, info, "rows_taken"), info
 
 
-def read_records(
-    stage: str,
-    sources: Iterable[tuple[DatasetRef, Sequence[Path]]],
-    encoder: GemmaEncoder,
-    rejects: Rejects,
-    inputs: list[dict],
-    seed: int = 0,
-) -> list[tuple[str, Any]]:
-    """Every record the ``(dataset, local files)`` sources give (``read_dataset`` each), in order, in memory."""
-    records: list[tuple[str, Any]] = []
-    for i, (spec, files) in enumerate(sources):
-        records += read_dataset(stage, spec, files, encoder, rejects, inputs, f"{seed}:{stage}:{i}")[0]
-    return records
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Encoding: records -> ids and masks (batched tokenization through datasets.map)
+# Encoding: records -> ids and masks (batched tokenization, in worker processes with num_proc > 1)
 # --------------------------------------------------------------------------------------------------------------
 
 
